@@ -1,0 +1,1 @@
+"""sfumato: Stable Diffusion in PyTorch."""
