@@ -1,0 +1,300 @@
+"""The Stable Diffusion UNet (LDM "openaimodel" layout) for SD 1.x, SD 2.x, SDXL and inpainting.
+
+Attribute paths equal the keys of the original single-file checkpoints after stripping
+``model.diffusion_model.``, so those load with ``load_state_dict(strict=True)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Hyper-parameters of the UNet; the presets below cover the released families."""
+
+    in_channels: int = 4
+    out_channels: int = 4
+    model_channels: int = 320
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    transformer_depth: tuple[int, ...] = (1, 1, 1, 0)  # per level; 0 = no attention at that level
+    transformer_depth_middle: int = 1
+    num_heads: int = 8  # used when num_head_channels == -1 (SD 1.x)
+    num_head_channels: int = -1  # SD 2.x / SDXL: 64
+    context_dim: int = 768
+    use_linear_in_transformer: bool = False  # proj_in / proj_out are Linear instead of 1x1 convs
+    adm_in_channels: int | None = None  # size of the vector `y` (SDXL), None = no label_emb
+    norm_groups: int = 32
+
+    def __post_init__(self) -> None:
+        if len(self.transformer_depth) != len(self.channel_mult):
+            raise ValueError("transformer_depth needs one entry per channel_mult level")
+        if self.transformer_depth_middle < 1:
+            raise ValueError("transformer_depth_middle must be >= 1")
+
+    def heads(self, channels: int) -> tuple[int, int]:
+        """(number of heads, channels per head) of a transformer with `channels` channels."""
+        if self.num_head_channels == -1:
+            return self.num_heads, channels // self.num_heads
+        return channels // self.num_head_channels, self.num_head_channels
+
+
+SD1_UNET = UNetConfig()
+SD1_INPAINT_UNET = replace(SD1_UNET, in_channels=9)
+SD2_UNET = UNetConfig(num_head_channels=64, context_dim=1024, use_linear_in_transformer=True)
+SDXL_UNET = UNetConfig(
+    channel_mult=(1, 2, 4), transformer_depth=(0, 2, 10), transformer_depth_middle=10,
+    num_head_channels=64, context_dim=2048, use_linear_in_transformer=True, adm_in_channels=2816,
+)
+SDXL_REFINER_UNET = UNetConfig(
+    model_channels=384, channel_mult=(1, 2, 4, 4), transformer_depth=(0, 4, 4, 0),
+    transformer_depth_middle=4, num_head_channels=64, context_dim=1280,
+    use_linear_in_transformer=True, adm_in_channels=2560,
+)
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: int = 10000) -> Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps `t` (shape (N,)): [cos, sin] halves, fp32."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return F.pad(emb, (0, 1)) if dim % 2 else emb
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice, with the time embedding added in between."""
+
+    def __init__(self, channels: int, emb_channels: int, out_channels: int, groups: int) -> None:
+        super().__init__()
+        self.in_layers = nn.Sequential(
+            nn.GroupNorm(groups, channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+        )
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+        self.out_layers = nn.Sequential(
+            nn.GroupNorm(groups, out_channels), nn.SiLU(), nn.Dropout(0.0),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1),
+        )
+        self.skip_connection = nn.Identity() if channels == out_channels else nn.Conv2d(channels, out_channels, 1)
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        h = self.in_layers(x) + self.emb_layers(emb)[:, :, None, None]
+        return self.skip_connection(x) + self.out_layers(h)
+
+
+class Attention(nn.Module):
+    """Multi-head attention; self-attention when no context is given."""
+
+    def __init__(self, dim: int, context_dim: int, heads: int, dim_head: int) -> None:
+        super().__init__()
+        inner = heads * dim_head
+        self.heads = heads
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim, inner, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner, dim), nn.Dropout(0.0))
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        context = x if context is None else context
+        b = x.shape[0]
+        q, k, v = (
+            t.view(b, -1, self.heads, t.shape[-1] // self.heads).transpose(1, 2)
+            for t in (self.to_q(x), self.to_k(context), self.to_v(context))
+        )
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.to_out(out.transpose(1, 2).reshape(b, -1, q.shape[1] * q.shape[3]))
+
+
+class GEGLU(nn.Module):
+    """Linear projection to twice the width, gated by GELU."""
+
+    def __init__(self, dim: int, inner: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim, inner * 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x, gate = self.proj(x).chunk(2, dim=-1)
+        return x * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int = 4) -> None:
+        super().__init__()
+        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(0.0), nn.Linear(dim * mult, dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-norm self-attention, cross-attention and GEGLU feed-forward, each residual."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int) -> None:
+        super().__init__()
+        self.attn1 = Attention(dim, dim, heads, dim_head)
+        self.ff = FeedForward(dim)
+        self.attn2 = Attention(dim, context_dim, heads, dim_head)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim)
+
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """Applies transformer blocks to the pixels of a feature map, conditioned on a context sequence."""
+
+    def __init__(self, channels: int, depth: int, context_dim: int, cfg: UNetConfig) -> None:
+        super().__init__()
+        heads, dim_head = cfg.heads(channels)
+        self.linear = cfg.use_linear_in_transformer
+        self.norm = nn.GroupNorm(cfg.norm_groups, channels, eps=1e-6)
+        proj = (lambda: nn.Linear(channels, channels)) if self.linear else (lambda: nn.Conv2d(channels, channels, 1))
+        self.proj_in = proj()
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(channels, heads, dim_head, context_dim) for _ in range(depth)
+        )
+        self.proj_out = proj()
+
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        y = self.norm(x)
+        if not self.linear:
+            y = self.proj_in(y)
+        y = y.flatten(2).transpose(1, 2)
+        if self.linear:
+            y = self.proj_in(y)
+        for block in self.transformer_blocks:
+            y = block(y, context)
+        if self.linear:
+            y = self.proj_out(y)
+        y = y.transpose(1, 2).reshape(b, c, h, w)
+        if not self.linear:
+            y = self.proj_out(y)
+        return x + y
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour upsampling (to `size`, else ×2) followed by a 3×3 conv."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor, size: tuple[int, int] | None = None) -> Tensor:
+        scale = None if size else 2.0
+        return self.conv(F.interpolate(x, size=size, scale_factor=scale, mode="nearest"))
+
+
+class TimestepEmbedSequential(nn.Sequential):
+    """A sequence of layers, each given the arguments it needs."""
+
+    def forward(self, x: Tensor, emb: Tensor, context: Tensor, size: tuple[int, int] | None = None) -> Tensor:
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            elif isinstance(layer, Upsample):
+                x = layer(x, size)
+            else:
+                x = layer(x)
+        return x
+
+
+class UNetModel(nn.Module):
+    """The denoising UNet: predicts eps (or v) from a noisy latent, timesteps and a context sequence."""
+
+    def __init__(self, cfg: UNetConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        mc, groups = cfg.model_channels, cfg.norm_groups
+        emb_dim = 4 * mc
+        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        if cfg.adm_in_channels is not None:
+            self.label_emb = nn.Sequential(
+                nn.Sequential(nn.Linear(cfg.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+            )
+
+        def stage(ch: int, out: int, depth: int) -> list[nn.Module]:
+            layers: list[nn.Module] = [ResBlock(ch, emb_dim, out, groups)]
+            if depth:
+                layers.append(SpatialTransformer(out, depth, cfg.context_dim, cfg))
+            return layers
+
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
+        skip_channels = [mc]
+        ch = mc
+        last = len(cfg.channel_mult) - 1
+        for level, (mult, depth) in enumerate(zip(cfg.channel_mult, cfg.transformer_depth)):
+            for _ in range(cfg.num_res_blocks):
+                self.input_blocks.append(TimestepEmbedSequential(*stage(ch, mult * mc, depth)))
+                ch = mult * mc
+                skip_channels.append(ch)
+            if level != last:
+                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
+                skip_channels.append(ch)
+
+        self.middle_block = TimestepEmbedSequential(
+            ResBlock(ch, emb_dim, ch, groups),
+            SpatialTransformer(ch, cfg.transformer_depth_middle, cfg.context_dim, cfg),
+            ResBlock(ch, emb_dim, ch, groups),
+        )
+
+        self.output_blocks = nn.ModuleList()
+        for level in reversed(range(last + 1)):
+            mult, depth = cfg.channel_mult[level], cfg.transformer_depth[level]
+            for i in range(cfg.num_res_blocks + 1):
+                layers = stage(ch + skip_channels.pop(), mult * mc, depth)
+                ch = mult * mc
+                if level and i == cfg.num_res_blocks:
+                    layers.append(Upsample(ch))
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+
+        self.out = nn.Sequential(nn.GroupNorm(groups, ch), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
+
+    def embed(self, timesteps: Tensor, y: Tensor | None, batch: int) -> Tensor:
+        """The time (+ SDXL vector) embedding given to every ResBlock."""
+        dtype = self.time_embed[0].weight.dtype
+        t = timesteps.reshape(-1).expand(batch) if timesteps.numel() == 1 else timesteps
+        emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(dtype))
+        if self.cfg.adm_in_channels is not None:
+            if y is None:
+                raise ValueError("this UNet needs the vector conditioning y")
+            emb = emb + self.label_emb(y.to(dtype))
+        elif y is not None:
+            raise ValueError("this UNet takes no vector conditioning y")
+        return emb
+
+    def forward(self, x: Tensor, timesteps: Tensor, context: Tensor, y: Tensor | None = None) -> Tensor:
+        """x: (B, in_channels, H, W) latent; timesteps: (B,) or scalar; context: (B, L, context_dim);
+        y: (B, adm_in_channels) for SDXL. Any latent size works: upsampling follows the skip sizes."""
+        emb = self.embed(timesteps, y, x.shape[0])
+        h = x
+        skips: list[Tensor] = []
+        for block in self.input_blocks:
+            h = block(h, emb, context)
+            skips.append(h)
+        h = self.middle_block(h, emb, context)
+        for block in self.output_blocks:
+            h = torch.cat([h, skips.pop()], dim=1)
+            h = block(h, emb, context, skips[-1].shape[-2:] if skips else None)
+        return self.out(h)
