@@ -1,1 +1,19 @@
-"""sfumato: Stable Diffusion in PyTorch."""
+"""sfumato: Stable Diffusion in PyTorch.
+
+>>> import sfumato
+>>> pipe = sfumato.load("model.safetensors")
+>>> result = pipe.txt2img("a red circle on a blue background", seed=1)
+>>> result.images[0].save("out.png")
+"""
+
+__version__ = "0.1.0"
+
+
+def load(path=None, *, vae=None, prediction=None, dtype=None):
+    """Load a checkpoint (file or diffusers folder) into a :class:`sfumato.api.Pipeline`."""
+    from .api import load as _load
+
+    return _load(path, vae=vae, prediction=prediction, dtype=dtype)
+
+
+__all__ = ["load", "__version__"]

@@ -34,6 +34,13 @@ _OC_LAYER = re.compile(r"transformer\.resblocks\.(\d+)\.(.+)\.(weight|bias)")
 _OC_IN_PROJ = re.compile(r"transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)")
 
 
+def _with_text_model_prefix(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """transformers ≥ 5 saves a bare ``CLIPTextModel`` without the ``text_model.`` prefix that older
+    versions (and every released diffusers folder) use; bring both to the prefixed form."""
+    bare = ("embeddings.", "encoder.", "final_layer_norm.")
+    return {("text_model." + k if k.startswith(bare) else k): v for k, v in sd.items()}
+
+
 def hf_to_openclip(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     """transformers ``CLIPTextModel[WithProjection]`` keys -> open_clip text tower keys.
 
@@ -43,7 +50,7 @@ def hf_to_openclip(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     """
     out: dict[str, Tensor] = {}
     qkv: dict[tuple[str, str], dict[str, Tensor]] = {}
-    for key, value in sd.items():
+    for key, value in _with_text_model_prefix(sd).items():
         layer = _HF_LAYER.fullmatch(key)
         if key == _POSITION_IDS:
             continue
@@ -98,5 +105,6 @@ def openclip_to_hf(sd: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def hf_text_sd(sd: dict[str, Tensor]) -> dict[str, Tensor]:
-    """A transformers-layout CLIP-L state dict without the ``position_ids`` buffer some files carry."""
-    return {k: v for k, v in sd.items() if k != _POSITION_IDS}
+    """A transformers-layout CLIP-L state dict (``text_model.…`` keys) without the ``position_ids``
+    buffer some files carry."""
+    return {k: v for k, v in _with_text_model_prefix(sd).items() if k != _POSITION_IDS}

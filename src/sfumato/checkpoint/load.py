@@ -1,0 +1,208 @@
+"""Build a model's components from a checkpoint: single file or diffusers folder, any storage dtype.
+
+Modules are created on the ``meta`` device and take the loaded tensors with ``assign=True``, so a
+memory-mapped safetensors file is not copied again when the storage dtype is the compute dtype.
+Every component loads with strict key matching; keys left over must be documented ignorables.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import CheckpointError
+from ..models.clip import build_text_encoder
+from ..models.unet import UNetModel
+from ..models.vae import AutoencoderKL
+from ..diffusion.schedule import scaled_linear_alphas_cumprod
+from .convert_vae import normalize_vae_state_dict
+from .detect import detect_spec, is_ignorable, resolve_prediction
+from .io import load_file
+from .specs import UNET_PREFIX, VAE_PREFIX, ModelSpec, TextSlot
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    spec: ModelSpec
+    unet: UNetModel
+    vae: AutoencoderKL
+    text_encoders: list[nn.Module]
+    alphas_cumprod: Tensor
+    prediction_source: str
+    path: Path
+    storage_dtypes: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def family(self) -> str:
+        return self.spec.family
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """A flat state dict in the original single-file layout, and the file's metadata."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"model file not found: {path}")
+    if path.is_dir():
+        from .diffusers import read_diffusers_folder
+
+        return read_diffusers_folder(path)
+    return load_file(path)
+
+
+def load_model(
+    path: str | Path,
+    *,
+    vae: str | Path | None = None,
+    prediction: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    use_ema: bool = False,
+) -> LoadedModel:
+    """Load a checkpoint (and optionally a replacement VAE file) into ready-to-run modules."""
+    path = Path(path)
+    sd, metadata = read_checkpoint(path)
+    vae_sd = read_vae_file(vae) if vae is not None else None
+    return build_model(sd, metadata, path=path, vae_sd=vae_sd, prediction=prediction, dtype=dtype,
+                       device=device, use_ema=use_ema)
+
+
+def build_model(
+    sd: Mapping[str, Tensor],
+    metadata: Mapping[str, str],
+    *,
+    path: Path,
+    vae_sd: dict[str, Tensor] | None = None,
+    prediction: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    use_ema: bool = False,
+) -> LoadedModel:
+    """Modules from an original-layout state dict. ``device="meta"`` checks keys and shapes only."""
+    spec = _fit_text_slots(detect_spec(sd, metadata), sd)
+    if use_ema:
+        sd = _with_ema(sd)
+    parts, leftovers = split_state_dict(sd, spec)
+    if vae_sd is not None:
+        parts["vae"] = vae_sd
+    elif not parts["vae"]:
+        raise CheckpointError(f"{path.name} has no VAE weights (under '{VAE_PREFIX}'); pass a VAE file with --vae")
+    unexpected = [k for k in leftovers if not is_ignorable(k)]
+    if unexpected:
+        raise CheckpointError(
+            f"{path.name}: {len(unexpected)} keys belong to no component of a {spec.family} model, "
+            f"e.g. {', '.join(unexpected[:5])}"
+        )
+    storage = {name: _dtype_names(p) for name, p in parts.items()}
+    unet = _build(lambda: UNetModel(spec.unet), parts["unet"], "UNet", dtype, device)
+    vae_m = _build(lambda: AutoencoderKL(spec.vae), parts["vae"], "VAE", dtype, device)
+    encoders = [
+        _build(lambda slot=slot: build_text_encoder(slot.config), parts[f"text{i}"], f"text encoder {i}", dtype, device)
+        for i, slot in enumerate(spec.text)
+    ]
+    meta = torch.device(device).type == "meta"
+    spec, source = resolve_prediction(spec, sd, metadata, prediction, None if meta else unet)
+    ac = sd.get("alphas_cumprod")
+    alphas_cumprod = ac.to(torch.float32).cpu() if ac is not None and not ac.is_meta else scaled_linear_alphas_cumprod()
+    return LoadedModel(spec, unet, vae_m, encoders, alphas_cumprod, source, path, storage)
+
+
+def split_state_dict(sd: Mapping[str, Tensor], spec: ModelSpec) -> tuple[dict[str, dict[str, Tensor]], list[str]]:
+    """Per-component state dicts with their prefixes stripped, and the keys no component claims."""
+    prefixes = {"unet": UNET_PREFIX, "vae": VAE_PREFIX}
+    prefixes.update({f"text{i}": slot.prefix for i, slot in enumerate(spec.text)})
+    parts: dict[str, dict[str, Tensor]] = {name: {} for name in prefixes}
+    leftovers = []
+    for key, value in sd.items():
+        for name, prefix in prefixes.items():
+            if key.startswith(prefix) and not is_ignorable(key):
+                parts[name][key[len(prefix):]] = value
+                break
+        else:
+            leftovers.append(key)
+    parts["vae"] = normalize_vae_state_dict(parts["vae"])
+    return parts, leftovers
+
+
+def read_vae_file(path: str | Path) -> dict[str, Tensor]:
+    """A standalone VAE: bare LDM keys, keys under ``first_stage_model.``, or a diffusers VAE."""
+    from .convert_vae import diffusers_vae_to_ldm
+
+    sd, _ = read_checkpoint(path) if not Path(path).is_dir() else _read_diffusers_vae(Path(path))
+    if any(k.startswith(VAE_PREFIX) for k in sd):
+        sd = {k[len(VAE_PREFIX):]: v for k, v in sd.items() if k.startswith(VAE_PREFIX)}
+    if any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in sd):
+        sd = diffusers_vae_to_ldm(sd)
+    sd = {k: v for k, v in sd.items() if not k.startswith("loss.") and k != "model_ema.decay"}
+    return normalize_vae_state_dict(sd)
+
+
+def _read_diffusers_vae(folder: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    from .diffusers import find_weights
+
+    return load_file(find_weights(folder))
+
+
+def _build(make, sd: dict[str, Tensor], what: str, dtype: torch.dtype, device) -> nn.Module:
+    with torch.device("meta"):
+        module = make()
+    sd = {k: v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device) for k, v in sd.items()}
+    result = module.load_state_dict(sd, strict=False, assign=True)
+    if result.missing_keys or result.unexpected_keys:
+        parts = []
+        if result.missing_keys:
+            parts.append(f"missing {len(result.missing_keys)} (e.g. {', '.join(result.missing_keys[:3])})")
+        if result.unexpected_keys:
+            parts.append(f"unexpected {len(result.unexpected_keys)} (e.g. {', '.join(result.unexpected_keys[:3])})")
+        raise CheckpointError(f"{what} weights do not match the detected configuration: {'; '.join(parts)}")
+    still_meta = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    if still_meta and torch.device(device).type != "meta":
+        raise CheckpointError(f"{what}: tensors not provided by the checkpoint: {', '.join(still_meta[:5])}")
+    return module.eval().requires_grad_(False)
+
+
+def _fit_text_slots(spec: ModelSpec, sd: Mapping[str, Tensor]) -> ModelSpec:
+    """Diffusers folders store SD 2.x's OpenCLIP-H with its unused last layer dropped (23 of 24):
+    keep the depth the file has and read its last layer where the original reads the penultimate."""
+    slots = []
+    for slot in spec.text:
+        n = _count_layers(sd, slot)
+        if n == slot.config.layers - 1 and slot.layer <= -2:
+            slot = replace(slot, config=replace(slot.config, layers=n), layer=slot.layer + 1)
+        if slot.config.layout == "openclip" and slot.prefix + "text_projection" not in sd and not slot.pooled:
+            slot = replace(slot, config=replace(slot.config, projection_dim=None))
+        slots.append(slot)
+    return replace(spec, text=tuple(slots))
+
+
+def _count_layers(sd: Mapping[str, Tensor], slot: TextSlot) -> int:
+    marker = "text_model.encoder.layers." if slot.config.layout == "hf" else "transformer.resblocks."
+    head = slot.prefix + marker
+    idx = {int(k[len(head):].split(".", 1)[0]) for k in sd if k.startswith(head)}
+    return len(idx)
+
+
+def _with_ema(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Replace the UNet's weights by the EMA copy LDM stores as ``model_ema.<name without dots>``."""
+    out = dict(sd)
+    found = 0
+    for key in sd:
+        if key.startswith(UNET_PREFIX):
+            ema_key = "model_ema." + ("diffusion_model." + key[len(UNET_PREFIX):]).replace(".", "")
+            if ema_key in sd:
+                out[key] = sd[ema_key]
+                found += 1
+    if not found:
+        raise CheckpointError("EMA weights were asked for, but the file has no 'model_ema.' copy")
+    return out
+
+
+def _dtype_names(sd: Mapping[str, Tensor]) -> str:
+    names = sorted({str(v.dtype).removeprefix("torch.") for v in sd.values() if v.is_floating_point()})
+    return "/".join(names) or "none"

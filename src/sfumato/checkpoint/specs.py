@@ -1,0 +1,105 @@
+"""Model families as typed data: which components a checkpoint holds and how they are configured.
+
+A ``ModelSpec`` names the UNet, VAE and text-encoder configurations of one family, where each
+component lives in the original single-file layout, and how the text encoders' hidden states
+become the UNet's conditioning. The presets below are the families detection can name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, replace
+from typing import Any
+
+from ..models.clip import CLIP_L, OPENCLIP_BIGG, OPENCLIP_H, TextEncoderConfig
+from ..models.unet import SD1_UNET, SD2_UNET, SDXL_REFINER_UNET, SDXL_UNET, UNetConfig
+from ..models.vae import SD_VAE, SDXL_VAE, VAEConfig
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+
+
+@dataclass(frozen=True)
+class TextSlot:
+    """One text encoder of a model and how its output is used.
+
+    ``layer`` indexes the encoder's hidden states from the end (−1: last layer, −2: penultimate);
+    ``final_norm`` applies the encoder's final LayerNorm to that layer; ``pooled`` marks the
+    encoder whose pooled, projected output feeds SDXL's ``label_emb``.
+    """
+
+    prefix: str
+    config: TextEncoderConfig
+    layer: int = -1
+    final_norm: bool = True
+    pooled: bool = False
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    family: str
+    unet: UNetConfig
+    vae: VAEConfig
+    text: tuple[TextSlot, ...]
+    prediction: str = "eps"   # "eps" or "v"; for SD 2.x decided at load time (see detect.py)
+    resolution: int = 512     # native image size
+    conditioning: str = "sd"  # "sd" (context only), "sdxl" (size/crop ids), "sdxl-refiner" (aesthetic score)
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.conditioning != "sd"
+
+
+_SD1_TEXT = (TextSlot("cond_stage_model.transformer.", CLIP_L),)
+_SD2_TEXT = (TextSlot("cond_stage_model.model.", OPENCLIP_H, layer=-2, final_norm=True),)
+_SDXL_TEXT = (
+    TextSlot("conditioner.embedders.0.transformer.", CLIP_L, layer=-2, final_norm=False),
+    TextSlot("conditioner.embedders.1.model.", OPENCLIP_BIGG, layer=-2, final_norm=False, pooled=True),
+)
+_REFINER_TEXT = (TextSlot("conditioner.embedders.0.model.", OPENCLIP_BIGG, layer=-2, final_norm=False, pooled=True),)
+
+
+def _inpaint(unet: UNetConfig) -> UNetConfig:
+    return replace(unet, in_channels=9)
+
+
+PRESETS: dict[str, ModelSpec] = {
+    "sd1": ModelSpec("sd1", SD1_UNET, SD_VAE, _SD1_TEXT),
+    "sd1-inpaint": ModelSpec("sd1-inpaint", _inpaint(SD1_UNET), SD_VAE, _SD1_TEXT),
+    "sd2": ModelSpec("sd2", SD2_UNET, SD_VAE, _SD2_TEXT, resolution=512),
+    "sd2-v": ModelSpec("sd2-v", SD2_UNET, SD_VAE, _SD2_TEXT, prediction="v", resolution=768),
+    "sd2-inpaint": ModelSpec("sd2-inpaint", _inpaint(SD2_UNET), SD_VAE, _SD2_TEXT),
+    "sdxl": ModelSpec("sdxl", SDXL_UNET, SDXL_VAE, _SDXL_TEXT, resolution=1024, conditioning="sdxl"),
+    "sdxl-inpaint": ModelSpec("sdxl-inpaint", _inpaint(SDXL_UNET), SDXL_VAE, _SDXL_TEXT, resolution=1024, conditioning="sdxl"),
+    "sdxl-refiner": ModelSpec(
+        "sdxl-refiner", SDXL_REFINER_UNET, SDXL_VAE, _REFINER_TEXT, resolution=1024, conditioning="sdxl-refiner"
+    ),
+}
+
+
+# -- specs carried in a file's metadata (the bundled model, custom small models) ------------------
+
+SPEC_METADATA_KEY = "sfumato.spec"
+
+
+def spec_to_json(spec: ModelSpec) -> str:
+    return json.dumps(dataclasses.asdict(spec), sort_keys=True)
+
+
+def spec_from_json(text: str) -> ModelSpec:
+    """Rebuild a spec from ``spec_to_json`` output; unknown or missing fields raise ValueError."""
+    try:
+        d: dict[str, Any] = json.loads(text)
+        text_slots = tuple(
+            TextSlot(**{**slot, "config": TextEncoderConfig(**slot["config"])}) for slot in d.pop("text")
+        )
+        unet = UNetConfig(**_tuples(d.pop("unet")))
+        vae = VAEConfig(**_tuples(d.pop("vae")))
+        return ModelSpec(unet=unet, vae=vae, text=text_slots, **d)
+    except (TypeError, KeyError, json.JSONDecodeError) as e:
+        raise ValueError(f"invalid {SPEC_METADATA_KEY} metadata: {e}") from None
+
+
+def _tuples(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
