@@ -1,0 +1,1 @@
+"""Training: the synthetic shapes world, its judge, the training loop and recipes."""
