@@ -4,10 +4,19 @@ A checkpoint's ``alphas_cumprod`` defines σ_t = sqrt((1 − ᾱ_t) / ᾱ_t) for
 timesteps. Samplers work in σ; the UNet is fed the (fractional) timestep t(σ), interpolated in
 log σ, exactly as k-diffusion's ``DiscreteSchedule`` does, so the same settings give the same
 images as AUTOMATIC1111 and the original scripts.
+
+Two families of σ schedules live here, all fp32 and ending with the σ the last step lands on:
+
+* the named schedulers (``get_sigmas``): n + 1 values ending with 0, usable with any sampler;
+* the timestep spacings of diffusers' DDIM / PNDM / UniPC / LCM schedulers under SD's scheduler
+  config, which A1111's "Automatic" gives those samplers.
 """
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -67,3 +76,83 @@ class DiscreteSchedule:
 
 def _append_zero(x: Tensor) -> Tensor:
     return torch.cat([x, x.new_zeros([1])])
+
+
+# -- named schedulers ------------------------------------------------------------------------------
+
+SCHEDULERS: tuple[str, ...] = ("normal", "karras", "exponential", "sgm_uniform", "simple")
+SCHEDULER_DISPLAY: dict[str, str] = {
+    "normal": "Automatic", "karras": "Karras", "exponential": "Exponential",
+    "sgm_uniform": "SGM Uniform", "simple": "Simple",
+}
+
+
+def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> Tensor:
+    """Karras et al. (2022), eq. 5: n σ's evenly spaced in σ^(1/ρ), then 0."""
+    ramp = torch.linspace(0, 1, n)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return _append_zero((hi + ramp * (lo - hi)) ** rho)
+
+
+def exponential_sigmas(n: int, sigma_min: float, sigma_max: float) -> Tensor:
+    """n σ's evenly spaced in log σ, then 0."""
+    return _append_zero(torch.linspace(math.log(sigma_max), math.log(sigma_min), n).exp())
+
+
+def sgm_uniform_sigmas(schedule: DiscreteSchedule, n: int) -> Tensor:
+    """"SGM Uniform": n + 1 timesteps evenly spaced from T−1 to 0, the last dropped, then σ=0."""
+    t = torch.linspace(len(schedule.sigmas) - 1, 0, n + 1)[:-1]
+    return _append_zero(schedule.t_to_sigma(t))
+
+
+def simple_sigmas(schedule: DiscreteSchedule, n: int) -> Tensor:
+    """ComfyUI's "simple": every (T/n)-th training σ counted down from the top, then 0."""
+    stride = len(schedule.sigmas) / n
+    index = torch.tensor([len(schedule.sigmas) - 1 - int(i * stride) for i in range(n)])
+    return _append_zero(schedule.sigmas[index])
+
+
+def get_sigmas(schedule: DiscreteSchedule, name: str, n: int) -> Tensor:
+    """The named scheduler's n + 1 σ's for ``schedule`` (karras / exponential span the model's σ range)."""
+    if n < 1:
+        raise ValueError(f"need at least one step, got {n}")
+    if name == "normal":
+        return schedule.normal(n)
+    if name == "karras":
+        return karras_sigmas(n, schedule.sigma_min, schedule.sigma_max)
+    if name == "exponential":
+        return exponential_sigmas(n, schedule.sigma_min, schedule.sigma_max)
+    if name == "sgm_uniform":
+        return sgm_uniform_sigmas(schedule, n)
+    if name == "simple":
+        return simple_sigmas(schedule, n)
+    raise ValueError(f"unknown scheduler {name!r}; valid schedulers: {', '.join(SCHEDULERS)}")
+
+
+# -- diffusers' timestep spacings (SD's scheduler config: steps_offset=1, set_alpha_to_one=False) --
+
+def ddim_sigmas(schedule: DiscreteSchedule, n: int) -> Tensor:
+    """DDIMScheduler / PNDMScheduler: "leading" timesteps k·⌊T/n⌋ + 1. The last step lands on ᾱ_0
+    (set_alpha_to_one=False), so the schedule ends at σ(t=0), not 0, and the result keeps that
+    little noise exactly as diffusers, the original DDIM/PLMS scripts and A1111 leave it."""
+    ratio = len(schedule.sigmas) // n
+    t = torch.arange(n - 1, -1, -1) * ratio + 1
+    return torch.cat([schedule.sigmas[t], schedule.sigmas[:1]])
+
+
+def unipc_sigmas(schedule: DiscreteSchedule, n: int) -> Tensor:
+    """UniPCMultistepScheduler: "linspace" timesteps round(linspace(0, T−1, n+1)) from the top,
+    the last dropped, then σ=0 (final_sigmas_type="zero")."""
+    t = np.linspace(0, len(schedule.sigmas) - 1, n + 1).round()[::-1][:-1].astype(np.int64)
+    return _append_zero(schedule.sigmas[torch.from_numpy(t.copy())])
+
+
+def lcm_sigmas(schedule: DiscreteSchedule, n: int, original_steps: int = 50) -> Tensor:
+    """LCMScheduler: n timesteps picked evenly (by index) from the distillation schedule
+    k·T/original_steps − 1, k = original_steps … 1; then σ=0."""
+    if not 1 <= n <= original_steps:
+        raise ValueError(f"LCM takes 1 to {original_steps} steps, got {n}")
+    stride = len(schedule.sigmas) // original_steps
+    origin = torch.arange(original_steps, 0, -1) * stride - 1
+    index = np.floor(np.linspace(0, original_steps, n, endpoint=False)).astype(np.int64)
+    return _append_zero(schedule.sigmas[origin[torch.from_numpy(index)]])
