@@ -1,19 +1,23 @@
-"""Images out: PIL conversion, A1111-style infotext, atomic PNG writes."""
+"""Images out: PIL conversion, and atomic PNG/JPEG/WebP writes that carry the infotext where
+AUTOMATIC1111 puts it (a PNG ``parameters`` text chunk; EXIF ``UserComment`` for JPEG and WebP;
+``infotext.read_image_parameters`` reads it back)."""
 
 from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 from PIL import Image, PngImagePlugin
 from torch import Tensor
 
-from .. import __version__
-from .params import GenerationParams
+from ..errors import SfumatoError
+from .infotext import user_comment_exif
 
-SAMPLER_DISPLAY = {"euler": "Euler"}
-SCHEDULER_DISPLAY = {"normal": "Automatic"}
+FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+_JPEG_MARKER_MAX = 65533   # payload bytes of one JPEG APP1 segment
 
 
 def to_pil(images: Tensor) -> list[Image.Image]:
@@ -21,38 +25,40 @@ def to_pil(images: Tensor) -> list[Image.Image]:
     return [Image.fromarray(img.numpy()) for img in images]
 
 
-def infotext(p: GenerationParams, seed: int, model_name: str, model_hash: str | None) -> str:
-    """The ``parameters`` text in AUTOMATIC1111's layout: prompt, negative prompt, settings line."""
-    settings = {
-        "Steps": p.steps,
-        "Sampler": SAMPLER_DISPLAY.get(p.sampler, p.sampler),
-        "Schedule type": SCHEDULER_DISPLAY.get(p.scheduler, p.scheduler),
-        "CFG scale": f"{p.cfg_scale:g}",
-        "Seed": seed,
-        "Size": f"{p.width}x{p.height}",
-        "Model hash": model_hash,
-        "Model": model_name,
-        "Clip skip": p.clip_skip if p.clip_skip > 1 else None,
-        "Version": f"sfumato {__version__}",
-    }
-    line = ", ".join(f"{k}: {v}" for k, v in settings.items() if v is not None)
-    lines = [p.prompt]
-    if p.negative_prompt:
-        lines.append(f"Negative prompt: {p.negative_prompt}")
-    lines.append(line)
-    return "\n".join(lines)
+def save_image(image: Image.Image, path: str | Path, parameters: str | None = None, *, quality: int = 95) -> Path:
+    """Write ``image`` atomically in the format its extension names (.png, .jpg/.jpeg, .webp),
+    with ``parameters`` (the infotext) stored as AUTOMATIC1111 stores it."""
+    path = Path(path)
+    fmt = FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise SfumatoError(f"output: unsupported image extension {path.suffix!r}; valid: {', '.join(FORMATS)}")
+    if fmt == "PNG":
+        return save_png(image, path, parameters)
+    if image.mode not in ("RGB", "L"):
+        image = image.convert("RGB")
+    options: dict = {"quality": quality}
+    if parameters is not None:
+        options["exif"] = user_comment_exif(parameters)
+        if fmt == "JPEG" and len(options["exif"]) > _JPEG_MARKER_MAX:
+            raise SfumatoError(f"output: the infotext is too long for JPEG's EXIF segment "
+                               f"({len(options['exif'])} bytes, at most {_JPEG_MARKER_MAX}); save as PNG or WebP")
+    return _atomic_write(path, lambda f: image.save(f, format=fmt, **options))
 
 
 def save_png(image: Image.Image, path: str | Path, parameters: str | None = None) -> Path:
-    """Write a PNG atomically (temporary file in the same folder, then rename)."""
-    path = Path(path)
+    """Write a PNG atomically (whatever the extension), ``parameters`` in a text chunk."""
     info = PngImagePlugin.PngInfo()
     if parameters is not None:
         info.add_text("parameters", parameters)
+    return _atomic_write(Path(path), lambda f: image.save(f, format="PNG", pnginfo=info))
+
+
+def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> Path:
+    """Write through a temporary file in the same folder, then rename over ``path``."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=info)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
