@@ -1,7 +1,9 @@
-"""The Python API: ``sfumato.load(...)`` → :class:`Pipeline`."""
+"""The Python API: ``sfumato.load(...)`` → :class:`Pipeline`, whose methods build one request
+object (:class:`GenerationParams`) and run the one generation loop."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
@@ -11,13 +13,15 @@ from PIL import Image
 
 from .checkpoint.io import sha256_file
 from .checkpoint.load import LoadedModel, load_model
-from .diffusion.samplers import StepCallback
 from .errors import SfumatoError
-from .pipeline.generate import Generator
-from .pipeline.images import infotext, to_pil
-from .pipeline.params import GenerationParams
+from .pipeline.generate import Generator, ProgressCallback
+from .pipeline.infotext import generation_infotext
+from .pipeline.masks import outpaint_canvas
+from .pipeline.params import GenerationParams, ParamError
+from .pipeline.watermark import add_watermark
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_FIELDS = {f.name for f in dataclasses.fields(GenerationParams)}
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: str = "cpu") -> torch.dtype:
@@ -42,7 +46,7 @@ class ImageResult:
 @dataclass
 class GenerationResult:
     images: list[Image.Image]
-    params: GenerationParams                      # the request, seed resolved
+    params: GenerationParams                      # the request, seeds resolved
     items: list[ImageResult] = field(default_factory=list)
 
     @property
@@ -51,9 +55,10 @@ class GenerationResult:
 
 
 class Pipeline:
-    def __init__(self, model: LoadedModel):
+    def __init__(self, model: LoadedModel, refiner: LoadedModel | None = None):
         self.model = model
-        self.generator = Generator(model)
+        self.refiner = refiner
+        self.generator = Generator(model, refiner)
 
     @property
     def family(self) -> str:
@@ -65,44 +70,73 @@ class Pipeline:
 
     @property
     def model_name(self) -> str:
-        return self.model.path.stem if self.model.path.is_file() else self.model.path.name
+        return _name(self.model.path)
 
     @cached_property
     def model_hash(self) -> str | None:
         """A1111's "Model hash": the first 10 hex digits of the file's SHA-256 (None for folders)."""
         return sha256_file(self.model.path)[:10] if self.model.path.is_file() else None
 
-    def txt2img(
-        self,
-        prompt: str,
-        negative_prompt: str = "",
-        *,
-        steps: int = 20,
-        cfg_scale: float = 7.0,
-        sampler: str = "euler",
-        scheduler: str = "normal",
-        seed: int = -1,
-        width: int | None = None,
-        height: int | None = None,
-        batch_size: int = 1,
-        clip_skip: int = 1,
-        callback: StepCallback | None = None,
-    ) -> GenerationResult:
-        size = self.model.spec.resolution
-        p = GenerationParams(
-            prompt, negative_prompt, steps, cfg_scale, sampler, scheduler, seed,
-            width or size, height or size, batch_size, clip_skip,
-        ).validated()
-        return self.run(p, callback)
+    # -- the workflows: thin builders of one request ----------------------------------------
 
-    def run(self, p: GenerationParams, callback: StepCallback | None = None) -> GenerationResult:
-        out = self.generator.txt2img(p, callback)
-        images = to_pil(out.images)
-        items = [
-            ImageResult(img, seed, infotext(replace(p, seed=seed), seed, self.model_name, self.model_hash))
-            for img, seed in zip(images, out.seeds)
-        ]
-        return GenerationResult(images, p, items)
+    def txt2img(self, prompt: str, negative_prompt: str = "", *, watermark: bool = True,
+                callback: ProgressCallback | None = None, **settings) -> GenerationResult:
+        size = self.model.spec.resolution
+        settings.setdefault("width", size)
+        settings.setdefault("height", size)
+        return self.run(self.params(prompt=prompt, negative_prompt=negative_prompt, **settings), callback, watermark)
+
+    def img2img(self, prompt: str, init_image: Image.Image, negative_prompt: str = "", *, watermark: bool = True,
+                callback: ProgressCallback | None = None, **settings) -> GenerationResult:
+        settings.setdefault("width", init_image.width // 8 * 8)
+        settings.setdefault("height", init_image.height // 8 * 8)
+        p = self.params(prompt=prompt, negative_prompt=negative_prompt, init_image=init_image, **settings)
+        return self.run(p, callback, watermark)
+
+    def inpaint(self, prompt: str, init_image: Image.Image, mask: Image.Image, negative_prompt: str = "",
+                **settings) -> GenerationResult:
+        return self.img2img(prompt, init_image, negative_prompt, mask=mask, **settings)
+
+    def outpaint(self, prompt: str, init_image: Image.Image, negative_prompt: str = "", *, left: int = 0,
+                 right: int = 0, up: int = 0, down: int = 0, **settings) -> GenerationResult:
+        """Grow the canvas by the given pixels and generate the new border, keeping the original."""
+        for name, value in (("left", left), ("right", right), ("up", up), ("down", down)):
+            if not isinstance(value, int) or value < 0 or value % 8:
+                raise ParamError(name, f"must be a non-negative multiple of 8, got {value!r}")
+        if not (left or right or up or down):
+            raise ParamError("left", "outpainting needs at least one of left/right/up/down")
+        canvas, mask = outpaint_canvas(init_image, left, right, up, down)
+        settings.setdefault("strength", 1.0)
+        settings.setdefault("mask_blur", 0)
+        return self.inpaint(prompt, canvas, mask, negative_prompt, **settings)
+
+    def params(self, **settings) -> GenerationParams:
+        unknown = sorted(set(settings) - _FIELDS)
+        if unknown:
+            raise ParamError(unknown[0], f"unknown setting; valid: {', '.join(sorted(_FIELDS))}")
+        if self.refiner is not None:
+            settings.setdefault("refiner", _name(self.refiner.path))
+        return GenerationParams(**settings).validated()
+
+    def run(self, p: GenerationParams, callback: ProgressCallback | None = None,
+            watermark: bool = True) -> GenerationResult:
+        p.validated()
+        if p.refiner is not None and self.refiner is None:
+            raise ParamError("refiner", "a refiner was named but none is loaded")
+        out = self.generator.run(p, callback)
+        items = []
+        for i, (image, seed) in enumerate(zip(out.images, out.seeds)):
+            if watermark:
+                image = add_watermark(image)
+            subseed = out.subseeds[i] if out.subseeds else None
+            text = generation_infotext(replace(p, seed=seed), seed=seed, subseed=subseed,
+                                       model_name=self.model_name, model_hash=self.model_hash)
+            items.append(ImageResult(image, seed, text))
+        return GenerationResult([item.image for item in items], p, items)
+
+
+def _name(path: Path) -> str:
+    return path.stem if path.is_file() else path.name
 
 
 def load(
@@ -112,8 +146,15 @@ def load(
     prediction: str | None = None,
     dtype: str | torch.dtype | None = None,
     device: str = "cpu",
+    refiner: str | Path | None = None,
 ) -> Pipeline:
-    if path is None:
-        raise SfumatoError("model: no model given (pass a checkpoint file or a diffusers folder)")
-    model = load_model(path, vae=vae, prediction=prediction, dtype=resolve_dtype(dtype, device), device=device)
-    return Pipeline(model)
+    if path is None:  # the bundled shapes-world model that ships with the package
+        from .train.bundled import BUNDLED_PATH
+
+        path = BUNDLED_PATH
+    torch_dtype = resolve_dtype(dtype, device)
+    model = load_model(path, vae=vae, prediction=prediction, dtype=torch_dtype, device=device)
+    refiner_model = None
+    if refiner is not None:
+        refiner_model = load_model(refiner, dtype=torch_dtype, device=device)
+    return Pipeline(model, refiner_model)

@@ -1,56 +1,71 @@
-"""The one generation loop: prompts → conditioning → seeded noise → sampler → VAE decode."""
+"""The one generation loop. txt2img, img2img, inpainting, outpainting, hires fix and the SDXL
+refiner hand-off are all this loop: img2img is a slice of the σ schedule, inpainting a denoiser
+wrapper (latent masking, or the 9-channel image conditioning of inpainting models), outpainting
+inpainting on a padded canvas, hires fix a second img2img pass, the refiner a second model on the
+tail of the schedule."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Callable
 
+import numpy as np
 import torch
+import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor
 
 from ..checkpoint.load import LoadedModel
 from ..diffusion.denoiser import Denoiser
-from ..diffusion.samplers import StepCallback, get_sampler
+from ..diffusion.noise import ImageNoise
+from ..diffusion.samplers import StepRecord, get_sampler, sampler_sigmas
 from ..diffusion.schedule import DiscreteSchedule
-from ..text.conditioner import Cond, Conditioner, SizeConditioning
+from ..text.conditioner import Cond, Conditioner, SizeConditioning, build_schedule, match_lengths
+from . import masks
 from .params import GenerationParams
 
-def seeded_noise(seeds: list[int], shape: tuple[int, ...]) -> Tensor:
-    """Initial noise, one CPU generator per image: image i of a batch equals a lone run with its seed."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s)) for s in seeds])
+
+@dataclass(frozen=True)
+class Progress:
+    """What a per-step callback receives."""
+
+    stage: str            # "base", "hires" or "refiner"
+    index: int            # step within the stage, from 0
+    total: int            # steps in the stage
+    sigma: float
+    latents: Tensor       # current x (scaled latents, fp32)
+    denoised: Tensor      # current x̂0 estimate
+    family_kind: str = "sd"   # "sdxl" selects the SDXL preview factors
+
+    def preview(self) -> np.ndarray:
+        """A cheap RGB preview of x̂0 (no VAE): uint8 [B, h, w, 3] at latent resolution."""
+        from .preview import latent_to_rgb
+
+        return latent_to_rgb(self.denoised, self.family_kind).numpy()
 
 
-class CFGDenoiser:
-    """Classifier-free guidance around a denoiser: uncond + s·(cond − uncond) on x̂0 estimates."""
-
-    def __init__(self, denoiser: Denoiser, cond: Cond, uncond: Cond, scale: float):
-        self.denoiser, self.cond, self.uncond, self.scale = denoiser, cond, uncond, scale
-        self.both = Cond.cat([uncond, cond])
-
-    def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
-        if self.scale == 1.0:
-            return self.denoiser(x, sigma, self.cond)
-        out = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), self.both)
-        uncond, cond = out.chunk(2)
-        return uncond + (cond - uncond) * self.scale
+ProgressCallback = Callable[[Progress], None]
 
 
 @dataclass
 class Generated:
-    images: Tensor        # uint8 [B, H, W, 3]
+    images: list[Image.Image]
     seeds: list[int]
-    latents: Tensor       # final latents (unscaled by the VAE factor), fp32
+    subseeds: list[int]
+    latents: Tensor       # final latents (scaled), fp32
 
 
-class Generator:
-    """Runs requests against one loaded model."""
+class _ModelRunner:
+    """One loaded model: its conditioner, schedule and denoiser, and VAE encode/decode."""
 
     def __init__(self, model: LoadedModel):
         self.model = model
+        self.spec = model.spec
         self.conditioner = Conditioner(model.spec, model.text_encoders)
         self.schedule = DiscreteSchedule(model.alphas_cumprod)
         self.denoiser = Denoiser(self._unet_fn, self.schedule, model.spec.prediction)
         self.latent_channels = model.spec.unet.out_channels
-        self.latent_factor = 2 ** (len(model.spec.vae.ch_mult) - 1)
+        self.factor = 2 ** (len(model.spec.vae.ch_mult) - 1)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -60,36 +75,255 @@ class Generator:
     def device(self) -> torch.device:
         return next(self.model.unet.parameters()).device
 
-    def _unet_fn(self, x: Tensor, t: Tensor, cond: Cond) -> Tensor:
-        y = cond.y.to(self.device, self.dtype) if cond.y is not None else None
-        out = self.model.unet(x.to(self.device, self.dtype), t.to(self.device), cond.context.to(self.device, self.dtype), y)
-        return out.float()
+    def _unet_fn(self, x: Tensor, t: Tensor, cond: tuple[Cond, Tensor | None]) -> Tensor:
+        c, concat = cond
+        if concat is not None:
+            x = torch.cat([x, concat.to(x.dtype)], dim=1)
+        dev, dt = self.device, self.dtype
+        y = c.y.to(dev, dt) if c.y is not None else None
+        return self.model.unet(x.to(dev, dt), t.to(dev), c.context.to(dev, dt), y).float()
 
     @torch.no_grad()
-    def txt2img(self, p: GenerationParams, callback: StepCallback | None = None) -> Generated:
-        p.validated()
-        n = p.batch_size
-        size = SizeConditioning(original=(p.height, p.width), target=(p.height, p.width))
-        cond = self.conditioner([p.prompt] * n, clip_skip=p.clip_skip, size=size)
-        uncond = self.conditioner([p.negative_prompt] * n, clip_skip=p.clip_skip, size=_negative(size), zero_if_empty=True)
-        sigmas = self.schedule.normal(p.steps)
-        seeds = [p.seed + i for i in range(n)]
-        f = self.latent_factor
-        x = seeded_noise(seeds, (self.latent_channels, p.height // f, p.width // f)) * sigmas[0]
-        x = x.to(self.device)
-        guided = CFGDenoiser(self.denoiser, cond, uncond, float(p.cfg_scale))
-        latents = get_sampler(p.sampler)(guided, x, sigmas.to(self.device), callback=callback)
-        return Generated(self.decode(latents), seeds, latents.cpu())
+    def encode(self, images: Tensor) -> Tensor:
+        """[-1, 1] images [B, 3, H, W] → scaled latents (the posterior's mode)."""
+        vae = self.model.vae
+        posterior = vae.encode(images.to(self.device, next(vae.parameters()).dtype))
+        return posterior.mode().float().cpu() * self.spec.vae.scale_factor
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
+        """Scaled latents → uint8 [B, H, W, 3]: z/scale, decode, clamp to [−1, 1], round to 0–255."""
         vae = self.model.vae
-        z = latents / self.model.spec.vae.scale_factor
+        z = latents / self.spec.vae.scale_factor
         images = vae.decode(z.to(self.device, next(vae.parameters()).dtype)).float()
         images = ((images.clamp(-1, 1) + 1) / 2 * 255).round().to(torch.uint8)
         return images.permute(0, 2, 3, 1).cpu()
 
+    def conditioning(self, p: GenerationParams, n: int, width: int, height: int):
+        size = SizeConditioning(original=(height, width), target=(height, width))
+        cond = build_schedule(self.conditioner, [p.prompt] * n, p.steps, clip_skip=p.clip_skip, size=size)
+        neg_size = replace(size, aesthetic_score=2.5)   # the refiner's negative aesthetic score
+        uncond = build_schedule(self.conditioner, [p.negative_prompt] * n, p.steps, clip_skip=p.clip_skip,
+                                size=neg_size, negative=True)
+        match_lengths(cond, uncond)
+        return cond, uncond
 
-def _negative(size: SizeConditioning) -> SizeConditioning:
-    """The refiner's negative branch uses a low aesthetic score (2.5), as the reference does."""
-    return SizeConditioning(size.original, size.target, size.crop_top_left, aesthetic_score=2.5)
+
+class _Guided:
+    """x̂0 with classifier-free guidance over composable (AND) prompts, guidance rescale, and
+    inpainting's latent masking / image conditioning. Samplers see only ``denoise(x, σ)``."""
+
+    def __init__(self, runner: _ModelRunner, cond, uncond, p: GenerationParams, sigmas: Tensor,
+                 image_cond: Tensor | None = None, init_latent: Tensor | None = None, latent_mask: Tensor | None = None):
+        self.runner, self.cond, self.uncond, self.p = runner, cond, uncond, p
+        self.sigmas = sigmas
+        self.image_cond, self.init_latent, self.latent_mask = image_cond, init_latent, latent_mask
+
+    def step_of(self, sigma: Tensor) -> int:
+        return int((self.sigmas - float(sigma[0])).abs().argmin())
+
+    def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
+        step = self.step_of(sigma)
+        cond, weights = self.cond.at(step)
+        uncond, _ = self.uncond.at(step)
+        b = x.shape[0]
+        owner = self.cond.owner.to(x.device)                      # image of each conditioning row
+        x_in = torch.cat([x, x[owner]])
+        s_in = torch.cat([sigma, sigma[owner]])
+        ic = torch.cat([self.image_cond, self.image_cond[owner]]) if self.image_cond is not None else None
+        out = self.runner.denoiser(x_in, s_in, (Cond.cat([uncond, cond]), ic))
+        u, c = out[:b], out[b:]
+        w = weights.to(x.dtype)
+        x0 = u + self.p.cfg_scale * torch.einsum("bn,nchw->bchw", w, c - u[owner])
+        if self.p.guidance_rescale > 0:
+            x0 = self._rescale(x, sigma, x0, torch.einsum("bn,nchw->bchw", w / w.sum(1, keepdim=True), c))
+        if self.latent_mask is not None and self.image_cond is None:
+            x0 = self.init_latent * (1 - self.latent_mask) + self.latent_mask * x0
+        return x0
+
+    def _rescale(self, x: Tensor, sigma: Tensor, x0_cfg: Tensor, x0_cond: Tensor) -> Tensor:
+        """Guidance rescale (Lin et al. 2023), on the implied noise: match the conditional
+        prediction's standard deviation, blended by φ."""
+        s = sigma.view(-1, 1, 1, 1)
+        eps_cfg, eps_cond = (x - x0_cfg) / s, (x - x0_cond) / s
+        dims = (1, 2, 3)
+        rescaled = eps_cfg * (eps_cond.std(dim=dims, keepdim=True) / eps_cfg.std(dim=dims, keepdim=True))
+        eps = self.p.guidance_rescale * rescaled + (1 - self.p.guidance_rescale) * eps_cfg
+        return x - eps * s
+
+
+def img2img_sigmas(sigmas: Tensor, steps: int, strength: float) -> Tensor:
+    """A1111's img2img slice: t_enc = ⌊min(strength, 0.999)·steps⌋ steps from the tail."""
+    t_enc = int(min(strength, 0.999) * steps)
+    return sigmas[steps - t_enc - 1:]
+
+
+class Generator:
+    """Runs requests against a loaded model (and optionally an SDXL refiner)."""
+
+    def __init__(self, model: LoadedModel, refiner: LoadedModel | None = None):
+        self.base = _ModelRunner(model)
+        self.refiner = _ModelRunner(refiner) if refiner is not None else None
+
+    @torch.no_grad()
+    def run(self, p: GenerationParams, callback: ProgressCallback | None = None) -> Generated:
+        p.validated()
+        if p.init_image is not None:
+            return self._img2img(p, callback)
+        return self._txt2img(p, callback)
+
+    # -- txt2img (+ hires fix, + refiner) ------------------------------------------------------
+
+    def _txt2img(self, p: GenerationParams, callback: ProgressCallback | None) -> Generated:
+        r = self.base
+        n = p.batch_size
+        seeds, subseeds = _seeds(p)
+        noise = self._noise(r, p, seeds, subseeds, p.width, p.height)
+        sigmas = sampler_sigmas(p.sampler, p.scheduler, r.schedule, p.steps)
+        x = noise.initial() * sigmas[0]
+        latents = self._sample(r, p, n, p.width, p.height, x, sigmas, noise, callback, "base")
+        if p.hires_scale > 1:
+            latents = self._hires(p, latents, seeds, subseeds, callback)
+        images = self._decode(latents)
+        return Generated(images, seeds, subseeds, latents)
+
+    def _sample(self, r: _ModelRunner, p, n, width, height, x, sigmas, noise, callback, stage,
+                image_cond=None, init_latent=None, latent_mask=None) -> Tensor:
+        """Run the sampler over ``sigmas``; with a refiner, hand the schedule's tail over to it."""
+        switch = None
+        if self.refiner is not None and stage == "base" and p.refiner_switch < 1:
+            switch = max(1, min(len(sigmas) - 1, int(round(p.refiner_switch * (len(sigmas) - 1)))))
+        head = sigmas if switch is None else sigmas[: switch + 1]
+        x = self._run_sampler(r, p, n, width, height, x, head, noise, callback, stage, image_cond, init_latent, latent_mask)
+        if switch is not None and switch < len(sigmas) - 1:
+            x = self._run_sampler(self.refiner, p, n, width, height, x, sigmas[switch:], noise, callback, "refiner",
+                                  None, init_latent, latent_mask if image_cond is None else None)
+        return x
+
+    def _run_sampler(self, r, p, n, width, height, x, sigmas, noise, callback, stage, image_cond, init_latent, latent_mask):
+        cond, uncond = r.conditioning(p, n, width, height)
+        guided = _Guided(r, cond, uncond, p, sigmas, image_cond, init_latent, latent_mask)
+
+        def on_step(rec: StepRecord) -> None:
+            if callback is not None:
+                callback(Progress(stage, rec.index, rec.total, rec.sigma, rec.x, rec.denoised,
+                                  "sdxl" if r.spec.is_sdxl else "sd"))
+
+        x = get_sampler(p.sampler)(guided, x, sigmas, callback=on_step, noise_sampler=noise.noise_sampler())
+        if latent_mask is not None and image_cond is None:
+            x = init_latent * (1 - latent_mask) + latent_mask * x
+        return x
+
+    def _hires(self, p, latents, seeds, subseeds, callback) -> Tensor:
+        r = self.base
+        w, h = p.hires_width, p.hires_height
+        if p.hires_upscaler == "latent":
+            init = F.interpolate(latents, size=(h // r.factor, w // r.factor), mode="bilinear", antialias=False)
+        else:
+            pixels = [Image.fromarray(a.numpy()).resize((w, h), Image.LANCZOS) for a in r.decode(latents)]
+            init = r.encode(_to_tensor(pixels))
+        steps = p.hires_steps or p.steps
+        # A1111: the second pass runs exactly `steps` steps of a schedule stretched by 1/denoise
+        total = int(steps / min(p.hires_denoise, 0.999)) if p.hires_denoise > 0 else 0
+        if total == 0:
+            return init
+        sigmas = sampler_sigmas(p.sampler, p.scheduler, r.schedule, total)[total - steps:]
+        noise = self._noise(r, p, seeds, subseeds, w, h)
+        x = init + noise.initial() * sigmas[0]
+        return self._sample(r, p, p.batch_size, w, h, x, sigmas, noise, callback, "hires")
+
+    # -- img2img / inpainting ------------------------------------------------------------------
+
+    def _img2img(self, p: GenerationParams, callback: ProgressCallback | None) -> Generated:
+        r = self.base
+        n = p.batch_size
+        seeds, subseeds = _seeds(p)
+        original = np.asarray(p.init_image.convert("RGB"))
+        mask = masks.mask_array(p.mask) if p.mask is not None else None
+        blurred = masks.gaussian_blur(mask, p.mask_blur) if mask is not None else None
+        region = None
+        work = Image.fromarray(original)
+        work_mask = blurred
+        if mask is not None and p.only_masked:
+            region = masks.crop_region(mask, p.only_masked_padding, p.width / p.height)
+            box = (region.left, region.top, region.right, region.bottom)
+            work = work.crop(box)
+            work_mask = blurred[region.top:region.bottom, region.left:region.right]
+        work = work.resize((p.width, p.height), Image.LANCZOS)
+        if work_mask is not None:
+            work_mask = np.asarray(Image.fromarray((work_mask * 255).astype(np.uint8)).resize((p.width, p.height),
+                                                                                             Image.LANCZOS)) / 255.0
+        if p.strength == 0:
+            images = [Image.fromarray(original.copy()) for _ in range(n)]
+            return Generated(images, seeds, subseeds, torch.zeros(0))
+
+        work_arr = np.asarray(work)
+        if work_mask is not None and p.masked_content == "fill":
+            work_arr = masks.fill_masked(work_arr, work_mask)
+        init_latent = r.encode(_to_tensor([Image.fromarray(work_arr)] * 1)).repeat(n, 1, 1, 1)
+        noise = self._noise(r, p, seeds, subseeds, p.width, p.height)
+        first = noise.initial()
+
+        latent_mask = image_cond = None
+        if work_mask is not None:
+            lh, lw = init_latent.shape[2:]
+            lm = Image.fromarray((work_mask * 255).astype(np.uint8)).resize((lw, lh))
+            latent_mask = torch.from_numpy(np.round(np.asarray(lm, dtype=np.float32) / 255.0))[None, None]
+            if p.masked_content == "latent noise":
+                init_latent = init_latent * (1 - latent_mask) + first * latent_mask
+            elif p.masked_content == "latent nothing":
+                init_latent = init_latent * (1 - latent_mask)
+        if r.spec.unet.in_channels == 9:
+            image_cond = self._inpaint_conditioning(r, work_arr, work_mask, n)
+
+        sigmas = img2img_sigmas(sampler_sigmas(p.sampler, p.scheduler, r.schedule, p.steps), p.steps, p.strength)
+        x = init_latent + first * sigmas[0]
+        latents = self._sample(r, p, n, p.width, p.height, x, sigmas, noise, callback, "base",
+                               image_cond, init_latent, latent_mask)
+        generated = [np.asarray(im) for im in self._decode(latents)]
+        if mask is None:
+            return Generated([Image.fromarray(g) for g in generated], seeds, subseeds, latents)
+        images = []
+        for g in generated:
+            if region is not None:
+                g = np.asarray(Image.fromarray(g).resize(region.size, Image.LANCZOS))
+                canvas = original.copy()
+                canvas[region.top:region.bottom, region.left:region.right] = g
+                g = canvas
+            elif g.shape[:2] != original.shape[:2]:
+                g = np.asarray(Image.fromarray(g).resize(original.shape[1::-1], Image.LANCZOS))
+            images.append(Image.fromarray(masks.paste_back(original, g, blurred)))
+        return Generated(images, seeds, subseeds, latents)
+
+    def _inpaint_conditioning(self, r: _ModelRunner, image: np.ndarray, mask: np.ndarray | None, n: int) -> Tensor:
+        """The 9-channel model's extra input: the (rounded) mask and the latent of the image with
+        the masked area blanked, as the inpainting models were trained."""
+        m = torch.from_numpy(np.round(mask if mask is not None else np.zeros(image.shape[:2]))).float()[None, None]
+        pixels = _to_tensor([Image.fromarray(image)])
+        masked = pixels * (1 - m)
+        latent = r.encode(masked)
+        lm = F.interpolate(m, size=latent.shape[2:])
+        return torch.cat([lm, latent], dim=1).repeat(n, 1, 1, 1)
+
+    # -- shared ------------------------------------------------------------------------------
+
+    def _noise(self, r: _ModelRunner, p: GenerationParams, seeds, subseeds, width, height) -> ImageNoise:
+        shape = (r.latent_channels, height // r.factor, width // r.factor)
+        return ImageNoise(shape, seeds, subseeds=subseeds if p.subseed_strength > 0 else None,
+                          subseed_strength=p.subseed_strength, rng=p.rng)
+
+    def _decode(self, latents: Tensor) -> list[Image.Image]:
+        runner = self.refiner if self.refiner is not None else self.base
+        return [Image.fromarray(a.numpy()) for a in runner.decode(latents)]
+
+
+def _seeds(p: GenerationParams) -> tuple[list[int], list[int]]:
+    seeds = [p.seed + i for i in range(p.batch_size)]
+    subseeds = [p.subseed + i for i in range(p.batch_size)] if p.subseed_strength > 0 else []
+    return seeds, subseeds
+
+
+def _to_tensor(images: list[Image.Image]) -> Tensor:
+    """PIL images → [-1, 1] float tensor [B, 3, H, W]."""
+    arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images]) / 127.5 - 1
+    return torch.from_numpy(arr).permute(0, 3, 1, 2)
