@@ -107,20 +107,23 @@ def scaled_linear_alphas_cumprod() -> torch.Tensor:
 def reference_txt2img(
     unet, vae, text_model, prompt: str, negative: str, *, seed: int, steps: int, cfg: float,
     width: int, height: int, sampler: str = "euler", scheduler: str = "normal", batch: int = 1,
-    scale_factor: float = 0.18215,
+    scale_factor: float = 0.18215, discard_penultimate: bool = False,
 ) -> torch.Tensor:
     """uint8 [B, H, W, 3] from the reference modules with k-diffusion sampling."""
     import k_diffusion as K
 
     den = K.external.CompVisDenoiser(_CompVisWrapper(unet, scaled_linear_alphas_cumprod()))
+    n = steps + 1 if discard_penultimate else steps   # A1111 asks for one more σ, then drops one
     c = text_model(reference_tokens([prompt] * batch)).last_hidden_state
     uc = text_model(reference_tokens([negative] * batch)).last_hidden_state
     if scheduler == "normal":
-        sigmas = den.get_sigmas(steps)
+        sigmas = den.get_sigmas(n)
     elif scheduler == "karras":
-        sigmas = K.sampling.get_sigmas_karras(steps, den.sigma_min.item(), den.sigma_max.item())
+        sigmas = K.sampling.get_sigmas_karras(n, den.sigma_min.item(), den.sigma_max.item())
     else:
         raise ValueError(scheduler)
+    if discard_penultimate:  # A1111's "discard_next_to_last_sigma" for DPM2
+        sigmas = torch.cat([sigmas[:-2], sigmas[-1:]])
 
     def model(x, sigma):
         out = den(torch.cat([x, x]), torch.cat([sigma, sigma]), cond=torch.cat([uc, c]))

