@@ -37,10 +37,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="image path (.png, .jpg, .webp); a batch writes NAME-0.png, NAME-1.png, …")
     for name, kind in _GEN_FLAGS.items():
         flag = "--" + name.replace("_", "-")
-        p.add_argument(flag, type=kind, default=None, help=argparse.SUPPRESS if name in _HIDDEN else _HELP.get(name))
+        p.add_argument(flag, type=kind, default=None, help=_HELP.get(name))
 
 
-_HIDDEN: set[str] = set()
 _HELP = {
     "sampler": "euler, euler_a, heun, dpmpp_2m, … or an A1111 name such as 'DPM++ 2M Karras'",
     "scheduler": "normal (A1111 'Automatic'), karras, exponential, sgm_uniform, simple",

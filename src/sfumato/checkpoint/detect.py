@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ..errors import CheckpointError
-from .specs import PRESETS, SPEC_METADATA_KEY, UNET_PREFIX, VAE_PREFIX, ModelSpec, spec_from_json
+from .specs import PRESETS, SPEC_METADATA_KEY, UNET_PREFIX, ModelSpec, spec_from_json
 
 log = logging.getLogger(__name__)
 
@@ -107,9 +107,7 @@ def _count_transformer_blocks(keys: set[str], head: str) -> int:
 
 
 def config_signature(spec: ModelSpec) -> dict[str, Any]:
-    sig = {f: getattr(spec.unet, f) for f in _SIGNATURE_FIELDS}
-    # a level without attention has no transformer blocks in the weights either
-    return sig
+    return {f: getattr(spec.unet, f) for f in _SIGNATURE_FIELDS}
 
 
 def text_signature(sd: Mapping[str, Tensor]) -> tuple[str, ...]:
@@ -162,8 +160,6 @@ def prediction_marker(sd: Mapping[str, Tensor], metadata: Mapping[str, str]) -> 
         value = metadata.get(key)
         if value is not None:
             v = value.strip().lower()
-            if key == "ss_v_parameterization":
-                return ("v" if v in _V_MARKER_TRUE else "eps"), f"metadata {key}={value}"
             return ("v" if v in _V_MARKER_TRUE else "eps"), f"metadata {key}={value}"
     arch = metadata.get("modelspec.architecture", "")
     if arch.startswith("stable-diffusion-v2") and arch.endswith("-v"):

@@ -81,10 +81,6 @@ def _append_zero(x: Tensor) -> Tensor:
 # -- named schedulers ------------------------------------------------------------------------------
 
 SCHEDULERS: tuple[str, ...] = ("normal", "karras", "exponential", "sgm_uniform", "simple")
-SCHEDULER_DISPLAY: dict[str, str] = {
-    "normal": "Automatic", "karras": "Karras", "exponential": "Exponential",
-    "sgm_uniform": "SGM Uniform", "simple": "Simple",
-}
 
 
 def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> Tensor:
