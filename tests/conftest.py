@@ -25,8 +25,9 @@ TINY_SPEC = ModelSpec(
 def write_tiny_model(path, spec: ModelSpec = TINY_SPEC, seed: int = 0):
     torch.manual_seed(seed)
     sd = {}
-    for prefix, module in ((UNET_PREFIX, UNetModel(spec.unet)), (VAE_PREFIX, AutoencoderKL(spec.vae)),
-                           (spec.text[0].prefix, build_text_encoder(spec.text[0].config))):
+    parts = [(UNET_PREFIX, UNetModel(spec.unet)), (VAE_PREFIX, AutoencoderKL(spec.vae))]
+    parts += [(slot.prefix, build_text_encoder(slot.config)) for slot in spec.text]
+    for prefix, module in parts:
         with torch.no_grad():
             for p in module.parameters():  # default inits leave some outputs at zero: shake them up
                 p.add_(torch.randn_like(p) * 0.05)

@@ -134,7 +134,7 @@ def reference_txt2img(
         torch.randn((4, height // 8, width // 8), generator=torch.Generator("cpu").manual_seed(seed + i))
         for i in range(batch)
     ])
-    fn = getattr(K.sampling, f"sample_{sampler}")
+    fn = getattr(K.sampling, "sample_" + {"dpm2": "dpm_2"}.get(sampler, sampler))
     latents = fn(model, noise * sigmas[0], sigmas, disable=True)
     img = vae.decode(latents / scale_factor).sample
     return ((img.clamp(-1, 1) + 1) / 2 * 255).round().to(torch.uint8).permute(0, 2, 3, 1)

@@ -59,7 +59,7 @@ def test_txt2img_equals_reference_chain(sd1_checkpoint, tmp_path):
     assert pixels_close(ours, ref, 2) >= 0.99
 
 
-@pytest.mark.parametrize("sampler", ["heun", "lms", "dpmpp_2m"])  # dpm2: open discrepancy, see closing note
+@pytest.mark.parametrize("sampler", ["heun", "lms", "dpm2", "dpmpp_2m"])
 @pytest.mark.parametrize("scheduler", ["normal", "karras"])
 def test_samplers_equal_reference_chain(sd1_checkpoint, tmp_path, sampler, scheduler):
     path, (unet, vae, text) = sd1_checkpoint

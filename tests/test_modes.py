@@ -91,7 +91,8 @@ def test_infotext_round_trip_and_from_png(tiny_model, tmp_path, capsys):
     assert "Sampler: DPM++ 2M" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("sampler", ["euler_a"])  # others differ by 1 level on ~0.01% of pixels: see the closing note
+@pytest.mark.parametrize("sampler", ["euler", "euler_a", "heun", "dpm2", "dpm2_a", "lms", "dpmpp_2m", "dpmpp_2s_a",
+                                     "dpmpp_sde", "dpmpp_2m_sde", "dpmpp_3m_sde", "ddim", "plms", "unipc", "lcm"])
 def test_batch_item_equals_single_seed(tiny, sampler):
     kw = dict(steps=3, sampler=sampler, width=64, height=64, watermark=False)
     batch = tiny.txt2img("x", seed=20, batch_size=2, **kw)

@@ -9,11 +9,12 @@
 __version__ = "0.1.0"
 
 
-def load(path=None, *, vae=None, prediction=None, dtype=None):
-    """Load a checkpoint (file or diffusers folder) into a :class:`sfumato.api.Pipeline`."""
+def load(path=None, *, vae=None, prediction=None, dtype=None, device="cpu", refiner=None):
+    """Load a checkpoint (file or diffusers folder; None: the bundled model) into a
+    :class:`sfumato.api.Pipeline`, optionally with an SDXL refiner."""
     from .api import load as _load
 
-    return _load(path, vae=vae, prediction=prediction, dtype=dtype)
+    return _load(path, vae=vae, prediction=prediction, dtype=dtype, device=device, refiner=refiner)
 
 
 __all__ = ["load", "__version__"]

@@ -87,17 +87,20 @@ class _ModelRunner:
     def encode(self, images: Tensor) -> Tensor:
         """[-1, 1] images [B, 3, H, W] → scaled latents (the posterior's mode)."""
         vae = self.model.vae
-        posterior = vae.encode(images.to(self.device, next(vae.parameters()).dtype))
-        return posterior.mode().float().cpu() * self.spec.vae.scale_factor
+        dtype = next(vae.parameters()).dtype
+        modes = [vae.encode(im.to(self.device, dtype)).mode().float().cpu() for im in images.split(1)]
+        return torch.cat(modes) * self.spec.vae.scale_factor
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
         """Scaled latents → uint8 [B, H, W, 3]: z/scale, decode, clamp to [−1, 1], round to 0–255."""
         vae = self.model.vae
         z = latents / self.spec.vae.scale_factor
-        images = vae.decode(z.to(self.device, next(vae.parameters()).dtype)).float()
+        dtype = next(vae.parameters()).dtype
+        # one image at a time: a batch's convolutions may round differently from a single image's
+        images = torch.cat([vae.decode(zi.to(self.device, dtype)).float().cpu() for zi in z.split(1)])
         images = ((images.clamp(-1, 1) + 1) / 2 * 255).round().to(torch.uint8)
-        return images.permute(0, 2, 3, 1).cpu()
+        return images.permute(0, 2, 3, 1)
 
     def conditioning(self, p: GenerationParams, n: int, width: int, height: int):
         size = SizeConditioning(original=(height, width), target=(height, width))
@@ -131,7 +134,13 @@ class _Guided:
         x_in = torch.cat([x, x[owner]])
         s_in = torch.cat([sigma, sigma[owner]])
         ic = torch.cat([self.image_cond, self.image_cond[owner]]) if self.image_cond is not None else None
-        out = self.runner.denoiser(x_in, s_in, (Cond.cat([uncond, cond]), ic))
+        both = Cond.cat([uncond, cond])
+        out = torch.empty_like(x_in)
+        # One UNet call per image (its uncond row and its cond rows): the result for an image then
+        # does not depend on the batch size, so item i of a batch equals a single run with seed + i.
+        for i in range(b):
+            rows = torch.cat([torch.tensor([i]), b + (self.cond.owner == i).nonzero().flatten()])
+            out[rows] = self.runner.denoiser(x_in[rows], s_in[rows], (both.rows(rows), ic[rows] if ic is not None else None))
         u, c = out[:b], out[b:]
         w = weights.to(x.dtype)
         x0 = u + self.p.cfg_scale * torch.einsum("bn,nchw->bchw", w, c - u[owner])

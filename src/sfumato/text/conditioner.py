@@ -40,6 +40,9 @@ class Cond:
         y = torch.cat([c.y for c in conds]) if conds[0].y is not None else None
         return Cond(torch.cat([c.context for c in conds]), y)
 
+    def rows(self, index: Tensor) -> "Cond":
+        return Cond(self.context[index], self.y[index] if self.y is not None else None)
+
     @property
     def tokens(self) -> int:
         return self.context.shape[1]
