@@ -179,3 +179,15 @@ def test_bundled_spec_fits_the_size_budget():
                    build_text_encoder(BUNDLED_SPEC.text[0].config)]
     fp16_bytes = 2 * sum(p.numel() for m in modules for p in m.parameters())
     assert fp16_bytes < 16_000_000 - 100_000  # room for the header
+
+
+def test_cosine_tail_of_the_learning_rate():
+    from sfumato.train.loop import learning_rate
+
+    cfg = LoopConfig(steps=1000, batch_size=1, lr=1.0, warmup=10, decay_start=600, final_lr=0.1)
+    lrs = [learning_rate(cfg, s) for s in range(1000)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == 1.0        # linear warm-up
+    assert lrs[10:601] == [1.0] * 591                              # constant until the tail starts
+    assert lrs[800] == pytest.approx(0.55)                         # half-way down: the mean of 1 and 0.1
+    assert lrs[999] == pytest.approx(0.1, abs=1e-4)                # ends at lr · final_lr
+    assert all(a >= b for a, b in zip(lrs[600:], lrs[601:]))       # never rises

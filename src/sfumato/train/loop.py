@@ -44,6 +44,8 @@ class LoopConfig:
     seed: int = 0
     checkpoint_every: int = 500
     warmup: int = 0              # linear warm-up steps, then constant
+    decay_start: int | None = None  # from this step, cosine decay to ``lr * final_lr`` at ``steps``
+    final_lr: float = 0.1
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float | None = 1.0
@@ -137,6 +139,15 @@ def distributed() -> tuple[int, int]:
     return 0, 1
 
 
+def learning_rate(cfg: LoopConfig, step: int) -> float:
+    """The LR of 0-based ``step``: linear warm-up, constant, then an optional cosine tail."""
+    lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
+    if cfg.decay_start is not None and step >= cfg.decay_start:
+        t = (step - cfg.decay_start) / max(1, cfg.steps - cfg.decay_start)
+        lr *= cfg.final_lr + (1 - cfg.final_lr) * 0.5 * (1 + math.cos(math.pi * t))
+    return lr
+
+
 def train(task: Task, cfg: LoopConfig, out_dir: str | Path, name: str) -> tuple[nn.Module, EMA | None]:
     """Run (or resume) ``cfg.steps`` steps of ``task``; returns the task and its EMA (if any).
 
@@ -159,7 +170,7 @@ def train(task: Task, cfg: LoopConfig, out_dir: str | Path, name: str) -> tuple[
     bar = _progress(cfg, start, name, rank)
     t0 = time.time()
     for step in range(start, cfg.steps):
-        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
+        lr = learning_rate(cfg, step)
         for group in opt.param_groups:
             group["lr"] = lr
         loss = model(step_batch(cfg.seed, step, cfg.batch_size, task.dataset_size, rank, world))
