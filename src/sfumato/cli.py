@@ -87,10 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prediction", choices=("eps", "v"))
     p.add_argument("--json", action="store_true", help="print JSON")
     from .batch_cli import add_commands as add_batch_commands
+    from .server.cli import add_commands as add_server_commands
     from .train.cli import add_commands
 
     add_commands(sub)
     add_batch_commands(sub)
+    add_server_commands(sub)
     return parser
 
 

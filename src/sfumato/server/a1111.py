@@ -1,0 +1,517 @@
+"""AUTOMATIC1111's web UI API, as its clients see it: request models with A1111's field names,
+types and defaults; their mapping onto the one request object (:class:`GenerationParams`); and
+responses shaped as A1111's (``images`` as base64 PNGs carrying the infotext, ``parameters``
+echoing the request, ``info`` a JSON *string*).
+
+A1111 fields that sfumato does not implement are accepted only at values that change nothing
+(``restore_faces: false``, ``styles: []``, …); any other value is a 422 naming the field.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import re
+import time
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Literal
+
+from PIL import ExifTags, Image, ImageOps, PngImagePlugin
+from pydantic import BaseModel, ConfigDict, Field
+
+from .. import __version__
+from ..api import ImageResult, Pipeline
+from ..diffusion.samplers import SAMPLER_ALIASES, SAMPLER_DISPLAY
+from ..diffusion.schedule import SCHEDULERS
+from ..pipeline.generate import Progress
+from ..pipeline.infotext import SCHEDULER_DISPLAY, decode_user_comment, generation_infotext, parse_infotext
+from ..pipeline.masks import outpaint_canvas
+from ..pipeline.params import MASKED_CONTENT, GenerationParams, ParamError
+from ..pipeline.watermark import add_watermark
+from .jobs import Job, Stopped
+from .security import ApiError, Catalog, Entry, Limits, check_name, decode_image
+
+# -- requests -----------------------------------------------------------------------------------
+
+
+class _Processing(BaseModel):
+    """Fields common to txt2img and img2img (A1111's StableDiffusionProcessing + API extras)."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    prompt: str = ""
+    negative_prompt: str | None = None
+    styles: list[str] | None = None
+    seed: int = -1
+    subseed: int = -1
+    subseed_strength: float = 0.0
+    seed_resize_from_h: int | None = -1
+    seed_resize_from_w: int | None = -1
+    sampler_name: str | None = None
+    sampler_index: str | None = "Euler"
+    scheduler: str | None = None
+    batch_size: int = 1
+    n_iter: int = 1
+    steps: int = 50
+    cfg_scale: float = 7.0
+    width: int = 512
+    height: int = 512
+    restore_faces: bool | None = None
+    tiling: bool | None = None
+    do_not_save_samples: bool = False
+    do_not_save_grid: bool = False
+    eta: float | None = None
+    denoising_strength: float | None = 0.75
+    s_min_uncond: float | None = None
+    s_churn: float | None = None
+    s_tmax: float | None = None
+    s_tmin: float | None = None
+    s_noise: float | None = None
+    override_settings: dict[str, Any] | None = None
+    override_settings_restore_afterwards: bool = True
+    refiner_checkpoint: str | None = None
+    refiner_switch_at: float | None = None
+    disable_extra_networks: bool = False
+    firstpass_image: str | None = None
+    comments: dict[str, Any] | None = None
+    script_name: str | None = None
+    script_args: list[Any] = []
+    send_images: bool = True
+    save_images: bool = False
+    alwayson_scripts: dict[str, Any] = {}
+    force_task_id: str | None = None
+    infotext: str | None = None
+
+
+class Txt2ImgRequest(_Processing):
+    enable_hr: bool = False
+    firstphase_width: int = 0
+    firstphase_height: int = 0
+    hr_scale: float = 2.0
+    hr_upscaler: str | None = None
+    hr_second_pass_steps: int = 0
+    hr_resize_x: int = 0
+    hr_resize_y: int = 0
+    hr_checkpoint_name: str | None = None
+    hr_sampler_name: str | None = None
+    hr_scheduler: str | None = None
+    hr_prompt: str = ""
+    hr_negative_prompt: str = ""
+
+
+class Img2ImgRequest(_Processing):
+    init_images: list[str] | None = None
+    resize_mode: int = 0
+    image_cfg_scale: float | None = None
+    mask: str | None = None
+    mask_blur_x: int = 4
+    mask_blur_y: int = 4
+    mask_blur: int | None = None
+    mask_round: bool = True
+    inpainting_fill: int = 0
+    inpaint_full_res: bool = True
+    inpaint_full_res_padding: int = 0
+    inpainting_mask_invert: int = 0
+    initial_noise_multiplier: float | None = None
+    latent_mask: str | None = None
+    include_init_images: bool = Field(default=False, exclude=True)
+    # sfumato's addition: outpainting, pixels to add on each side (multiples of 8)
+    outpaint_left: int = 0
+    outpaint_right: int = 0
+    outpaint_up: int = 0
+    outpaint_down: int = 0
+
+
+class Txt2ImgJob(Txt2ImgRequest):
+    mode: Literal["txt2img"]
+
+
+class Img2ImgJob(Img2ImgRequest):
+    mode: Literal["img2img"]
+
+
+class PngInfoRequest(BaseModel):
+    image: str
+
+
+def _absent(v: Any) -> bool:
+    return v in (None, "", 0, False, [], {})
+
+
+# A1111 fields without an implementation here: (value check, what the user is told).
+_INERT: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "styles": (_absent, "prompt styles are not supported"),
+    "restore_faces": (_absent, "face restoration is not supported"),
+    "tiling": (_absent, "tiling is not supported"),
+    "seed_resize_from_h": (lambda v: v in (None, -1, 0), "seed resize is not supported"),
+    "seed_resize_from_w": (lambda v: v in (None, -1, 0), "seed resize is not supported"),
+    "eta": (lambda v: v in (None, 1), "only the samplers' default eta is supported"),
+    "s_min_uncond": (_absent, "not supported"),
+    "s_churn": (_absent, "not supported"),
+    "s_tmin": (_absent, "not supported"),
+    "s_tmax": (lambda v: _absent(v) or v == math.inf, "not supported"),
+    "s_noise": (lambda v: v in (None, 1), "not supported"),
+    "refiner_checkpoint": (lambda v: v in (None, "", "None"), "a refiner is not supported by this server"),
+    "firstpass_image": (_absent, "not supported"),
+    "script_name": (_absent, "scripts are not supported"),
+    "script_args": (_absent, "scripts are not supported"),
+    "alwayson_scripts": (_absent, "extensions (alwayson_scripts) are not supported"),
+    "save_images": (_absent, "this server saves no files: images come back in the response"),
+    "infotext": (_absent, "not supported: send the settings as fields"),
+    "firstphase_width": (_absent, "deprecated in A1111 and not supported"),
+    "firstphase_height": (_absent, "deprecated in A1111 and not supported"),
+    "resize_mode": (_absent, "only resize mode 0 (just resize) is supported"),
+    "mask_round": (lambda v: v is True, "only a rounded latent mask is supported"),
+    "initial_noise_multiplier": (lambda v: v in (None, 1), "not supported"),
+    "latent_mask": (_absent, "not supported"),
+}
+_HIRES_INERT: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "hr_checkpoint_name": (lambda v: v in (None, "", "Use same checkpoint"), "a second checkpoint is not supported"),
+    "hr_sampler_name": (lambda v: v in (None, "", "Use same sampler"), "the hires pass uses the same sampler"),
+    "hr_scheduler": (lambda v: v in (None, "", "Use same scheduler"), "the hires pass uses the same scheduler"),
+}
+
+# GenerationParams fields → the A1111 field a client sent (errors name what the client knows)
+_A1111_FIELD = {
+    "sampler": "sampler_name", "strength": "denoising_strength", "hires_scale": "hr_scale",
+    "hires_steps": "hr_second_pass_steps", "hires_denoise": "denoising_strength", "hires_upscaler": "hr_upscaler",
+    "masked_content": "inpainting_fill", "only_masked": "inpaint_full_res",
+    "only_masked_padding": "inpaint_full_res_padding", "init_image": "init_images",
+    "clip_skip": "override_settings.CLIP_stop_at_last_layers", "rng": "override_settings.randn_source",
+}
+UPSCALERS = {"latent": "latent", "lanczos": "lanczos"}   # A1111 hires upscaler name (any case) → ours
+RNG_SOURCES = {"CPU": "cpu", "NV": "nv"}
+_LORA_TAG = re.compile(r"<(?:lora|lyco):([^:>]*)(?::[^>]*)?>", re.IGNORECASE)
+
+
+# -- settings shared by all requests (A1111's "options") -----------------------------------------
+
+@dataclass
+class Defaults:
+    """What a request does not say itself: the current model and the generation options."""
+
+    checkpoint: Entry
+    vae: Entry | None = None
+    clip_skip: int = 1
+    rng: str = "cpu"
+
+
+SETTABLE_OPTIONS = ("sd_model_checkpoint", "sd_vae", "CLIP_stop_at_last_layers", "randn_source")
+
+
+def apply_options(values: dict[str, Any], defaults: Defaults, catalog: Catalog, prefix: str = "") -> Defaults:
+    """``defaults`` with A1111 options applied; only ``SETTABLE_OPTIONS``, models by name only."""
+    out = replace(defaults)
+    for key, value in values.items():
+        field = f"{prefix}{key}"
+        if key not in SETTABLE_OPTIONS:
+            raise ApiError(422, f"not a settable option; settable: {', '.join(SETTABLE_OPTIONS)}", field)
+        if key == "sd_model_checkpoint":
+            out.checkpoint = catalog.find("checkpoint", _string(value, field), field)
+        elif key == "sd_vae":
+            name = _string(value, field)
+            out.vae = None if name in ("Automatic", "None") else catalog.find("vae", name, field)
+        elif key == "CLIP_stop_at_last_layers":
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 12:
+                raise ApiError(422, f"must be an integer in [1, 12], got {value!r}", field)
+            out.clip_skip = value
+        elif key == "randn_source":
+            if value not in RNG_SOURCES:
+                raise ApiError(422, f"must be one of {', '.join(RNG_SOURCES)}, got {value!r}", field)
+            out.rng = RNG_SOURCES[value]
+    return out
+
+
+def _string(value: Any, field: str) -> str:
+    if not isinstance(value, str):
+        raise ApiError(422, f"expected a string, got {value!r}", field)
+    return value
+
+
+# -- request → work --------------------------------------------------------------------------------
+
+@dataclass
+class Work:
+    """A validated A1111 request, ready for the worker."""
+
+    mode: str
+    params: GenerationParams        # seeds resolved; iteration k shifts them by k·batch_size
+    n_iter: int
+    send_images: bool
+    parameters: dict[str, Any]      # the request as A1111 echoes it
+    checkpoint: Entry
+    vae: Entry | None
+
+
+def build_work(req: Txt2ImgRequest | Img2ImgRequest, defaults: Defaults, catalog: Catalog, limits: Limits) -> Work:
+    """Validate a request fully (422 naming the field) before it is queued."""
+    img2img = isinstance(req, Img2ImgRequest)
+    for name, (ok, why) in _INERT.items():
+        if name in type(req).model_fields and not ok(getattr(req, name)):
+            raise ApiError(422, why, name)
+    options = apply_options(req.override_settings or {}, defaults, catalog, "override_settings.")
+    if not req.disable_extra_networks:
+        for field in ("prompt", "negative_prompt"):
+            _check_lora_tags(getattr(req, field) or "", field, catalog)
+    if req.denoising_strength is not None and not 0 <= req.denoising_strength <= 1:
+        raise ApiError(422, f"must be in [0, 1], got {req.denoising_strength}", "denoising_strength")
+    settings: dict[str, Any] = dict(
+        prompt=req.prompt, negative_prompt=req.negative_prompt or "", steps=req.steps, cfg_scale=req.cfg_scale,
+        sampler=req.sampler_name or req.sampler_index or "Euler", scheduler=scheduler_name(req.scheduler),
+        seed=req.seed, width=req.width, height=req.height, batch_size=req.batch_size, clip_skip=options.clip_skip,
+        subseed=req.subseed, subseed_strength=req.subseed_strength, rng=options.rng,
+    )
+    if img2img:
+        settings.update(_img2img_settings(req, limits))
+    elif req.enable_hr:
+        settings.update(_hires_settings(req))
+    _check_limits(settings, req.n_iter, limits)
+    try:
+        params = GenerationParams(**settings).validated()
+    except ParamError as e:
+        field = _A1111_FIELD.get(e.field, e.field)
+        raise ApiError(422, str(e).split(": ", 1)[-1], field) from None
+    parameters = req.model_dump()
+    if img2img and not req.include_init_images:
+        parameters.update(init_images=None, mask=None)
+    return Work("img2img" if img2img else "txt2img", params, req.n_iter, req.send_images, parameters,
+                options.checkpoint, options.vae)
+
+
+def scheduler_name(value: str | None) -> str | None:
+    """An A1111 scheduler name or label → ours (None: the sampler's default, A1111's Automatic).
+    Names sfumato lacks pass through for validation to report with the valid ones."""
+    if value is None or value.strip().lower() in ("", "automatic"):
+        return None
+    for name, label in SCHEDULER_DISPLAY.items():
+        if value.strip().lower() in (name, label.lower()):
+            return name
+    return value
+
+
+def _check_lora_tags(prompt: str, field: str, catalog: Catalog) -> None:
+    for name in _LORA_TAG.findall(prompt):
+        check_name(name, field)
+        catalog.find("lora", name, field)
+        raise ApiError(422, f"LoRA {name!r} cannot be applied: this server does not load LoRAs yet", field)
+
+
+def _hires_settings(req: Txt2ImgRequest) -> dict[str, Any]:
+    for name, (ok, why) in _HIRES_INERT.items():
+        if not ok(getattr(req, name)):
+            raise ApiError(422, why, name)
+    for name, main in (("hr_prompt", req.prompt), ("hr_negative_prompt", req.negative_prompt or "")):
+        if getattr(req, name) not in ("", main):
+            raise ApiError(422, "a separate hires prompt is not supported", name)
+    scale = req.hr_scale
+    if req.hr_resize_x or req.hr_resize_y:
+        sx = req.hr_resize_x / req.width if req.hr_resize_x else None
+        sy = req.hr_resize_y / req.height if req.hr_resize_y else None
+        if sx is not None and sy is not None and sx != sy:
+            raise ApiError(422, "hr_resize_x/hr_resize_y must keep the aspect ratio", "hr_resize_x")
+        scale = sx if sx is not None else sy
+    if not scale > 1:
+        raise ApiError(422, f"the hires pass must upscale (scale > 1), got {scale}", "hr_scale")
+    upscaler = UPSCALERS.get((req.hr_upscaler or "Latent").lower())
+    if upscaler is None:
+        raise ApiError(422, f"unknown upscaler {req.hr_upscaler!r}; valid: Latent, Lanczos", "hr_upscaler")
+    return dict(hires_scale=scale, hires_steps=req.hr_second_pass_steps, hires_upscaler=upscaler,
+                hires_denoise=req.denoising_strength if req.denoising_strength is not None else 0.7)
+
+
+def _img2img_settings(req: Img2ImgRequest, limits: Limits) -> dict[str, Any]:
+    if not req.init_images:
+        raise ApiError(422, "img2img needs one init image", "init_images")
+    if len(req.init_images) > 1:
+        raise ApiError(422, "only one init image is supported", "init_images")
+    init = decode_image(req.init_images[0], "init_images", limits).convert("RGB")
+    strength = 0.75 if req.denoising_strength is None else req.denoising_strength
+    out: dict[str, Any] = dict(init_image=init, strength=strength)
+    mask = None
+    if req.mask:
+        mask = _mask_channel(decode_image(req.mask, "mask", limits))
+        if mask.size != init.size:
+            mask = mask.resize(init.size, Image.LANCZOS)
+        if req.inpainting_mask_invert not in (0, 1):
+            raise ApiError(422, "must be 0 or 1", "inpainting_mask_invert")
+        if req.inpainting_mask_invert:
+            mask = ImageOps.invert(mask)
+    if req.mask_blur is None and req.mask_blur_x != req.mask_blur_y:
+        raise ApiError(422, "different horizontal and vertical blur is not supported", "mask_blur_x")
+    if not 0 <= req.inpainting_fill < len(MASKED_CONTENT):
+        raise ApiError(422, f"must be 0..{len(MASKED_CONTENT) - 1} ({', '.join(MASKED_CONTENT)})", "inpainting_fill")
+    inpaint = dict(mask_blur=req.mask_blur if req.mask_blur is not None else req.mask_blur_x,
+                   masked_content=MASKED_CONTENT[req.inpainting_fill], only_masked=req.inpaint_full_res,
+                   only_masked_padding=req.inpaint_full_res_padding)
+    if any((req.outpaint_left, req.outpaint_right, req.outpaint_up, req.outpaint_down)):
+        if mask is not None:
+            raise ApiError(422, "outpainting makes its own mask; send no mask with it", "mask")
+        init, mask = _outpaint_canvas(req, init, limits)
+        out["init_image"] = init
+        for name, size in (("width", init.width), ("height", init.height)):
+            if name not in req.model_fields_set:
+                out[name] = size // 8 * 8
+        # what the client left unset takes the outpainting defaults of Pipeline.outpaint
+        given = req.model_fields_set | ({"mask_blur"} if "mask_blur_x" in req.model_fields_set else set())
+        unset = {"denoising_strength": ("strength", 1.0), "mask_blur": ("mask_blur", 0),
+                 "inpaint_full_res": ("only_masked", False), "inpainting_fill": ("masked_content", "original")}
+        for field, (name, value) in unset.items():
+            if field not in given:
+                (out if name == "strength" else inpaint)[name] = value
+    if mask is not None:
+        out.update(mask=mask, **inpaint)
+    return out
+
+
+def _outpaint_canvas(req: Img2ImgRequest, init: Image.Image, limits: Limits) -> tuple[Image.Image, Image.Image]:
+    sides = dict(left=req.outpaint_left, right=req.outpaint_right, up=req.outpaint_up, down=req.outpaint_down)
+    for side, value in sides.items():
+        if value < 0 or value % 8:
+            raise ApiError(422, f"must be a non-negative multiple of 8, got {value}", f"outpaint_{side}")
+    w, h = init.width + sides["left"] + sides["right"], init.height + sides["up"] + sides["down"]
+    if w * h > limits.max_image_pixels:
+        raise ApiError(422, f"the outpainted canvas {w}x{h} exceeds {limits.max_image_pixels} pixels", "outpaint_left")
+    return outpaint_canvas(init, **sides)
+
+
+def _mask_channel(mask: Image.Image) -> Image.Image:
+    """A1111's reading of a mask: its alpha if the alpha is used (not all opaque), else its grey."""
+    if mask.mode in ("RGBA", "LA") and mask.getchannel("A").getextrema() != (255, 255):
+        return mask.getchannel("A")
+    return mask.convert("L")
+
+
+def _check_limits(s: dict[str, Any], n_iter: int, limits: Limits) -> None:
+    bounds = (("width", 8, limits.max_width), ("height", 8, limits.max_height), ("steps", 1, limits.max_steps),
+              ("batch_size", 1, limits.max_batch_size))
+    for name, lo, hi in bounds:
+        if not lo <= s[name] <= hi:
+            raise ApiError(422, f"must be in [{lo}, {hi}], got {s[name]}", name)
+    if not 1 <= n_iter <= limits.max_n_iter:
+        raise ApiError(422, f"must be in [1, {limits.max_n_iter}], got {n_iter}", "n_iter")
+    if s.get("hires_steps", 0) > limits.max_steps:
+        raise ApiError(422, f"must be at most {limits.max_steps}", "hr_second_pass_steps")
+    scale = s.get("hires_scale", 1.0)
+    total = s["width"] * s["height"] * scale * scale * s["batch_size"] * n_iter
+    if total > limits.max_total_pixels:
+        raise ApiError(422, f"width·height·hr_scale²·batch_size·n_iter = {int(total)} pixels exceeds the "
+                            f"limit of {limits.max_total_pixels}", "batch_size")
+
+
+# -- running ------------------------------------------------------------------------------------
+
+def run_work(work: Work, job: Job, pipe: Pipeline, watermark: bool) -> dict[str, Any]:
+    """Run every iteration on the worker; returns A1111's response. A skipped or interrupted
+    iteration gives the images of its latest x̂0, as A1111 does; a cancel raises."""
+    p0 = work.params
+    items: list[ImageResult] = []
+    for k in range(work.n_iter):
+        job.begin_iteration(k)
+        shift = k * p0.batch_size
+        p = replace(p0, seed=p0.seed + shift, subseed=p0.subseed + shift if p0.subseed >= 0 else -1)
+        latest: list[Progress] = []
+
+        def callback(progress: Progress) -> None:
+            job.check_stop()
+            latest[:] = [progress]
+            job.update(stage=progress.stage, step=progress.index + 1, steps=progress.total,
+                       preview=progress.preview()[0])
+
+        try:
+            items += pipe.run(p, callback, watermark).items
+        except Stopped as e:
+            if e.reason == "cancel":
+                raise
+            if latest:
+                items += _partial(pipe, p, latest[0], watermark)
+            if e.reason == "interrupt":
+                break
+    return response(work, pipe, items, job.started or time.time())
+
+
+def _partial(pipe: Pipeline, p: GenerationParams, progress: Progress, watermark: bool) -> list[ImageResult]:
+    pixels = pipe.generator.base.decode(progress.denoised)
+    out = []
+    for i, array in enumerate(pixels):
+        image = Image.fromarray(array.numpy())
+        seed = p.seed + i
+        subseed = p.subseed + i if p.subseed_strength > 0 else None
+        text = generation_infotext(replace(p, seed=seed), seed=seed, subseed=subseed,
+                                   model_name=pipe.model_name, model_hash=pipe.model_hash)
+        out.append(ImageResult(add_watermark(image) if watermark else image, seed, text))
+    return out
+
+
+def response(work: Work, pipe: Pipeline, items: list[ImageResult], started: float) -> dict[str, Any]:
+    images = [encode_png(item.image, item.infotext) for item in items] if work.send_images else []
+    return {"images": images, "parameters": work.parameters,
+            "info": json.dumps(info(work, pipe, items, started))}
+
+
+def info(work: Work, pipe: Pipeline, items: list[ImageResult], started: float) -> dict[str, Any]:
+    """A1111's ``Processed.js()`` keys."""
+    p = work.params
+    n = len(items)
+    seeds = [item.seed for item in items]
+    subseeds = [p.subseed + (s - p.seed) for s in seeds] if p.subseed >= 0 else [-1] * n
+    hires = p.hires_scale > 1 and not p.is_img2img
+    return {
+        "prompt": p.prompt, "all_prompts": [p.prompt] * n,
+        "negative_prompt": p.negative_prompt, "all_negative_prompts": [p.negative_prompt] * n,
+        "seed": seeds[0] if seeds else p.seed, "all_seeds": seeds,
+        "subseed": subseeds[0] if subseeds else p.subseed, "all_subseeds": subseeds,
+        "subseed_strength": p.subseed_strength, "width": p.width, "height": p.height,
+        "sampler_name": SAMPLER_DISPLAY.get(p.sampler, p.sampler),
+        "scheduler": SCHEDULER_DISPLAY.get(p.scheduler or "normal", p.scheduler),
+        "cfg_scale": p.cfg_scale, "steps": p.steps, "batch_size": p.batch_size,
+        "restore_faces": False, "face_restoration_model": None,
+        "sd_model_name": pipe.model_name, "sd_model_hash": pipe.model_hash,
+        "sd_vae_name": work.vae.stem if work.vae else None, "sd_vae_hash": None,
+        "seed_resize_from_w": -1, "seed_resize_from_h": -1,
+        "denoising_strength": p.strength if p.is_img2img else (p.hires_denoise if hires else None),
+        "extra_generation_params": {}, "index_of_first_image": 0,
+        "infotexts": [item.infotext for item in items], "styles": [],
+        "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(started)),
+        "clip_skip": p.clip_skip,
+        "is_using_inpainting_conditioning": p.mask is not None and pipe.model.spec.unet.in_channels == 9,
+        "version": f"sfumato {__version__}",
+    }
+
+
+def encode_png(image: Image.Image, infotext: str | None = None) -> str:
+    """A PNG as base64 text (no ``data:`` prefix, as A1111 sends), infotext in ``parameters``."""
+    meta = PngImagePlugin.PngInfo()
+    if infotext is not None:
+        meta.add_text("parameters", infotext)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=meta)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+# -- the other A1111 endpoints -----------------------------------------------------------------
+
+def png_info(image: Image.Image) -> dict[str, Any]:
+    """A1111's ``png-info``: the infotext, the image's other text items, the parsed parameters."""
+    text = image.info.get("parameters")
+    if not isinstance(text, str):
+        comment = image.getexif().get_ifd(ExifTags.IFD.Exif).get(ExifTags.Base.UserComment)
+        text = decode_user_comment(comment) if isinstance(comment, bytes) and comment else ""
+    items = {k: v for k, v in image.info.items() if isinstance(k, str) and isinstance(v, str) and k != "parameters"}
+    return {"info": text, "items": items, "parameters": parse_infotext(text) if text else {}}
+
+
+def samplers() -> list[dict[str, Any]]:
+    out = []
+    for internal, display in SAMPLER_DISPLAY.items():
+        aliases = [internal] + [a for a, (s, _) in SAMPLER_ALIASES.items() if s == internal and a != display]
+        default = SAMPLER_ALIASES[display][1]
+        out.append({"name": display, "aliases": aliases, "options": {"scheduler": default} if default else {}})
+    return out
+
+
+def schedulers() -> list[dict[str, Any]]:
+    names = ("automatic", *SCHEDULERS)
+    return [{"name": name, "label": SCHEDULER_DISPLAY.get(name, "Automatic"), "aliases": None,
+             "default_rho": 7.0 if name == "karras" else -1.0, "need_inner_model": False} for name in names]

@@ -1,0 +1,399 @@
+"""The FastAPI application: A1111's API under ``/sdapi/v1``, the job API under ``/v1/jobs``, the
+web UI at ``/``. ``create_app(config)`` builds it; every route sits behind :class:`Guard`.
+
+One worker thread owns the loaded pipeline (:class:`ModelHost`); HTTP handlers only validate,
+queue and wait, so generation never blocks the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import logging
+import os
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Union
+
+from fastapi import Body, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from PIL import Image
+from pydantic import Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .. import __version__
+from ..api import Pipeline, load
+from ..checkpoint.io import sha256_file
+from . import a1111
+from .a1111 import Defaults, Img2ImgJob, Img2ImgRequest, PngInfoRequest, Txt2ImgJob, Txt2ImgRequest, Work
+from .jobs import Job, JobQueue, QueueFull, wait
+from .security import ApiError, Catalog, Entry, Guard, Limits, decode_image
+
+log = logging.getLogger(__name__)
+STATIC = Path(__file__).parent / "static"
+_MODE_TAGS = ("txt2img", "img2img")
+
+
+@dataclass
+class ServerConfig:
+    model: Path | None = None            # None: the bundled model
+    models_dir: Path | None = None
+    listen: bool = False                 # False: answer loopback host names only
+    api_auth: tuple[str, str] | None = None
+    max_queue: int = 16
+    limits: Limits = field(default_factory=Limits)
+    watermark: bool = True
+    device: str = "cpu"
+    dtype: str = "auto"
+
+
+class ModelHost:
+    """The loaded pipeline. Used by the worker thread only (and once before it starts)."""
+
+    def __init__(self, config: ServerConfig, pipeline: Pipeline, entry: Entry):
+        self.config = config
+        self.pipe: Pipeline | None = pipeline
+        self.key: tuple[Entry, Entry | None] | None = (entry, None)
+        self.sha256: dict[Path, str] = {}
+
+    def get(self, checkpoint: Entry, vae: Entry | None) -> Pipeline:
+        if self.key != (checkpoint, vae):
+            self.pipe = self.key = None
+            gc.collect()
+            self.pipe = load(checkpoint.path, vae=vae.path if vae else None, dtype=self.config.dtype,
+                             device=self.config.device)
+            self.key = (checkpoint, vae)
+        if checkpoint.path.is_file() and checkpoint.path not in self.sha256:
+            self.sha256[checkpoint.path] = sha256_file(checkpoint.path)
+            self.pipe.__dict__.setdefault("model_hash", self.sha256[checkpoint.path][:10])   # its cached_property
+        return self.pipe
+
+
+@dataclass
+class State:
+    config: ServerConfig
+    catalog: Catalog
+    host: ModelHost
+    queue: JobQueue
+    defaults: Defaults
+
+    def title(self, entry: Entry) -> str:
+        sha = self.host.sha256.get(entry.path)
+        return f"{entry.name} [{sha[:10]}]" if sha else entry.name
+
+    def submit(self, work: Work, origin: str) -> Job:
+        def task(job: Job) -> dict[str, Any]:
+            pipe = self.host.get(work.checkpoint, work.vae)
+            return a1111.run_work(work, job, pipe, self.config.watermark)
+
+        try:
+            return self.queue.submit(Job(task, kind=work.mode, origin=origin, n_iter=work.n_iter))
+        except QueueFull as e:
+            raise ApiError(429, str(e)) from None
+
+    def job_status(self, job: Job, *, result: bool = True) -> dict[str, Any]:
+        preview = job.preview
+        return {
+            "id": job.id, "mode": job.kind, "status": job.status, "position": self.queue.position(job),
+            "created": job.created, "started": job.started, "finished": job.finished,
+            "progress": {"progress": job.progress(), "eta_relative": job.eta(), "iteration": job.iteration,
+                         "n_iter": job.n_iter, "stage": job.stage, "step": job.step, "steps": job.steps},
+            "current_image": a1111.encode_png(Image.fromarray(preview)) if preview is not None else None,
+            "result": job.result if result else None,
+            "error": job.error.body() if job.error else None,
+        }
+
+
+def create_app(config: ServerConfig, pipeline: Pipeline | None = None) -> FastAPI:
+    """The server for ``config``. ``pipeline``: the default model already loaded (else loaded here)."""
+    from ..train.bundled import BUNDLED_PATH
+
+    catalog = Catalog(Path(config.model) if config.model else BUNDLED_PATH, config.models_dir)
+    default = catalog.default
+    if pipeline is None:
+        pipeline = load(default.path, dtype=config.dtype, device=config.device)
+    host = ModelHost(config, pipeline, default)
+    host.get(default, None)
+    state = State(config, catalog, host, JobQueue(config.max_queue), Defaults(default))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state.queue.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(state.queue.stop)
+
+    app = FastAPI(title="sfumato", version=__version__, lifespan=lifespan,
+                  description="Stable Diffusion in PyTorch: AUTOMATIC1111-compatible API, job API, web UI.")
+    app.state.sfumato = state
+    _add_error_handlers(app)
+    _add_a1111_routes(app, state)
+    _add_job_routes(app, state)
+    app.mount("/", StaticFiles(directory=STATIC, html=True), name="ui")
+    app.add_middleware(Guard, credentials=config.api_auth, loopback_only=not config.listen,
+                       max_body=config.limits.max_body)
+    return app
+
+
+# -- errors ---------------------------------------------------------------------------------------
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError):
+        headers = {"Retry-After": "1"} if e.status == 429 else None
+        return JSONResponse(e.body(), e.status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, e: RequestValidationError):
+        first = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
+        loc = [str(x) for x in first["loc"] if x != "body" and x not in _MODE_TAGS]
+        if first.get("type", "").startswith("union_tag"):     # the job API's ``mode``
+            loc.append(str(first.get("ctx", {}).get("discriminator", "")).strip("'"))
+        name = ".".join(loc) or None
+        return JSONResponse(ApiError(422, first["msg"], name).body(), 422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):
+        return JSONResponse(ApiError(e.status_code, str(e.detail)).body(), e.status_code, headers=e.headers)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, e: Exception):
+        log.exception("unhandled error")
+        return JSONResponse(ApiError(500, f"internal error ({type(e).__name__}); see the server log").body(), 500)
+
+
+def _job_response(job: Job) -> dict[str, Any]:
+    """An A1111 request's answer: its result, or the error that ended it."""
+    if job.status in ("done", "interrupted"):
+        return job.result
+    raise job.error or ApiError(503, "the request was cancelled")
+
+
+# -- A1111 -----------------------------------------------------------------------------------------
+
+def _add_a1111_routes(app: FastAPI, state: State) -> None:
+    v1 = "/sdapi/v1"
+
+    async def generate(req: Txt2ImgRequest | Img2ImgRequest) -> dict[str, Any]:
+        work = a1111.build_work(req, state.defaults, state.catalog, state.config.limits)
+        job = state.submit(work, "a1111")
+        try:
+            await wait(job)
+        finally:
+            state.queue.forget(job)
+        result = _job_response(job)
+        if req.override_settings and not req.override_settings_restore_afterwards:
+            state.defaults = a1111.apply_options(req.override_settings, state.defaults, state.catalog)
+        return result
+
+    @app.post(f"{v1}/txt2img", tags=["A1111"])
+    async def txt2img(req: Txt2ImgRequest) -> dict[str, Any]:
+        return await generate(req)
+
+    @app.post(f"{v1}/img2img", tags=["A1111"])
+    async def img2img(req: Img2ImgRequest) -> dict[str, Any]:
+        return await generate(req)
+
+    @app.get(f"{v1}/progress", tags=["A1111"])
+    def progress(skip_current_image: bool = False) -> dict[str, Any]:
+        job = state.queue.running
+        if job is None:
+            idle = {"skipped": False, "interrupted": False, "stopping_generation": False, "job": "", "job_count": 0,
+                    "job_timestamp": "0", "job_no": 0, "sampling_step": 0, "sampling_steps": 0,
+                    "queued": state.queue.queued}
+            return {"progress": 0.0, "eta_relative": 0.0, "state": idle, "current_image": None, "textinfo": None}
+        preview = job.preview
+        image = None
+        if preview is not None and not skip_current_image:
+            image = a1111.encode_png(Image.fromarray(preview))
+        stopping = job.stopping
+        return {
+            "progress": job.progress(), "eta_relative": job.eta(),
+            "state": {"skipped": stopping == "skip", "interrupted": stopping in ("interrupt", "cancel"),
+                      "stopping_generation": False, "job": job.kind, "job_count": job.n_iter,
+                      "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.started or job.created)),
+                      "job_no": job.iteration, "sampling_step": job.step, "sampling_steps": job.steps,
+                      "queued": state.queue.queued},
+            "current_image": image,
+            "textinfo": f"{job.stage} step {job.step}/{job.steps}" if job.steps else None,
+        }
+
+    @app.post(f"{v1}/interrupt", tags=["A1111"])
+    def interrupt() -> dict[str, Any]:
+        """Interrupt the A1111 request now running (jobs of the job API stop only by their id)."""
+        job = state.queue.running
+        if job is not None and job.origin == "a1111":
+            job.request_stop("interrupt")
+        return {}
+
+    @app.post(f"{v1}/skip", tags=["A1111"])
+    def skip() -> dict[str, Any]:
+        """Skip the current iteration of the A1111 request now running."""
+        job = state.queue.running
+        if job is not None and job.origin == "a1111":
+            job.request_stop("skip")
+        return {}
+
+    @app.get(f"{v1}/options", tags=["A1111"])
+    def get_options() -> dict[str, Any]:
+        d = state.defaults
+        return {
+            "sd_model_checkpoint": state.title(d.checkpoint),
+            "sd_checkpoint_hash": state.host.sha256.get(d.checkpoint.path),
+            "sd_vae": d.vae.name if d.vae else "Automatic",
+            "CLIP_stop_at_last_layers": d.clip_skip,
+            "randn_source": {v: k for k, v in a1111.RNG_SOURCES.items()}[d.rng],
+            "samples_format": "png",
+            "live_previews_enable": True,
+            "show_progress_every_n_steps": 1,
+        }
+
+    @app.post(f"{v1}/options", tags=["A1111"])
+    async def set_options(values: dict[str, Any] = Body(...)) -> None:
+        """Set options from the allow-list ``SETTABLE_OPTIONS``; a model switch loads it first."""
+        new = a1111.apply_options(values, state.defaults, state.catalog)
+        if (new.checkpoint, new.vae) != (state.defaults.checkpoint, state.defaults.vae):
+            try:
+                job = state.queue.submit(Job(lambda job: state.host.get(new.checkpoint, new.vae), kind="load",
+                                             origin="options"))
+            except QueueFull as e:
+                raise ApiError(429, str(e)) from None
+            try:
+                await wait(job)
+            finally:
+                state.queue.forget(job)
+            _job_response(job)
+        state.defaults = new
+
+    @app.get(f"{v1}/samplers", tags=["A1111"])
+    def samplers() -> list[dict[str, Any]]:
+        return a1111.samplers()
+
+    @app.get(f"{v1}/schedulers", tags=["A1111"])
+    def schedulers() -> list[dict[str, Any]]:
+        return a1111.schedulers()
+
+    @app.get(f"{v1}/sd-models", tags=["A1111"])
+    def sd_models() -> list[dict[str, Any]]:
+        out = []
+        for entry in state.catalog.entries("checkpoint"):
+            sha = state.host.sha256.get(entry.path)
+            out.append({"title": state.title(entry), "model_name": entry.model_name, "hash": sha[:10] if sha else None,
+                        "sha256": sha, "filename": entry.name, "config": None})
+        return out
+
+    @app.get(f"{v1}/sd-vae", tags=["A1111"])
+    def sd_vae() -> list[dict[str, Any]]:
+        return [{"model_name": e.stem, "filename": e.name} for e in state.catalog.entries("vae")]
+
+    @app.get(f"{v1}/loras", tags=["A1111"])
+    def loras() -> list[dict[str, Any]]:
+        return [{"name": e.stem, "alias": e.stem, "path": e.name, "metadata": {}}
+                for e in state.catalog.entries("lora")]
+
+    @app.get(f"{v1}/embeddings", tags=["A1111"])
+    def embeddings() -> dict[str, Any]:
+        return {"loaded": {}, "skipped": {}}
+
+    @app.post(f"{v1}/refresh-checkpoints", tags=["A1111"])
+    def refresh_checkpoints() -> None:
+        state.catalog.refresh()
+
+    @app.post(f"{v1}/png-info", tags=["A1111"])
+    def png_info(req: PngInfoRequest) -> dict[str, Any]:
+        return a1111.png_info(decode_image(req.image, "image", state.config.limits))
+
+    @app.get(f"{v1}/memory", tags=["A1111"])
+    def memory() -> dict[str, Any]:
+        return {"ram": _ram(), "cuda": _cuda()}
+
+    @app.get(f"{v1}/scripts", tags=["A1111"])
+    def scripts() -> dict[str, Any]:
+        return {"txt2img": [], "img2img": []}
+
+
+def _ram() -> dict[str, Any]:
+    try:
+        page = os.sysconf("SC_PAGE_SIZE")
+        total, free = os.sysconf("SC_PHYS_PAGES") * page, os.sysconf("SC_AVPHYS_PAGES") * page
+    except (AttributeError, ValueError, OSError):
+        return {"error": "not available on this system"}
+    return {"free": free, "used": total - free, "total": total}
+
+
+def _cuda() -> dict[str, Any]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"error": "CUDA is not available"}
+    free, total = torch.cuda.mem_get_info()
+    stats = torch.cuda.memory_stats()
+
+    def pair(kind: str) -> dict[str, int]:
+        return {"current": stats.get(f"{kind}_bytes.all.current", 0), "peak": stats.get(f"{kind}_bytes.all.peak", 0)}
+
+    return {"system": {"free": free, "used": total - free, "total": total},
+            "active": pair("active"), "allocated": pair("allocated"), "reserved": pair("reserved")}
+
+
+# -- the job API -------------------------------------------------------------------------------------
+
+JobRequest = Annotated[Union[Txt2ImgJob, Img2ImgJob], Field(discriminator="mode")]
+
+
+def _add_job_routes(app: FastAPI, state: State) -> None:
+    def find(job_id: str) -> Job:
+        job = state.queue.get(job_id)
+        if job is None or job.origin != "jobs":
+            raise ApiError(404, "no such job", "id")
+        return job
+
+    @app.post("/v1/jobs", status_code=202, tags=["jobs"])
+    def create_job(req: JobRequest) -> dict[str, Any]:
+        """Queue a txt2img or img2img request (A1111's fields plus ``mode``); returns its ``id``."""
+        work = a1111.build_work(req, state.defaults, state.catalog, state.config.limits)
+        job = state.submit(work, "jobs")
+        return {"id": job.id, "status": job.status, "position": state.queue.position(job)}
+
+    @app.get("/v1/jobs/{job_id}", tags=["jobs"])
+    def get_job(job_id: str) -> dict[str, Any]:
+        """Status, progress with a preview, and when done the A1111-shaped ``result``."""
+        return state.job_status(find(job_id))
+
+    @app.delete("/v1/jobs/{job_id}", tags=["jobs"])
+    def cancel_job(job_id: str) -> dict[str, Any]:
+        """Cancel this job only: a queued one leaves the queue, a running one stops at its next step."""
+        job = find(job_id)
+        if not state.queue.cancel(job):
+            raise ApiError(409, f"the job has already finished ({job.status})", "id")
+        return {"id": job.id, "status": job.status}
+
+    @app.get("/v1/jobs/{job_id}/events", tags=["jobs"])
+    async def job_events(job_id: str) -> StreamingResponse:
+        """Server-sent events: ``progress`` while the job waits or runs, then one ``end`` with the result."""
+        job = find(job_id)
+
+        async def stream():
+            seen, beat = None, time.monotonic()
+            while True:
+                key = (job.version, state.queue.position(job))
+                if key != seen:
+                    seen, beat = key, time.monotonic()
+                    done = job.done
+                    data = json.dumps(state.job_status(job, result=done))
+                    yield f"event: {'end' if done else 'progress'}\ndata: {data}\n\n"
+                    if done:
+                        return
+                elif time.monotonic() - beat > 15:
+                    beat = time.monotonic()
+                    yield ": keep-alive\n\n"
+                await asyncio.sleep(0.1)
+
+        return StreamingResponse(stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

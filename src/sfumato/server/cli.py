@@ -1,0 +1,103 @@
+"""``sfumato serve``: argparse wiring for the HTTP server (``add_commands(subparsers)``)."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+from pathlib import Path
+
+from ..errors import SfumatoError
+
+log = logging.getLogger(__name__)
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("serve", help="serve the A1111-compatible API, the job API and the web UI")
+    p.add_argument("--host", help="address to bind (default 127.0.0.1; 0.0.0.0 with --listen)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--model", help="checkpoint to load first: a path, or a name inside --models-dir "
+                                   "(default: the bundled model)")
+    p.add_argument("--models-dir", help="folder of checkpoints that clients may switch to by name; "
+                                        "its VAE/, Lora/ and embeddings/ subfolders hold those")
+    p.add_argument("--listen", action="store_true", help="accept connections from other machines")
+    p.add_argument("--api-auth", metavar="USER:PASS", help="require HTTP Basic auth on every route")
+    p.add_argument("--max-queue", type=int, default=16, help="jobs that may wait; more get 429")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, …")
+    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"))
+    p.add_argument("--no-watermark", action="store_true", help="do not add the invisible watermark")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .app import ServerConfig, create_app
+    from .security import parse_credentials
+
+    host = args.host or ("0.0.0.0" if args.listen else "127.0.0.1")
+    if not args.listen and not _is_loopback(host):
+        raise SfumatoError(f"--host: {host} is not a loopback address; add --listen to serve other machines")
+    if not 1 <= args.port <= 65535:
+        raise SfumatoError(f"--port: must be in [1, 65535], got {args.port}")
+    if args.max_queue < 1:
+        raise SfumatoError(f"--max-queue: must be at least 1, got {args.max_queue}")
+    try:
+        credentials = parse_credentials(args.api_auth) if args.api_auth else None
+    except ValueError as e:
+        raise SfumatoError(str(e)) from None
+    models_dir = Path(args.models_dir) if args.models_dir else None
+    if models_dir is not None and not models_dir.is_dir():
+        raise SfumatoError(f"--models-dir: {models_dir} is not a folder")
+    model = _model_path(args.model, models_dir) if args.model else None
+    if args.listen and credentials is None:
+        log.warning("serving other machines without --api-auth: anyone who can reach port %d can use it", args.port)
+    config = ServerConfig(model=model, models_dir=models_dir, listen=args.listen, api_auth=credentials,
+                          max_queue=args.max_queue, watermark=not args.no_watermark, device=args.device,
+                          dtype=args.dtype)
+    app = create_app(config)
+    uvicorn.run(app, host=host, port=args.port, log_level="info", proxy_headers=False, server_header=False)
+    return 0
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _model_path(model: str, models_dir: Path | None) -> Path:
+    """``--model``: an existing path, else a name inside ``--models-dir``."""
+    from ..train.bundled import BUNDLED_PATH
+    from .security import ApiError, Catalog
+
+    if Path(model).exists():
+        return Path(model)
+    if models_dir is None:
+        raise SfumatoError(f"--model: {model} not found")
+    try:
+        return Catalog(BUNDLED_PATH, models_dir).find("checkpoint", model, "--model").path
+    except ApiError as e:
+        raise SfumatoError(e.body()["detail"]) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m sfumato.server.cli serve …``: the command alone."""
+    import sys
+
+    parser = argparse.ArgumentParser(prog="sfumato")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    try:
+        return args.func(args)
+    except SfumatoError as e:
+        print(f"sfumato: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

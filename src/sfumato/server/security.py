@@ -1,0 +1,364 @@
+"""The server's defences: one ASGI middleware for the checks every request passes (Host, HTTP
+Basic auth, CSRF, body size), request limits, safe image decoding, and the catalog that resolves
+model / VAE / LoRA / embedding names only inside their folders.
+
+Order of the checks, cheapest and most fundamental first: a loopback-only server answers only
+loopback ``Host`` names (no DNS rebinding); with credentials every request must carry them; a
+state-changing request must not come from another site (``Origin``, ``Sec-Fetch-Site``) and must
+send JSON; its body is counted while it streams in and refused past the limit before any parsing.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import io
+import json
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
+_DATA_URL = re.compile(r"^data:image/[\w.+-]+;base64,", re.IGNORECASE)
+
+
+class ApiError(Exception):
+    """An error answered as JSON ``{"error", "field", "detail"}`` with an HTTP status."""
+
+    def __init__(self, status: int, detail: str, field: str | None = None, error: str | None = None):
+        super().__init__(f"{field}: {detail}" if field else detail)
+        self.status, self.detail, self.field = status, detail, field
+        self.error = error or _REASONS.get(status, "error")
+
+    def body(self) -> dict[str, Any]:
+        return {"error": self.error, "field": self.field,
+                "detail": f"{self.field}: {self.detail}" if self.field else self.detail}
+
+
+_REASONS = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 409: "conflict",
+            413: "too_large", 415: "unsupported_media_type", 421: "misdirected_request", 422: "invalid_parameter",
+            429: "queue_full", 500: "internal_error", 503: "unavailable"}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on what one request may ask for. Image sizes are pixels; bodies are bytes."""
+
+    max_body: int = 64 << 20
+    max_image_pixels: int = 4096 * 4096      # of a decoded input image
+    max_width: int = 2048
+    max_height: int = 2048
+    max_steps: int = 150
+    max_batch_size: int = 8
+    max_n_iter: int = 32
+    max_total_pixels: int = 1 << 24          # width·height·(hires scale)²·batch_size·n_iter
+
+
+# -- the request guard ------------------------------------------------------------------------
+
+class Guard:
+    """Pure ASGI middleware: Host, auth, CSRF and body-size checks for every HTTP request."""
+
+    def __init__(self, app, *, credentials: tuple[str, str] | None, loopback_only: bool, max_body: int):
+        self.app = app
+        self.credentials = (credentials[0].encode(), credentials[1].encode()) if credentials else None
+        self.loopback_only = loopback_only
+        self.max_body = max_body
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        try:
+            self._check_host(headers)
+            self._check_auth(headers)
+            if scope["type"] == "http" and scope["method"] not in SAFE_METHODS:
+                self._check_csrf(scope, headers)
+            if scope["type"] == "http" and _has_body(headers):
+                receive = await self._buffer_body(headers, receive)
+        except ApiError as e:
+            if scope["type"] == "websocket":
+                return await send({"type": "websocket.close", "code": 1008})
+            extra = {"www-authenticate": 'Basic realm="sfumato"'} if e.status == 401 else {}
+            return await send_json(send, e.status, e.body(), extra)
+        await self.app(scope, receive, _with_headers(send))
+
+    def _check_host(self, headers: dict[str, str]) -> None:
+        if self.loopback_only and host_name(headers.get("host", "")) not in LOOPBACK_HOSTS:
+            raise ApiError(421, "this server answers loopback host names only (start it with --listen)", "host")
+
+    def _check_auth(self, headers: dict[str, str]) -> None:
+        if self.credentials is None:
+            return
+        user, password = b"", b""
+        scheme, _, token = headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "basic":
+            try:
+                user, _, password = base64.b64decode(token.strip(), validate=True).partition(b":")
+            except (binascii.Error, ValueError):
+                pass
+        ok_user = hmac.compare_digest(user, self.credentials[0])
+        ok_password = hmac.compare_digest(password, self.credentials[1])
+        if not (ok_user & ok_password):
+            raise ApiError(401, "authentication required")
+
+    def _check_csrf(self, scope, headers: dict[str, str]) -> None:
+        fetch_site = headers.get("sec-fetch-site", "").lower()
+        if fetch_site and fetch_site not in ("same-origin", "none"):
+            raise ApiError(403, f"cross-site request refused (Sec-Fetch-Site: {fetch_site})", "origin")
+        origin = headers.get("origin")
+        if origin is not None:
+            own = _normal_origin(f"{scope.get('scheme', 'http')}://{headers.get('host', '')}")
+            if origin.strip().lower() == "null" or _normal_origin(origin) != own:
+                raise ApiError(403, f"cross-origin request refused (Origin: {origin})", "origin")
+        content_type = headers.get("content-type")
+        if content_type is not None or _has_body(headers):
+            media = (content_type or "").split(";")[0].strip().lower()
+            if media != "application/json":
+                raise ApiError(415, f"expected application/json, got {content_type or 'no content type'}",
+                               "content-type")
+
+    async def _buffer_body(self, headers: dict[str, str], receive):
+        """Reads the whole body, refusing it (413) as soon as it passes the limit."""
+        declared = headers.get("content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                raise ApiError(400, "invalid Content-Length", "content-length")
+            if int(declared) > self.max_body:
+                raise ApiError(413, f"body of {declared} bytes exceeds the limit of {self.max_body}", "body")
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body:
+                raise ApiError(413, f"body exceeds the limit of {self.max_body} bytes", "body")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return replay
+
+
+# on every response: no framing by other sites (clickjacking the UI), no MIME sniffing, no referrer
+SECURITY_HEADERS = [(b"x-frame-options", b"DENY"), (b"content-security-policy", b"frame-ancestors 'none'"),
+                    (b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"same-origin")]
+
+
+def _with_headers(send):
+    async def wrapped(message):
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", []), *SECURITY_HEADERS]}
+        await send(message)
+
+    return wrapped
+
+
+def _has_body(headers: dict[str, str]) -> bool:
+    return headers.get("content-length", "0") not in ("", "0") or "transfer-encoding" in headers
+
+
+def host_name(host: str) -> str:
+    """``Host`` header → lower-case name without port (``[::1]:7860`` → ``::1``)."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def _normal_origin(origin: str) -> str:
+    scheme, _, rest = origin.strip().lower().partition("://")
+    default = {"http": ":80", "https": ":443"}.get(scheme)
+    if default and rest.endswith(default):
+        rest = rest[: -len(default)]
+    return f"{scheme}://{rest.rstrip('/')}"
+
+
+async def send_json(send, status: int, body: Any, extra_headers: dict[str, str] | None = None) -> None:
+    data = json.dumps(body).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+    headers += [(k.encode(), v.encode()) for k, v in (extra_headers or {}).items()] + SECURITY_HEADERS
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": data})
+
+
+def parse_credentials(text: str) -> tuple[str, str]:
+    """``user:pass`` → (user, pass); both must be non-empty."""
+    user, sep, password = text.partition(":")
+    if not sep or not user or not password:
+        raise ValueError("--api-auth: expected USER:PASSWORD with both parts non-empty")
+    return user, password
+
+
+# -- images ---------------------------------------------------------------------------------
+
+def decode_image(data: str, field: str, limits: Limits) -> Image.Image:
+    """A base64 image (optionally a ``data:`` URL) → a loaded PIL image.
+
+    The encoded size is checked before decoding and the pixel count from the header before PIL
+    decodes any pixel, so neither a huge string nor a decompression bomb costs memory.
+    """
+    if not isinstance(data, str) or not data:
+        raise ApiError(422, "expected a base64-encoded image", field)
+    data = _DATA_URL.sub("", data.strip(), count=1)
+    if len(data) > limits.max_body:
+        raise ApiError(413, f"encoded image of {len(data)} bytes exceeds the limit of {limits.max_body}", field)
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(422, "not valid base64", field) from None
+    try:
+        image = Image.open(io.BytesIO(raw), formats=IMAGE_FORMATS)
+    except Image.DecompressionBombError:
+        raise ApiError(413, f"image has too many pixels (limit {limits.max_image_pixels})", field) from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise ApiError(422, f"not a PNG, JPEG or WebP image ({e})", field) from None
+    width, height = image.size
+    if width * height > limits.max_image_pixels:
+        raise ApiError(413, f"image of {width}x{height} pixels exceeds the limit of {limits.max_image_pixels}",
+                       field)
+    try:
+        image.load()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ApiError(422, f"cannot decode image ({e})", field) from None
+    return image
+
+
+# -- names resolved inside their folders -------------------------------------------------------
+
+KINDS = ("checkpoint", "vae", "lora", "embedding")
+SUBFOLDERS = {"vae": "VAE", "lora": "Lora", "embedding": "embeddings"}
+SUFFIXES = {
+    "checkpoint": (".safetensors", ".ckpt"),
+    "vae": (".safetensors", ".ckpt", ".pt"),
+    "lora": (".safetensors", ".pt", ".ckpt"),
+    "embedding": (".safetensors", ".pt", ".bin"),
+}
+
+
+def check_name(name: object, field: str) -> str:
+    """A name as clients send it: relative, ``/``-separated, no ``..``, no NUL, no drive."""
+    if not isinstance(name, str) or not name.strip():
+        raise ApiError(422, "expected a non-empty name", field)
+    if "\0" in name or "\\" in name or name.startswith("/") or re.match(r"^[A-Za-z]:", name):
+        raise ApiError(422, f"{name!r} is not a name inside the models folder", field)
+    if any(part in ("..", ".") for part in name.split("/")):
+        raise ApiError(422, f"{name!r} is not a name inside the models folder", field)
+    return name
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One file the server may load. ``name`` is relative to its folder (posix separators)."""
+
+    kind: str
+    name: str
+    path: Path
+
+    @property
+    def stem(self) -> str:
+        return self.name.rsplit("/", 1)[-1].rsplit(".", 1)[0] if not self.path.is_dir() else self.name
+
+    @property
+    def model_name(self) -> str:
+        """A1111's ``model_name``: the relative name, folders joined by ``_``, without extension."""
+        base = self.name.rsplit(".", 1)[0] if not self.path.is_dir() else self.name
+        return base.replace("/", "_")
+
+
+class Catalog:
+    """The models a server may load: its default model, and files inside ``models_dir``.
+
+    Checkpoints (files, and diffusers folders holding ``model_index.json``) live in the folder
+    itself; VAEs, LoRAs and embeddings in its ``VAE``, ``Lora`` and ``embeddings`` subfolders.
+    Symbolic links are followed only while they stay inside the folder.
+    """
+
+    def __init__(self, default: Path, models_dir: Path | None = None):
+        self.default = Entry("checkpoint", default.name, default.resolve())
+        self.models_dir = models_dir.resolve() if models_dir is not None else None
+        self._entries: dict[str, list[Entry]] = {}
+        self.refresh()
+        # the default model as listed: its entry in the models folder when it lies there
+        self.default = next(e for e in self._entries["checkpoint"] if e.path.resolve() == self.default.path)
+
+    def refresh(self) -> None:
+        found: dict[str, list[Entry]] = {kind: [] for kind in KINDS}
+        if self.models_dir is not None and self.models_dir.is_dir():
+            for kind in KINDS:
+                root = self.models_dir / SUBFOLDERS[kind] if kind in SUBFOLDERS else self.models_dir
+                skip = set(SUBFOLDERS.values()) if kind == "checkpoint" else set()
+                found[kind] = sorted(_scan(root, self.models_dir, SUFFIXES[kind], kind, skip), key=lambda e: e.name)
+        if not any(e.path.resolve() == self.default.path.resolve() for e in found["checkpoint"]):
+            found["checkpoint"].insert(0, self.default)
+        self._entries = found
+
+    def entries(self, kind: str) -> list[Entry]:
+        return list(self._entries[kind])
+
+    def find(self, kind: str, name: str, field: str) -> Entry:
+        """The entry called ``name`` (its relative name, with or without extension, A1111's
+        model name, or a title ``name [hash]``); 422 naming ``field`` if there is none."""
+        check_name(name, field)
+        key = re.sub(r"\s*\[[0-9a-fA-F]{8,64}\]$", "", name.strip())
+        for attempt in range(2):
+            for entry in self._entries[kind]:
+                if key in (entry.name, entry.stem, entry.model_name) or key == entry.name.rsplit(".", 1)[0]:
+                    return self._inside(entry, field)
+            if attempt == 0:
+                self.refresh()
+        valid = ", ".join(e.name for e in self._entries[kind]) or "none"
+        raise ApiError(422, f"unknown {kind} {name!r}; available: {valid}", field)
+
+    def _inside(self, entry: Entry, field: str) -> Entry:
+        """Re-check at use time that the file still resolves inside its folder."""
+        if entry == self.default:          # the operator's own choice may lie anywhere
+            return entry
+        resolved = entry.path.resolve()
+        if self.models_dir is None or not resolved.is_relative_to(self.models_dir) or not resolved.exists():
+            raise ApiError(422, f"{entry.name!r} no longer resolves inside the models folder", field)
+        return entry
+
+
+def _scan(root: Path, top: Path, suffixes: Iterable[str], kind: str, skip: set[str]) -> list[Entry]:
+    if not root.is_dir():
+        return []
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        here = Path(dirpath)
+        if here == root:
+            dirnames[:] = [d for d in dirnames if d not in skip]
+        if kind == "checkpoint" and "model_index.json" in filenames and here != root:
+            dirnames[:] = []
+            out.extend(_entry(kind, here, root, top))
+            continue
+        for filename in filenames:
+            if filename.lower().endswith(tuple(suffixes)) and not filename.startswith("."):
+                out.extend(_entry(kind, here / filename, root, top))
+    return out
+
+
+def _entry(kind: str, path: Path, root: Path, top: Path) -> list[Entry]:
+    resolved = path.resolve()
+    if not resolved.is_relative_to(top) or not resolved.exists():
+        return []                                   # a link leading out of the models folder
+    return [Entry(kind, path.relative_to(root).as_posix(), path)]
