@@ -49,17 +49,7 @@ def _run_cli(path, out, sampler="euler", scheduler="normal", **kw):
     return torch.from_numpy(np.asarray(Image.open(out).convert("RGB")))
 
 
-def test_txt2img_equals_reference_chain(sd1_checkpoint, tmp_path):
-    path, (unet, vae, text) = sd1_checkpoint
-    ours = _run_cli(path, tmp_path / "ours.png")
-    ref = reference_txt2img(unet, vae, text, "a red circle on a blue background", "blurry",
-                            seed=1234, steps=6, cfg=7.0, width=64, height=64)[0]
-    assert ours.shape == ref.shape == (64, 64, 3)
-    assert ref.float().std() > 5, "reference image is flat: the comparison would be meaningless"
-    assert pixels_close(ours, ref, 2) >= 0.99
-
-
-@pytest.mark.parametrize("sampler", ["heun", "lms", "dpm2", "dpmpp_2m"])
+@pytest.mark.parametrize("sampler", ["euler", "heun", "lms", "dpm2", "dpmpp_2m"])
 @pytest.mark.parametrize("scheduler", ["normal", "karras"])
 def test_samplers_equal_reference_chain(sd1_checkpoint, tmp_path, sampler, scheduler):
     path, (unet, vae, text) = sd1_checkpoint
@@ -67,7 +57,8 @@ def test_samplers_equal_reference_chain(sd1_checkpoint, tmp_path, sampler, sched
     ref = reference_txt2img(unet, vae, text, "a red circle on a blue background", "blurry", seed=1234, steps=4,
                             cfg=7.0, width=64, height=64, sampler=sampler, scheduler=scheduler,
                             discard_penultimate=(sampler == "dpm2"))[0]
-    assert ref.float().std() > 5
+    assert ours.shape == ref.shape == (64, 64, 3)
+    assert ref.float().std() > 5, "reference image is flat: the comparison would be meaningless"
     assert pixels_close(ours, ref, 2) >= 0.99
 
 
