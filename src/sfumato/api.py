@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from .checkpoint.io import sha256_file
+from .adapters.lora import apply_loras, find_lora, parse_lora_prompt, remove_loras
 from .checkpoint.load import LoadedModel, load_model
 from .errors import SfumatoError
 from .pipeline.generate import Generator, ProgressCallback
@@ -55,9 +56,13 @@ class GenerationResult:
 
 
 class Pipeline:
-    def __init__(self, model: LoadedModel, refiner: LoadedModel | None = None):
+    """A loaded model (and optional refiner). ``lora_dir`` is where ``<lora:name:w>`` prompt tags
+    are looked up; each run applies the prompt's LoRAs and removes them afterwards."""
+
+    def __init__(self, model: LoadedModel, refiner: LoadedModel | None = None, lora_dir: str | Path | None = None):
         self.model = model
         self.refiner = refiner
+        self.lora_dir = Path(lora_dir) if lora_dir is not None else None
         self.generator = Generator(model, refiner)
 
     @property
@@ -123,14 +128,33 @@ class Pipeline:
         p.validated()
         if p.refiner is not None and self.refiner is None:
             raise ParamError("refiner", "a refiner was named but none is loaded")
-        out = self.generator.run(p, callback)
+        prompt, tags = parse_lora_prompt(p.prompt)
+        lora_hashes = None
+        if tags:
+            if self.lora_dir is None:
+                raise ParamError("prompt", "it names LoRAs but no LoRA folder is set (--lora-dir)")
+            try:
+                files = [(find_lora(name, self.lora_dir), weight) for name, weight in tags]
+                apply_loras(self.model, files)
+            except ParamError:
+                raise
+            except SfumatoError as e:   # a missing or unusable file named in the prompt
+                raise ParamError("prompt", str(e)) from None
+            lora_hashes = ", ".join(f"{name}: {sha256_file(path)[:12]}" for (name, _), (path, _) in zip(tags, files))
+            try:
+                out = self.generator.run(replace(p, prompt=prompt), callback)
+            finally:
+                remove_loras(self.model)
+        else:
+            out = self.generator.run(p, callback)
         items = []
         for i, (image, seed) in enumerate(zip(out.images, out.seeds)):
             if watermark:
                 image = add_watermark(image)
             subseed = out.subseeds[i] if out.subseeds else None
             text = generation_infotext(replace(p, seed=seed), seed=seed, subseed=subseed,
-                                       model_name=self.model_name, model_hash=self.model_hash)
+                                       model_name=self.model_name, model_hash=self.model_hash,
+                                       extra={"Lora hashes": lora_hashes} if lora_hashes else None)
             items.append(ImageResult(image, seed, text))
         return GenerationResult([item.image for item in items], p, items)
 
@@ -147,7 +171,11 @@ def load(
     dtype: str | torch.dtype | None = None,
     device: str = "cpu",
     refiner: str | Path | None = None,
+    loras: list[tuple[str | Path, float]] | None = None,
+    lora_dir: str | Path | None = None,
 ) -> Pipeline:
+    """Load a checkpoint (None: the bundled model). ``loras`` are merged into the weights for good
+    (``(path, weight)`` pairs); ``lora_dir`` serves ``<lora:name:w>`` tags in prompts."""
     if path is None:  # the bundled shapes-world model that ships with the package
         from .train.bundled import BUNDLED_PATH
 
@@ -157,4 +185,6 @@ def load(
     refiner_model = None
     if refiner is not None:
         refiner_model = load_model(refiner, dtype=torch_dtype, device=device)
-    return Pipeline(model, refiner_model)
+    if loras:
+        apply_loras(model, loras)
+    return Pipeline(model, refiner_model, lora_dir)

@@ -30,6 +30,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vae", help="a VAE file to use instead of the checkpoint's")
     p.add_argument("--prediction", choices=("eps", "v"), help="override the prediction type (SD 2.x)")
     p.add_argument("--refiner", help="an SDXL refiner checkpoint to hand the last steps to")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]",
+                   help="merge a LoRA file into the model (repeatable; weight default 1.0)")
+    p.add_argument("--lora-dir", help="folder searched for <lora:name:weight> tags in the prompt")
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"))
     p.add_argument("--from-png", metavar="FILE", help="take the settings from an image's infotext")
     p.add_argument("--no-watermark", action="store_true", help="do not add the invisible watermark")
@@ -96,6 +99,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _lora_arg(text: str) -> tuple[str, float]:
+    """``PATH[:WEIGHT]`` → (path, weight); the file must exist."""
+    path, weight = text, 1.0
+    head, sep, tail = text.rpartition(":")
+    if sep and head:
+        try:
+            path, weight = head, float(tail)
+        except ValueError:
+            pass   # a colon inside the path (e.g. a Windows drive)
+    if not Path(path).is_file():
+        raise SfumatoError(f"--lora: file not found: {path}")
+    return path, weight
+
+
 def _open_image(path: str, field: str):
     from PIL import Image, UnidentifiedImageError
 
@@ -146,7 +163,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     # validate the request before loading any model: a throwaway copy with placeholder sizes
     _dry_validate(args.command, settings, extra)
-    pipe = load(model, vae=args.vae, prediction=args.prediction, dtype=args.dtype, refiner=args.refiner)
+    loras = [_lora_arg(text) for text in args.lora]
+    pipe = load(model, vae=args.vae, prediction=args.prediction, dtype=args.dtype, refiner=args.refiner,
+                loras=loras, lora_dir=args.lora_dir)
     bar = tqdm(desc=args.command, unit="step", file=sys.stderr, leave=False)
 
     def progress(rec) -> None:

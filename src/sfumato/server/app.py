@@ -32,7 +32,7 @@ from ..checkpoint.io import sha256_file
 from . import a1111
 from .a1111 import Defaults, Img2ImgJob, Img2ImgRequest, PngInfoRequest, Txt2ImgJob, Txt2ImgRequest, Work
 from .jobs import Job, JobQueue, QueueFull, wait
-from .security import ApiError, Catalog, Entry, Guard, Limits, decode_image
+from .security import SUBFOLDERS, ApiError, Catalog, Entry, Guard, Limits, decode_image
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -68,6 +68,8 @@ class ModelHost:
             self.pipe = load(checkpoint.path, vae=vae.path if vae else None, dtype=self.config.dtype,
                              device=self.config.device)
             self.key = (checkpoint, vae)
+        if self.config.models_dir:   # <lora:name:w> tags (already resolved by the catalog) load from here
+            self.pipe.lora_dir = Path(self.config.models_dir) / SUBFOLDERS["lora"]
         if checkpoint.path.is_file() and checkpoint.path not in self.sha256:
             self.sha256[checkpoint.path] = sha256_file(checkpoint.path)
             self.pipe.__dict__.setdefault("model_hash", self.sha256[checkpoint.path][:10])   # its cached_property

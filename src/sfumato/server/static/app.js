@@ -171,10 +171,18 @@ async function readParameters(dataUrl) {
     const info = await api("POST", "sdapi/v1/png-info", { image: dataUrl });
     if (!info.info) return setStatus("this image carries no generation parameters", true);
     const p = info.parameters;
+    const samplers = [...$("sampler_name").options], schedules = [...$("scheduler").options];
+    let name = p.Sampler, type = p["Schedule type"] || "Automatic";
+    // before A1111 1.9 the schedule rode in the sampler's name: "DPM++ 2M Karras"
+    const legacy = schedules.find((o) => name && !p["Schedule type"] && name.endsWith(` ${o.text}`));
+    if (legacy && !samplers.some((o) => o.value === name)) [name, type] = [name.slice(0, -legacy.text.length - 1), legacy.text];
+    const sampler = samplers.find((o) => o.value === name);
+    const schedule = schedules.find((o) => o.text === type);
+    if (name && !sampler) return setStatus(`unknown sampler in the image: ${name}`, true);
+    if (!schedule) return setStatus(`unknown schedule type in the image: ${type}`, true);
     for (const [key, id] of Object.entries(FROM_INFOTEXT)) if (key in p) $(id).value = p[key];
-    if (p.Sampler) $("sampler_name").value = p.Sampler;
-    const schedule = [...$("scheduler").options].find((o) => o.text === (p["Schedule type"] || "Automatic"));
-    if (schedule) $("scheduler").value = schedule.value;
+    if (sampler) $("sampler_name").value = sampler.value;
+    $("scheduler").value = schedule.value;
     setStatus("parameters read from the image");
   } catch (e) {
     setStatus(e.message, true);
