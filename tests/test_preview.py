@@ -47,3 +47,21 @@ def test_rejects_unknown_kinds_and_shapes():
         latent_to_rgb(torch.zeros(1, 4, 2, 2), "flux")
     with pytest.raises(ValueError, match="latents"):
         latent_to_rgb(torch.zeros(1, 16, 2, 2))
+
+
+def test_bundled_model_previews_resemble_its_decoded_images():
+    """Models outside SD/SDXL get factors fitted to their own decoder: the preview of the final x̂0
+    is close to the decoded image (block means), far closer than SD's table would be."""
+    import numpy as np
+
+    import sfumato
+
+    pipe = sfumato.load()
+    seen = []
+    result = pipe.txt2img("a yellow square on a blue background", seed=1, watermark=False, callback=seen.append)
+    last = seen[-1]
+    preview = last.preview()[0].astype(float)                                   # [16, 16, 3]
+    decoded = np.asarray(result.images[0]).astype(float).reshape(16, 4, 16, 4, 3).mean(axis=(1, 3))
+    sd_table = latent_to_rgb(last.denoised, "sd")[0].numpy().astype(float)
+    assert np.abs(preview - decoded).mean() < 35          # a linear map: colours right, edges soft
+    assert np.abs(sd_table - decoded).mean() > 2 * np.abs(preview - decoded).mean()

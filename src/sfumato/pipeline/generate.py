@@ -7,6 +7,7 @@ tail of the schedule."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import cached_property
 from typing import Callable
 
 import numpy as np
@@ -16,6 +17,7 @@ from PIL import Image
 from torch import Tensor
 
 from ..checkpoint.load import LoadedModel
+from ..checkpoint.specs import PRESETS
 from ..diffusion.denoiser import Denoiser
 from ..diffusion.noise import ImageNoise
 from ..diffusion.samplers import StepRecord, get_sampler, sampler_sigmas
@@ -36,12 +38,14 @@ class Progress:
     latents: Tensor       # current x (scaled latents, fp32)
     denoised: Tensor      # current x̂0 estimate
     family_kind: str = "sd"   # "sdxl" selects the SDXL preview factors
+    preview_factors: tuple[Tensor, Tensor] | None = None   # fitted (factors, bias) for other models
 
     def preview(self) -> np.ndarray:
         """A cheap RGB preview of x̂0 (no VAE): uint8 [B, h, w, 3] at latent resolution."""
         from .preview import latent_to_rgb
 
-        return latent_to_rgb(self.denoised, self.family_kind).numpy()
+        factors, bias = self.preview_factors or (None, None)
+        return latent_to_rgb(self.denoised, self.family_kind, factors, bias).numpy()
 
 
 ProgressCallback = Callable[[Progress], None]
@@ -70,6 +74,15 @@ class _ModelRunner:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.unet.parameters()).dtype
+
+    @cached_property
+    def preview_factors(self) -> tuple[Tensor, Tensor] | None:
+        """None for the SD / SDXL latent spaces (published factors); fitted to the VAE otherwise."""
+        if self.spec.family in PRESETS:
+            return None
+        from .preview import fit_factors
+
+        return fit_factors(self.encode, self.factor)
 
     @property
     def device(self) -> torch.device:
@@ -216,7 +229,7 @@ class Generator:
         def on_step(rec: StepRecord) -> None:
             if callback is not None:
                 callback(Progress(stage, rec.index, rec.total, rec.sigma, rec.x, rec.denoised,
-                                  "sdxl" if r.spec.is_sdxl else "sd"))
+                                  "sdxl" if r.spec.is_sdxl else "sd", r.preview_factors))
 
         x = get_sampler(p.sampler)(guided, x, sigmas, callback=on_step, noise_sampler=noise.noise_sampler())
         if latent_mask is not None and image_cond is None:
