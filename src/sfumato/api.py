@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from .checkpoint.io import sha256_file
+from .adapters.embeddings import EmbeddingSet, load_embeddings
 from .adapters.lora import apply_loras, find_lora, parse_lora_prompt, remove_loras
 from .checkpoint.load import LoadedModel, load_model
 from .errors import SfumatoError
@@ -59,11 +60,17 @@ class Pipeline:
     """A loaded model (and optional refiner). ``lora_dir`` is where ``<lora:name:w>`` prompt tags
     are looked up; each run applies the prompt's LoRAs and removes them afterwards."""
 
-    def __init__(self, model: LoadedModel, refiner: LoadedModel | None = None, lora_dir: str | Path | None = None):
+    def __init__(self, model: LoadedModel, refiner: LoadedModel | None = None, lora_dir: str | Path | None = None,
+                 embeddings: EmbeddingSet | None = None):
         self.model = model
         self.refiner = refiner
         self.lora_dir = Path(lora_dir) if lora_dir is not None else None
-        self.generator = Generator(model, refiner)
+        self.generator = Generator(model, refiner, embeddings)
+
+    @property
+    def embeddings(self) -> EmbeddingSet | None:
+        """The textual inversion embeddings usable with this model (misfits in ``.skipped``)."""
+        return self.generator.base.conditioner.embeddings
 
     @property
     def family(self) -> str:
@@ -147,6 +154,7 @@ class Pipeline:
                 remove_loras(self.model)
         else:
             out = self.generator.run(p, callback)
+        extra = {"Lora hashes": lora_hashes, "TI hashes": self._ti_hashes(p)}
         items = []
         for i, (image, seed) in enumerate(zip(out.images, out.seeds)):
             if watermark:
@@ -154,9 +162,18 @@ class Pipeline:
             subseed = out.subseeds[i] if out.subseeds else None
             text = generation_infotext(replace(p, seed=seed), seed=seed, subseed=subseed,
                                        model_name=self.model_name, model_hash=self.model_hash,
-                                       extra={"Lora hashes": lora_hashes} if lora_hashes else None)
+                                       extra=extra)
             items.append(ImageResult(image, seed, text))
         return GenerationResult([item.image for item in items], p, items)
+
+
+    def _ti_hashes(self, p: GenerationParams) -> str | None:
+        """A1111's ``TI hashes``: the embeddings the prompts use, with 12 hex digits of their file's SHA-256."""
+        if self.embeddings is None:
+            return None
+        names = dict.fromkeys(self.embeddings.names_in(p.prompt) + self.embeddings.names_in(p.negative_prompt))
+        paths = {name: self.embeddings.embeddings[name].path for name in names}
+        return ", ".join(f"{n}: {sha256_file(path)[:12]}" for n, path in paths.items() if path is not None) or None
 
 
 def _name(path: Path) -> str:
@@ -173,9 +190,11 @@ def load(
     refiner: str | Path | None = None,
     loras: list[tuple[str | Path, float]] | None = None,
     lora_dir: str | Path | None = None,
+    embeddings_dir: str | Path | None = None,
 ) -> Pipeline:
     """Load a checkpoint (None: the bundled model). ``loras`` are merged into the weights for good
-    (``(path, weight)`` pairs); ``lora_dir`` serves ``<lora:name:w>`` tags in prompts."""
+    (``(path, weight)`` pairs); ``lora_dir`` serves ``<lora:name:w>`` tags in prompts; the textual
+    inversion embeddings in ``embeddings_dir`` are used by name in prompts and negative prompts."""
     if path is None:  # the bundled shapes-world model that ships with the package
         from .train.bundled import BUNDLED_PATH
 
@@ -187,4 +206,5 @@ def load(
         refiner_model = load_model(refiner, dtype=torch_dtype, device=device)
     if loras:
         apply_loras(model, loras)
-    return Pipeline(model, refiner_model, lora_dir)
+    embeddings = load_embeddings(embeddings_dir, model.spec) if embeddings_dir is not None else None
+    return Pipeline(model, refiner_model, lora_dir, embeddings)

@@ -33,6 +33,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]",
                    help="merge a LoRA file into the model (repeatable; weight default 1.0)")
     p.add_argument("--lora-dir", help="folder searched for <lora:name:weight> tags in the prompt")
+    p.add_argument("--embeddings", metavar="DIR", help="textual inversion embeddings, used by file name in prompts")
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"))
     p.add_argument("--from-png", metavar="FILE", help="take the settings from an image's infotext")
     p.add_argument("--no-watermark", action="store_true", help="do not add the invisible watermark")
@@ -90,12 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prediction", choices=("eps", "v"))
     p.add_argument("--json", action="store_true", help="print JSON")
     from .batch_cli import add_commands as add_batch_commands
+    from .merge_cli import add_commands as add_merge_commands
     from .server.cli import add_commands as add_server_commands
     from .train.cli import add_commands
 
     add_commands(sub)
     add_batch_commands(sub)
     add_server_commands(sub)
+    add_merge_commands(sub)
     return parser
 
 
@@ -165,7 +168,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     _dry_validate(args.command, settings, extra)
     loras = [_lora_arg(text) for text in args.lora]
     pipe = load(model, vae=args.vae, prediction=args.prediction, dtype=args.dtype, refiner=args.refiner,
-                loras=loras, lora_dir=args.lora_dir)
+                loras=loras, lora_dir=args.lora_dir, embeddings_dir=args.embeddings)
     bar = tqdm(desc=args.command, unit="step", file=sys.stderr, leave=False)
 
     def progress(rec) -> None:

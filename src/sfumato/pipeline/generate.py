@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from ..adapters.embeddings import EmbeddingSet
 from ..checkpoint.load import LoadedModel
 from ..checkpoint.specs import PRESETS
 from ..diffusion.denoiser import Denoiser
@@ -62,10 +63,10 @@ class Generated:
 class _ModelRunner:
     """One loaded model: its conditioner, schedule and denoiser, and VAE encode/decode."""
 
-    def __init__(self, model: LoadedModel):
+    def __init__(self, model: LoadedModel, embeddings: EmbeddingSet | None = None):
         self.model = model
         self.spec = model.spec
-        self.conditioner = Conditioner(model.spec, model.text_encoders)
+        self.conditioner = Conditioner(model.spec, model.text_encoders, embeddings)
         self.schedule = DiscreteSchedule(model.alphas_cumprod)
         self.denoiser = Denoiser(self._unet_fn, self.schedule, model.spec.prediction)
         self.latent_channels = model.spec.unet.out_channels
@@ -183,9 +184,9 @@ def img2img_sigmas(sigmas: Tensor, steps: int, strength: float) -> Tensor:
 class Generator:
     """Runs requests against a loaded model (and optionally an SDXL refiner)."""
 
-    def __init__(self, model: LoadedModel, refiner: LoadedModel | None = None):
-        self.base = _ModelRunner(model)
-        self.refiner = _ModelRunner(refiner) if refiner is not None else None
+    def __init__(self, model: LoadedModel, refiner: LoadedModel | None = None, embeddings: EmbeddingSet | None = None):
+        self.base = _ModelRunner(model, embeddings)
+        self.refiner = _ModelRunner(refiner, embeddings) if refiner is not None else None
 
     @torch.no_grad()
     def run(self, p: GenerationParams, callback: ProgressCallback | None = None) -> Generated:

@@ -14,8 +14,10 @@ adds prompt editing, alternation and ``AND`` for the sampling loop.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from itertools import accumulate
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +26,9 @@ from ..checkpoint.specs import ModelSpec, TextSlot
 from ..models.unet import timestep_embedding
 from .prompt import Chunk, chunk_prompt, prompt_schedule, split_and
 from .tokenizer import BOS_ID, EOS_ID, CLIPTokenizer, get_tokenizer
+
+if TYPE_CHECKING:
+    from ..adapters.embeddings import EmbeddingSet
 
 SIZE_EMBED_DIM = 256  # each SDXL size/crop/score scalar gets a 256-d Fourier embedding
 
@@ -70,13 +75,17 @@ class SizeConditioning:
 
 
 class Conditioner:
-    def __init__(self, spec: ModelSpec, encoders: list[nn.Module]):
+    """``embeddings``: textual inversion embeddings whose names in prompts stand for their vectors
+    (bound to ``spec`` here; those that do not fit its text encoders end up in ``.skipped``)."""
+
+    def __init__(self, spec: ModelSpec, encoders: list[nn.Module], embeddings: EmbeddingSet | None = None):
         if len(encoders) != len(spec.text):
             raise ValueError(f"{spec.family} needs {len(spec.text)} text encoders, got {len(encoders)}")
         self.spec = spec
         self.encoders = encoders
         self.tokenizers = [get_tokenizer(slot.config.pad_id) for slot in spec.text]
         self.comma_id = self.tokenizers[0].token_id(",</w>")
+        self.embeddings = embeddings.for_spec(spec) if embeddings is not None else None
 
     @torch.no_grad()
     def __call__(
@@ -114,12 +123,14 @@ class Conditioner:
         if self.spec.is_sdxl and size is None:
             raise ValueError("SDXL conditioning needs the image size (SizeConditioning)")
         encode_ids = self.tokenizers[0].encode
-        per_text = [chunk_prompt(t, encode_ids, self.comma_id) for t in texts]
+        chunker = self.embeddings.chunk if self.embeddings is not None else chunk_prompt
+        per_text = [chunker(t, encode_ids, self.comma_id) for t in texts]
         chunks = [c for cs in per_text for c in cs]
         starts = list(accumulate((len(cs) for cs in per_text), initial=0))
         contexts, pooled = [], None
-        for slot, encoder, tokenizer in zip(self.spec.text, self.encoders, self.tokenizers):
-            hidden, slot_pooled = _encode_chunks(slot, encoder, tokenizer, chunks, clip_skip)
+        for i, (slot, encoder, tokenizer) in enumerate(zip(self.spec.text, self.encoders, self.tokenizers)):
+            with self.embeddings.substitute(encoder, chunks, i) if self.embeddings is not None else nullcontext():
+                hidden, slot_pooled = _encode_chunks(slot, encoder, tokenizer, chunks, clip_skip)
             contexts.append(hidden)
             if slot.pooled:
                 pooled = slot_pooled[starts[:-1]]  # emphasis never touches the pooled output

@@ -1,5 +1,6 @@
-"""LoRAs in generation: ``<lora:name:w>`` prompt tags (looked up in the LoRA folder, applied for one
-run, then removed) equal a LoRA merged at load time, and are recorded as A1111's ``Lora hashes``."""
+"""Adapters in generation. LoRAs: ``<lora:name:w>`` prompt tags (looked up in the LoRA folder,
+applied for one run, then removed) equal a LoRA merged at load time, and are recorded as A1111's
+``Lora hashes``. Textual inversion: embeddings are used by name and recorded as ``TI hashes``."""
 
 from __future__ import annotations
 
@@ -75,3 +76,22 @@ def test_cli_lora_flag_and_tag(tiny_model, lora_dir, tmp_path, capsys):
                  *common]) == 2
     assert "--lora" in capsys.readouterr().err
     assert not (tmp_path / "c.png").exists()
+
+
+def test_embeddings_by_name_in_prompts_and_ti_hashes(tiny_model, tmp_path):
+    from sfumato.adapters.embeddings import save_embedding
+
+    folder = tmp_path / "embeddings"
+    folder.mkdir()
+    path = save_embedding(folder / "glowy.safetensors", "glowy", {"*": torch.randn(2, 32, generator=torch.Generator().manual_seed(1))})
+    kw = dict(steps=2, seed=4, width=64, height=64, watermark=False)
+    with_ti = sfumato.load(tiny_model, embeddings_dir=folder)
+    assert set(with_ti.embeddings.embeddings) == {"glowy"}
+    used = with_ti.txt2img("a glowy circle", "", **kw)
+    plain = sfumato.load(tiny_model).txt2img("a glowy circle", "", **kw)   # "glowy" as ordinary words
+    assert not np.array_equal(_pixels(used), _pixels(plain))
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    assert parse_infotext(used.items[0].infotext)["TI hashes"] == f"glowy: {digest}"
+    negative = with_ti.txt2img("a circle", "glowy", **kw)
+    assert parse_infotext(negative.items[0].infotext)["TI hashes"] == f"glowy: {digest}"
+    assert "TI hashes" not in parse_infotext(with_ti.txt2img("a circle", **kw).items[0].infotext)
