@@ -176,6 +176,9 @@ def test_listings_skip_links_that_leave_the_folder(client):
     assert models == ["bundled.safetensors", "other.safetensors"]
     assert [v["filename"] for v in client.get("/sdapi/v1/sd-vae").json()] == ["v.safetensors"]
     assert [lora["name"] for lora in client.get("/sdapi/v1/loras").json()] == ["style"]
+    assert client.get("/sdapi/v1/embeddings").json() == {
+        "loaded": {}, "skipped": {"emb": {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
+                                          "shape": None, "vectors": None}}}   # a dummy file; the outward link unseen
 
 
 def test_names_inside_the_folders_resolve(app, client):

@@ -70,7 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sfumato", description="Stable Diffusion in PyTorch.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    _add_common(sub.add_parser("txt2img", help="generate images from a prompt"))
+    p = sub.add_parser("txt2img", help="generate images from a prompt")
+    _add_common(p)
+    p.add_argument("--attention-maps", metavar="DIR",
+                   help="also write a heat map per prompt word (cross-attention, DAAM) as overlays into DIR")
     p = sub.add_parser("img2img", help="transform an image under a prompt")
     _add_common(p)
     p.add_argument("--init-image", required=True)
@@ -182,7 +185,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     negative = settings.pop("negative_prompt", "")
     kwargs = {**settings, **extra}
     init = kwargs.pop("init_image", None)
-    if init is None:
+    maps_dir = getattr(args, "attention_maps", None)
+    if maps_dir is not None:
+        from .pipeline.attention_maps import generate_with_maps, save_overlays
+
+        result, maps = generate_with_maps(pipe, prompt, negative_prompt=negative, watermark=not args.no_watermark,
+                                          callback=progress, **kwargs)
+        for i, (image, words) in enumerate(zip(result.images, maps)):
+            save_overlays(image, words, Path(maps_dir) / f"{i:02d}" if len(maps) > 1 else Path(maps_dir))
+    elif init is None:
         result = pipe.txt2img(prompt, negative, watermark=not args.no_watermark, callback=progress, **kwargs)
     else:
         result = method[args.command](prompt, init, negative, watermark=not args.no_watermark, callback=progress, **kwargs)

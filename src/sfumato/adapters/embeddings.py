@@ -260,13 +260,17 @@ def _token_vectors(embedding: nn.Module, subs: list[tuple[int, int, Tensor]]) ->
 def load_embeddings(directory: str | Path, spec: ModelSpec | None = None) -> EmbeddingSet:
     """Every embedding under ``directory`` (recursively). Files that cannot be read are ``skipped``
     with the reason, as are names seen twice; with ``spec``, the set is bound to that model
-    (``EmbeddingSet.for_spec``). Other files, empty files and ``*.preview.png`` are ignored."""
+    (``EmbeddingSet.for_spec``). Other files, empty files, ``*.preview.png`` and links leading out of
+    the folder are ignored."""
     directory = Path(directory)
     if not directory.is_dir():
         raise EmbeddingError(f"embeddings directory not found: {directory}")
     found: dict[str, Embedding] = {}
     skipped: dict[str, str] = {}
+    root = directory.resolve()
     for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        if not path.resolve().is_relative_to(root):   # a link leading out of the folder
+            continue
         suffix = path.suffix.lower()
         if suffix not in FILE_SUFFIXES + IMAGE_SUFFIXES or path.stat().st_size == 0:
             continue

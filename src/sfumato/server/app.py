@@ -66,7 +66,7 @@ class ModelHost:
             self.pipe = self.key = None
             gc.collect()
             self.pipe = load(checkpoint.path, vae=vae.path if vae else None, dtype=self.config.dtype,
-                             device=self.config.device)
+                             device=self.config.device, embeddings_dir=_embeddings_dir(self.config))
             self.key = (checkpoint, vae)
         if self.config.models_dir:   # <lora:name:w> tags (already resolved by the catalog) load from here
             self.pipe.lora_dir = Path(self.config.models_dir) / SUBFOLDERS["lora"]
@@ -111,6 +111,11 @@ class State:
         }
 
 
+def _embeddings_dir(config: ServerConfig) -> Path | None:
+    folder = Path(config.models_dir) / SUBFOLDERS["embedding"] if config.models_dir else None
+    return folder if folder is not None and folder.is_dir() else None
+
+
 def create_app(config: ServerConfig, pipeline: Pipeline | None = None) -> FastAPI:
     """The server for ``config``. ``pipeline``: the default model already loaded (else loaded here)."""
     from ..train.bundled import BUNDLED_PATH
@@ -118,7 +123,7 @@ def create_app(config: ServerConfig, pipeline: Pipeline | None = None) -> FastAP
     catalog = Catalog(Path(config.model) if config.model else BUNDLED_PATH, config.models_dir)
     default = catalog.default
     if pipeline is None:
-        pipeline = load(default.path, dtype=config.dtype, device=config.device)
+        pipeline = load(default.path, dtype=config.dtype, device=config.device, embeddings_dir=_embeddings_dir(config))
     host = ModelHost(config, pipeline, default)
     host.get(default, None)
     state = State(config, catalog, host, JobQueue(config.max_queue), Defaults(default))
@@ -301,7 +306,13 @@ def _add_a1111_routes(app: FastAPI, state: State) -> None:
 
     @app.get(f"{v1}/embeddings", tags=["A1111"])
     def embeddings() -> dict[str, Any]:
-        return {"loaded": {}, "skipped": {}}
+        found = host.pipe.embeddings if host.pipe is not None else None
+        if found is None:
+            return {"loaded": {}, "skipped": {}}
+        none = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None}
+        loaded = {name: {**none, "shape": int(next(iter(e.vectors.values())).shape[-1]), "vectors": e.num_vectors}
+                  for name, e in found.embeddings.items()}
+        return {"loaded": loaded, "skipped": {name: {**none, "shape": None, "vectors": None} for name in found.skipped}}
 
     @app.post(f"{v1}/refresh-checkpoints", tags=["A1111"])
     def refresh_checkpoints() -> None:

@@ -1,0 +1,213 @@
+"""Attention maps (DAAM, Tang et al. 2022): where in the image each prompt word was looked at.
+
+Forward hooks on the UNet's cross-attention modules (``attn2`` of every transformer block)
+recompute softmax(q·kᵀ/√d) from the module's own ``to_q`` / ``to_k`` weights for the conditional
+rows of each UNet call (under CFG a call holds one image's uncond row first, then its cond rows,
+one per ``AND`` part). The probabilities are averaged over heads and over layers (each upsampled
+bilinearly to the latent size) and over the UNet calls of a run, giving per context position a
+heat map that sums to 1 over positions at every pixel. Words map to their token positions (BOS,
+EOS, padding and punctuation ignored; a word of several BPE tokens sums them); each word's map is
+upsampled to the image and scaled to [0, 1] by its maximum.
+
+Not covered: prompt editing / alternation (a position's word changes over the steps), textual
+inversion embeddings named in the prompt, and the SDXL refiner's steps (its UNet is not hooked).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
+
+from ..adapters.lora import parse_lora_prompt
+from ..models.unet import BasicTransformerBlock
+from ..text.prompt import chunk_prompt, prompt_schedule, split_and
+from ..text.tokenizer import MAX_LENGTH, clean, get_tokenizer
+from .images import save_png
+
+if TYPE_CHECKING:
+    from ..adapters.embeddings import EmbeddingSet
+    from ..api import GenerationResult, Pipeline
+
+_NOT_WORD = re.compile(r"[^\w]+")
+
+
+def attention_probs(attn: nn.Module, x: Tensor, context: Tensor) -> Tensor:
+    """softmax(q·kᵀ/√d) of an ``Attention`` module for inputs ``x [B, N, C]``, ``context [B, L, D]``:
+    ``[B, heads, N, L]`` in fp32."""
+    b, heads = x.shape[0], attn.heads
+    q = attn.to_q(x).float().view(b, x.shape[1], heads, -1).transpose(1, 2)
+    k = attn.to_k(context).float().view(b, context.shape[1], heads, -1).transpose(1, 2)
+    return torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)
+
+
+def _grid(tokens: int, height: int, width: int) -> tuple[int, int]:
+    """The feature-map size with ``tokens`` pixels reached from a ``height × width`` latent by
+    stride-2 downsamplings (each rounds up)."""
+    h, w = height, width
+    while h * w > tokens:
+        h, w = -(-h // 2), -(-w // 2)
+    if h * w != tokens:
+        raise RuntimeError(f"attention maps: {tokens} tokens do not match a {height}x{width} latent")
+    return h, w
+
+
+class AttentionMaps:
+    """Cross-attention heat collected by ``collect_attention``: per image of the batch and per latent
+    size, the summed ``[rows, L, H, W]`` maps (rows = the image's cond rows, L = context positions)."""
+
+    def __init__(self, batch_size: int, embeddings: EmbeddingSet | None = None) -> None:
+        self.batch_size = batch_size
+        self.embeddings = embeddings
+        self._sums: dict[tuple[int, int, int], Tensor] = {}   # (image, H, W) → sum over calls
+        self._counts: dict[tuple[int, int, int], int] = {}
+        self._calls = 0
+        self._latent: tuple[int, int] | None = None
+        self._layers: list[Tensor] = []
+
+    # -- hooks -------------------------------------------------------------------------------------
+
+    def _unet_start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        x = args[0] if args else kwargs["x"]
+        self._latent = (x.shape[-2], x.shape[-1])
+        self._layers = []
+
+    def _cross_attention(self, module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> None:
+        x = args[0] if args else kwargs["x"]
+        context = args[1] if len(args) > 1 else kwargs["context"]
+        if x.shape[0] < 2:
+            raise RuntimeError("attention maps: a UNet call without conditional rows (expected uncond + cond)")
+        with torch.no_grad():
+            probs = attention_probs(module, x[1:], context[1:]).mean(dim=1)       # [rows, N, L]
+            h, w = _grid(probs.shape[1], *self._latent)
+            maps = probs.transpose(1, 2).reshape(probs.shape[0], probs.shape[2], h, w)
+            self._layers.append(F.interpolate(maps, size=self._latent, mode="bilinear", align_corners=False))
+
+    def _unet_end(self, module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> None:
+        if not self._layers:
+            return
+        key = (self._calls % self.batch_size, *self._latent)
+        heat = torch.stack(self._layers).mean(dim=0).cpu()
+        self._sums[key] = self._sums[key] + heat if key in self._sums else heat
+        self._counts[key] = self._counts.get(key, 0) + 1
+        self._calls += 1
+        self._layers = []
+
+    # -- results -----------------------------------------------------------------------------------
+
+    def token_heat(self, size: tuple[int, int], image: int = 0) -> Tensor:
+        """``[rows, L, height, width]``: the mean attention probability of every context position
+        over all UNet calls of ``image`` (each latent size upsampled to ``size``, weighted by its calls)."""
+        keys = [k for k in self._sums if k[0] == image]
+        if not keys:
+            raise ValueError(f"attention maps: nothing was collected for image {image}")
+        total = sum(self._counts[k] for k in keys)
+        return sum(
+            F.interpolate(self._sums[k], size=size, mode="bilinear", align_corners=False) / total for k in keys
+        )
+
+    def word_maps(self, prompt: str, size: tuple[int, int], image: int = 0) -> dict[str, np.ndarray]:
+        """``{word: heat [height, width] float32 in [0, 1]}`` in prompt order for the prompt the maps
+        were collected with; ``size`` = (height, width) of the image."""
+        text, _ = parse_lora_prompt(prompt)
+        if self.embeddings is not None and self.embeddings.names_in(text):
+            raise ValueError("attention maps: prompts naming textual inversion embeddings are not supported")
+        heat = self.token_heat(size, image)
+        parts = [part for part, _ in split_and(text)]
+        if len(parts) != heat.shape[0]:
+            raise ValueError(f"attention maps: the prompt has {len(parts)} AND parts but {heat.shape[0]} "
+                             "conditional rows were collected")
+        words: dict[str, Tensor] = {}
+        for row, part in enumerate(parts):
+            if len(prompt_schedule(part, 1000)) > 1:
+                raise ValueError("attention maps: prompt editing and alternation are not supported")
+            for word, positions in word_positions(part).items():
+                positions = [p for p in positions if p < heat.shape[1]]
+                mass = heat[row, positions].sum(dim=0)
+                words[word] = words[word] + mass if word in words else mass
+        return {word: (m / m.max().clamp_min(1e-12)).numpy().astype(np.float32) for word, m in words.items()}
+
+
+def word_positions(text: str) -> dict[str, list[int]]:
+    """Context positions of each word of one prompt part (A1111 emphasis, BREAK and 75-token chunks
+    as the conditioner encodes them: chunk c, token t sits at ``c·77 + 1 + t``); punctuation is skipped."""
+    tokenizer = get_tokenizer()
+    labels: list[str | None] = []
+
+    def encode(run: str) -> list[int]:
+        ids = []
+        for piece in clean(run).split():
+            word = _NOT_WORD.sub("", piece)
+            for token in tokenizer.encode(piece):
+                ids.append(token)
+                labels.append(word if word and _NOT_WORD.sub("", tokenizer.decode([token])) else None)
+        return ids
+
+    chunks = chunk_prompt(text, encode, tokenizer.token_id(",</w>"))
+    positions: dict[str, list[int]] = {}
+    flat = 0
+    for c, chunk in enumerate(chunks):
+        for t in range(len(chunk.tokens)):
+            if labels[flat] is not None:
+                positions.setdefault(labels[flat], []).append(c * MAX_LENGTH + 1 + t)
+            flat += 1
+    return positions
+
+
+@contextmanager
+def collect_attention(pipe: Pipeline, batch_size: int = 1) -> Iterator[AttentionMaps]:
+    """Hook ``pipe``'s UNet for the duration of the block; runs inside it (with ``batch_size`` images
+    each) add to the returned maps. The hooks are removed on exit, also after an error."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    unet = pipe.model.unet
+    maps = AttentionMaps(batch_size, pipe.embeddings)
+    blocks = [m for m in unet.modules() if isinstance(m, BasicTransformerBlock)]
+    handles = [unet.register_forward_pre_hook(maps._unet_start, with_kwargs=True),
+               unet.register_forward_hook(maps._unet_end, with_kwargs=True)]
+    try:
+        handles += [b.attn2.register_forward_hook(maps._cross_attention, with_kwargs=True) for b in blocks]
+        yield maps
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def generate_with_maps(pipe: Pipeline, prompt: str, **settings) -> tuple[GenerationResult, list[dict[str, np.ndarray]]]:
+    """``pipe.txt2img(prompt, **settings)`` and, per image of the batch, its ``word_maps``."""
+    n = settings.get("batch_size", 1)
+    with collect_attention(pipe, n if isinstance(n, int) and n >= 1 else 1) as maps:  # bad n: txt2img's ParamError
+        result = pipe.txt2img(prompt, **settings)
+    size = (result.images[0].height, result.images[0].width)
+    return result, [maps.word_maps(prompt, size, i) for i in range(len(result.images))]
+
+
+def _jet(heat: np.ndarray) -> np.ndarray:
+    """A jet-like colour map: [H, W] in [0, 1] → uint8 [H, W, 3] (blue → cyan → yellow → red)."""
+    x = np.clip(heat, 0, 1)[..., None] * 4
+    rgb = np.clip(1.5 - np.abs(x - np.array([3.0, 2.0, 1.0])), 0, 1)
+    return (rgb * 255).round().astype(np.uint8)
+
+
+def overlay(image: Image.Image, heat: np.ndarray, alpha: float = 0.5) -> Image.Image:
+    """``heat`` ([H, W] in [0, 1], the image's size) coloured and blended over ``image``."""
+    if heat.shape != (image.height, image.width):
+        raise ValueError(f"heat: shape {heat.shape} does not match the image ({image.height}, {image.width})")
+    return Image.blend(image.convert("RGB"), Image.fromarray(_jet(heat)), alpha)
+
+
+def save_overlays(image: Image.Image, maps: dict[str, np.ndarray], directory: str | Path) -> list[Path]:
+    """Write ``directory/{index:02d}-{word}.png`` per word of ``maps`` (atomically); returns the paths."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    return [save_png(overlay(image, heat), directory / f"{i:02d}-{word}.png")
+            for i, (word, heat) in enumerate(maps.items())]
