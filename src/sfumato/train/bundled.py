@@ -54,21 +54,32 @@ def export(path: str | Path, spec: ModelSpec, unet: nn.Module, vae: nn.Module, t
 
 
 def evaluate_model(path: str | Path, *, steps: int = 20, cfg_scale: float = 7.0, seed: int = 0,
-                   prompts: list[str] | None = None) -> dict[str, dict]:
+                   prompts: list[str] | None = None, guidance: bool = True, edit_cases: int = 50) -> dict[str, dict]:
     """Generate one image per prompt (``EVAL_PROMPTS`` by default; prompt k with seed ``seed + k``)
-    through ``sfumato.load(path).txt2img`` and judge them (see ``judge.evaluate``)."""
+    through ``sfumato.load(path).txt2img`` and judge them (see ``judge.evaluate``). With
+    ``guidance``, add the rows of ``edits``: ``cfg_1`` (the same prompts without guidance),
+    ``img2img`` and ``inpaint`` (``edit_cases`` each)."""
     import numpy as np
 
     from ..api import load
+    from .edits import evaluate_edits
     from .judge import evaluate
     from .shapes import EVAL_PROMPTS
 
     pipe = load(path)
-    images = {}
-    for k, prompt in enumerate(prompts or EVAL_PROMPTS):
-        result = pipe.txt2img(prompt, steps=steps, cfg_scale=cfg_scale, seed=seed + k, watermark=False)
-        images[prompt] = np.asarray(result.images[0].convert("RGB"))
-    return evaluate(images)
+
+    def generate(cfg: float) -> dict[str, np.ndarray]:
+        images = {}
+        for k, prompt in enumerate(prompts or EVAL_PROMPTS):
+            result = pipe.txt2img(prompt, steps=steps, cfg_scale=cfg, seed=seed + k, watermark=False)
+            images[prompt] = np.asarray(result.images[0].convert("RGB"))
+        return images
+
+    report = evaluate(generate(cfg_scale))
+    if guidance:
+        report["cfg_1"] = evaluate(generate(1.0))["all"]
+        report.update(evaluate_edits(pipe, n=edit_cases, steps=steps, cfg_scale=cfg_scale, seed=seed))
+    return report
 
 
 def format_report(report: dict[str, dict]) -> str:

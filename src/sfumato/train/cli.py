@@ -37,6 +37,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--cfg-scale", type=float, default=7.0)
     p.add_argument("--seed", type=int, default=0, help="prompt k uses seed + k")
     p.add_argument("--json", help="write the full report to this JSON file")
+    p.add_argument("--no-guidance", action="store_true",
+                   help="skip the guidance rows (CFG 1, img2img colour change, inpainting)")
     p.add_argument("--threads", type=int, default=2)
     p.set_defaults(func=cmd_eval)
 
@@ -68,7 +70,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .bundled import BUNDLED_PATH, evaluate_model, format_report
 
     torch.set_num_threads(args.threads)
-    report = evaluate_model(args.model or BUNDLED_PATH, steps=args.steps, cfg_scale=args.cfg_scale, seed=args.seed)
+    report = evaluate_model(args.model or BUNDLED_PATH, steps=args.steps, cfg_scale=args.cfg_scale, seed=args.seed,
+                            guidance=not args.no_guidance)
     print(format_report(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))

@@ -40,7 +40,7 @@ class Recipe:
     vae: LoopConfig = field(default_factory=lambda: LoopConfig(steps=2000, batch_size=8, lr=5e-4, warmup=100))
     clip: LoopConfig = field(default_factory=lambda: LoopConfig(steps=1200, batch_size=64, lr=5e-4, warmup=100))
     unet: LoopConfig = field(default_factory=lambda: LoopConfig(
-        steps=7000, batch_size=32, lr=3e-4, warmup=200, ema_decay=0.999, checkpoint_every=250))
+        steps=14000, batch_size=32, lr=3e-4, warmup=200, decay_start=7000, ema_decay=0.999, checkpoint_every=250))
     kl_weight: float = 1e-4
     edge_weight: float = 0.5
     clip_negatives: int = 3
