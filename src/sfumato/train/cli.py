@@ -28,6 +28,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         if stage == "shapes":
             p.add_argument("--export", help="single-file output (default: OUT/bundled.safetensors)")
         p.set_defaults(func=cmd_train)
+    from .personalize_cli import add_commands as add_personalize_commands
+
+    add_personalize_commands(stages)
 
     ev = subparsers.add_parser("eval", help="evaluate a model")
     kinds = ev.add_subparsers(dest="kind", required=True)
