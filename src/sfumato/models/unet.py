@@ -2,6 +2,12 @@
 
 Attribute paths equal the keys of the original single-file checkpoints after stripping
 ``model.diffusion_model.``, so those load with ``load_state_dict(strict=True)``.
+
+Speed on the CPU: attention is SDPA, the transformers' 1×1 projections are plain matrix products
+on the token sequence, GEGLU takes its two halves as separate products, upsampling convolutions
+run at the low resolution (`layers.upsample_conv`), SiLUs of temporaries run in place, and the
+arithmetic runs in `UNetModel.compute_dtype` (see `layers.resolve_compute_dtype`).
+Channels-last activations were measured slower here (each conv weight gets re-laid-out per call).
 """
 
 from __future__ import annotations
@@ -12,6 +18,10 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .layers import (
+    Conv2d, GroupNorm, LayerNorm, Linear, cast, cast_weight, resolve_compute_dtype, silu, upsample_conv,
+)
 
 
 @dataclass(frozen=True)
@@ -74,18 +84,20 @@ class ResBlock(nn.Module):
     def __init__(self, channels: int, emb_channels: int, out_channels: int, groups: int) -> None:
         super().__init__()
         self.in_layers = nn.Sequential(
-            nn.GroupNorm(groups, channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+            GroupNorm(groups, channels), nn.SiLU(), Conv2d(channels, out_channels, 3, padding=1)
         )
-        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+        self.emb_layers = nn.Sequential(nn.SiLU(), Linear(emb_channels, out_channels))
         self.out_layers = nn.Sequential(
-            nn.GroupNorm(groups, out_channels), nn.SiLU(), nn.Dropout(0.0),
-            nn.Conv2d(out_channels, out_channels, 3, padding=1),
+            GroupNorm(groups, out_channels), nn.SiLU(), nn.Dropout(0.0),
+            Conv2d(out_channels, out_channels, 3, padding=1),
         )
-        self.skip_connection = nn.Identity() if channels == out_channels else nn.Conv2d(channels, out_channels, 1)
+        self.skip_connection = nn.Identity() if channels == out_channels else Conv2d(channels, out_channels, 1)
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
-        h = self.in_layers(x) + self.emb_layers(emb)[:, :, None, None]
-        return self.skip_connection(x) + self.out_layers(h)
+        norm1, _, conv1 = self.in_layers
+        norm2, _, _, conv2 = self.out_layers
+        h = conv1(silu(norm1(x))) + self.emb_layers(emb)[:, :, None, None]
+        return conv2(silu(norm2(h))).add_(self.skip_connection(x))
 
 
 class Attention(nn.Module):
@@ -95,10 +107,10 @@ class Attention(nn.Module):
         super().__init__()
         inner = heads * dim_head
         self.heads = heads
-        self.to_q = nn.Linear(dim, inner, bias=False)
-        self.to_k = nn.Linear(context_dim, inner, bias=False)
-        self.to_v = nn.Linear(context_dim, inner, bias=False)
-        self.to_out = nn.Sequential(nn.Linear(inner, dim), nn.Dropout(0.0))
+        self.to_q = Linear(dim, inner, bias=False)
+        self.to_k = Linear(context_dim, inner, bias=False)
+        self.to_v = Linear(context_dim, inner, bias=False)
+        self.to_out = nn.Sequential(Linear(inner, dim), nn.Dropout(0.0))
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         context = x if context is None else context
@@ -116,17 +128,19 @@ class GEGLU(nn.Module):
 
     def __init__(self, dim: int, inner: int) -> None:
         super().__init__()
-        self.proj = nn.Linear(dim, inner * 2)
+        self.proj = Linear(dim, inner * 2)
+        self.inner = inner
 
     def forward(self, x: Tensor) -> Tensor:
-        x, gate = self.proj(x).chunk(2, dim=-1)
-        return x * F.gelu(gate)
+        # two products on row slices of the weight: contiguous halves, no strided chunk of one output
+        w, b, n = cast_weight(self.proj.weight, x), cast(self.proj.bias, x), self.inner
+        return F.linear(x, w[:n], b[:n]) * F.gelu(F.linear(x, w[n:], b[n:]))
 
 
 class FeedForward(nn.Module):
     def __init__(self, dim: int, mult: int = 4) -> None:
         super().__init__()
-        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(0.0), nn.Linear(dim * mult, dim))
+        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(0.0), Linear(dim * mult, dim))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
@@ -140,9 +154,9 @@ class BasicTransformerBlock(nn.Module):
         self.attn1 = Attention(dim, dim, heads, dim_head)
         self.ff = FeedForward(dim)
         self.attn2 = Attention(dim, context_dim, heads, dim_head)
-        self.norm1 = nn.LayerNorm(dim)
-        self.norm2 = nn.LayerNorm(dim)
-        self.norm3 = nn.LayerNorm(dim)
+        self.norm1 = LayerNorm(dim)
+        self.norm2 = LayerNorm(dim)
+        self.norm3 = LayerNorm(dim)
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
         x = x + self.attn1(self.norm1(x))
@@ -157,8 +171,8 @@ class SpatialTransformer(nn.Module):
         super().__init__()
         heads, dim_head = cfg.heads(channels)
         self.linear = cfg.use_linear_in_transformer
-        self.norm = nn.GroupNorm(cfg.norm_groups, channels, eps=1e-6)
-        proj = (lambda: nn.Linear(channels, channels)) if self.linear else (lambda: nn.Conv2d(channels, channels, 1))
+        self.norm = GroupNorm(cfg.norm_groups, channels, eps=1e-6)
+        proj = (lambda: Linear(channels, channels)) if self.linear else (lambda: Conv2d(channels, channels, 1))
         self.proj_in = proj()
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(channels, heads, dim_head, context_dim) for _ in range(depth)
@@ -167,26 +181,18 @@ class SpatialTransformer(nn.Module):
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
         b, c, h, w = x.shape
-        y = self.norm(x)
-        if not self.linear:
-            y = self.proj_in(y)
-        y = y.flatten(2).transpose(1, 2)
-        if self.linear:
-            y = self.proj_in(y)
+        y = self.norm(x).permute(0, 2, 3, 1).reshape(b, h * w, c)
+        y = self.proj_in(y) if self.linear else self.proj_in.as_linear(y)
         for block in self.transformer_blocks:
             y = block(y, context)
-        if self.linear:
-            y = self.proj_out(y)
-        y = y.transpose(1, 2).reshape(b, c, h, w)
-        if not self.linear:
-            y = self.proj_out(y)
-        return x + y
+        y = self.proj_out(y) if self.linear else self.proj_out.as_linear(y)
+        return x + y.view(b, h, w, c).permute(0, 3, 1, 2)
 
 
 class Downsample(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.op = Conv2d(channels, channels, 3, stride=2, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.op(x)
@@ -197,11 +203,12 @@ class Upsample(nn.Module):
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: Tensor, size: tuple[int, int] | None = None) -> Tensor:
-        scale = None if size else 2.0
-        return self.conv(F.interpolate(x, size=size, scale_factor=scale, mode="nearest"))
+        if size is None or tuple(size) == (2 * x.shape[-2], 2 * x.shape[-1]):
+            return upsample_conv(x, self.conv)
+        return self.conv(F.interpolate(x, size=size, mode="nearest"))
 
 
 class TimestepEmbedSequential(nn.Sequential):
@@ -226,12 +233,13 @@ class UNetModel(nn.Module):
     def __init__(self, cfg: UNetConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        self.dtype_override: torch.dtype | None = None  # compute dtype; None = chosen by resolve_compute_dtype
         mc, groups = cfg.model_channels, cfg.norm_groups
         emb_dim = 4 * mc
-        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.time_embed = nn.Sequential(Linear(mc, emb_dim), nn.SiLU(), Linear(emb_dim, emb_dim))
         if cfg.adm_in_channels is not None:
             self.label_emb = nn.Sequential(
-                nn.Sequential(nn.Linear(cfg.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+                nn.Sequential(Linear(cfg.adm_in_channels, emb_dim), nn.SiLU(), Linear(emb_dim, emb_dim))
             )
 
         def stage(ch: int, out: int, depth: int) -> list[nn.Module]:
@@ -240,7 +248,7 @@ class UNetModel(nn.Module):
                 layers.append(SpatialTransformer(out, depth, cfg.context_dim, cfg))
             return layers
 
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(Conv2d(cfg.in_channels, mc, 3, padding=1))])
         skip_channels = [mc]
         ch = mc
         last = len(cfg.channel_mult) - 1
@@ -269,11 +277,18 @@ class UNetModel(nn.Module):
                     layers.append(Upsample(ch))
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
-        self.out = nn.Sequential(nn.GroupNorm(groups, ch), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
+        self.out = nn.Sequential(GroupNorm(groups, ch), nn.SiLU(), Conv2d(ch, cfg.out_channels, 3, padding=1))
 
-    def embed(self, timesteps: Tensor, y: Tensor | None, batch: int) -> Tensor:
-        """The time (+ SDXL vector) embedding given to every ResBlock."""
-        dtype = self.time_embed[0].weight.dtype
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype of the arithmetic: `dtype_override`, else the weights' dtype except half-precision
+        weights on a CPU without fast bf16, which compute in fp32 (see `layers.resolve_compute_dtype`)."""
+        w = self.time_embed[0].weight
+        return resolve_compute_dtype(w.dtype, w.device, self.dtype_override)
+
+    def embed(self, timesteps: Tensor, y: Tensor | None, batch: int, dtype: torch.dtype | None = None) -> Tensor:
+        """The time (+ SDXL vector) embedding given to every ResBlock, in `dtype` (default: compute dtype)."""
+        dtype = dtype or self.compute_dtype
         t = timesteps.reshape(-1).expand(batch) if timesteps.numel() == 1 else timesteps
         emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(dtype))
         if self.cfg.adm_in_channels is not None:
@@ -286,9 +301,12 @@ class UNetModel(nn.Module):
 
     def forward(self, x: Tensor, timesteps: Tensor, context: Tensor, y: Tensor | None = None) -> Tensor:
         """x: (B, in_channels, H, W) latent; timesteps: (B,) or scalar; context: (B, L, context_dim);
-        y: (B, adm_in_channels) for SDXL. Any latent size works: upsampling follows the skip sizes."""
-        emb = self.embed(timesteps, y, x.shape[0])
-        h = x
+        y: (B, adm_in_channels) for SDXL. Any latent size works: upsampling follows the skip sizes.
+        Computes in `compute_dtype` and returns the prediction in x's dtype."""
+        dtype = self.compute_dtype
+        emb = self.embed(timesteps, y, x.shape[0], dtype)
+        context = context.to(dtype)
+        h = x.to(dtype)
         skips: list[Tensor] = []
         for block in self.input_blocks:
             h = block(h, emb, context)
@@ -297,4 +315,4 @@ class UNetModel(nn.Module):
         for block in self.output_blocks:
             h = torch.cat([h, skips.pop()], dim=1)
             h = block(h, emb, context, skips[-1].shape[-2:] if skips else None)
-        return self.out(h)
+        return self.out(h).to(x.dtype).contiguous()

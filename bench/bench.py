@@ -1,0 +1,493 @@
+"""sfumato against diffusers on this machine's CPU, same weights, same dtype, one run.
+
+Builds one random-weight SD1.5-size model (sfumato's modules, seeded fan-in-scaled weights) and
+gives diffusers / transformers the very same tensors (converted key names, ``assign=True``), then
+measures, interleaving the two implementations so that load from other processes hits both alike:
+
+- a UNet step with classifier-free guidance (batch 2, 64×64 latent, 77-token context),
+- a VAE decode to 512×512 (and sfumato's tiled decode),
+- text encoding (batch 2 × 77 tokens),
+- loading a single-file checkpoint (fp16 on disk, a fresh process each time),
+- peak RSS of a whole 512×512 txt2img, and of sfumato's VAE decode whole and tiled (fresh processes,
+  ``VmHWM``),
+- with ``--sdxl``, an SDXL-size UNet step at 1024×1024 in bf16.
+
+Times are medians over repeats after warm-up, both wall-clock and process CPU time (the latter
+is steadier on a shared machine). Prints a table and the machine, writes ``--json``.
+
+    python bench/bench.py [--quick] [--json out.json] [--only unet,vae,text,load,memory] [--sdxl]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from sfumato.checkpoint.convert_unet import ldm_unet_to_diffusers
+from sfumato.checkpoint.convert_vae import ldm_vae_to_diffusers
+from sfumato.checkpoint.io import save_file
+from sfumato.checkpoint.specs import UNET_PREFIX, VAE_PREFIX
+from sfumato.models.clip import CLIP_L, build_text_encoder
+from sfumato.models.layers import cpu_has_fast_bf16, resolve_compute_dtype
+from sfumato.models.unet import SD1_UNET, SDXL_UNET, UNetConfig, UNetModel
+from sfumato.models.vae import SD_VAE, AutoencoderKL
+from sfumato.pipeline.tiling import tiled_decode
+
+TEXT_PREFIX = "cond_stage_model.transformer."
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PARTS = ("unet", "vae", "tiling", "text", "load", "memory")
+
+
+# -- the machine ---------------------------------------------------------------------------------
+
+
+def machine() -> dict:
+    flags, model = set(), platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    except OSError:
+        pass
+    import diffusers
+    import transformers
+
+    return {
+        "cpu": model, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
+        "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags,
+        "fast_bf16": cpu_has_fast_bf16(),
+        "bf16_compute_dtype": str(resolve_compute_dtype(torch.bfloat16, torch.device("cpu"))).removeprefix("torch."),
+        "loadavg_start": os.getloadavg(),
+    }
+
+
+# -- models with shared random weights -----------------------------------------------------------
+
+
+def random_(module: nn.Module, seed: int = 0) -> nn.Module:
+    """Seeded weights that keep activations O(1): matrices N(0, 1/fan_in), norm scales 1 + N(0, 0.1²),
+    biases N(0, 0.02²); embeddings N(0, 1/16)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.ndim >= 2:
+                fan_in = 16 if "embedding" in name else math.prod(p.shape[1:])
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(fan_in))
+            elif name.endswith("weight"):
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.02 * torch.randn(p.shape, generator=g))
+    return module.eval().requires_grad_(False)
+
+
+def build(make: Callable[[], nn.Module], seed: int) -> nn.Module:
+    with torch.device("meta"):
+        module = make()
+    return random_(module.to_empty(device="cpu"), seed)
+
+
+def diffusers_unet(ours: UNetModel, cfg: UNetConfig) -> nn.Module:
+    """diffusers' UNet holding our tensors (no copy)."""
+    from diffusers import UNet2DConditionModel
+
+    kwargs = dict(
+        sample_size=64, cross_attention_dim=cfg.context_dim, layers_per_block=cfg.num_res_blocks,
+        block_out_channels=tuple(cfg.model_channels * m for m in cfg.channel_mult),
+    )
+    if cfg.adm_in_channels is None:
+        kwargs.update(attention_head_dim=cfg.num_heads)
+    else:
+        kwargs.update(
+            down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 2,
+            up_block_types=("CrossAttnUpBlock2D",) * 2 + ("UpBlock2D",), attention_head_dim=(5, 10, 20),
+            transformer_layers_per_block=cfg.transformer_depth, use_linear_projection=True,
+            addition_embed_type="text_time", addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=cfg.adm_in_channels,
+        )
+    with torch.device("meta"):
+        ref = UNet2DConditionModel(**kwargs)
+    ref.load_state_dict(ldm_unet_to_diffusers(ours.state_dict(), cfg), strict=True, assign=True)
+    return ref.eval()
+
+
+def diffusers_vae(ours: AutoencoderKL) -> nn.Module:
+    from diffusers import AutoencoderKL as RefVAE
+
+    with torch.device("meta"):
+        ref = RefVAE(
+            block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        )
+    ref.load_state_dict(ldm_vae_to_diffusers(ours.state_dict()), strict=True, assign=True)
+    return ref.eval()
+
+
+def transformers_clip(ours: nn.Module) -> nn.Module:
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                         num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu")
+    with torch.device("meta"):
+        ref = CLIPTextModel(cfg)
+    sd = ours.state_dict()
+    if not any(k.startswith("text_model.") for k in ref.state_dict()):  # transformers >= 5
+        sd = {k.removeprefix("text_model."): v for k, v in sd.items()}
+    result = ref.load_state_dict(sd, strict=False, assign=True)
+    assert not result.unexpected_keys and all("position_ids" in k for k in result.missing_keys), result
+    for name in result.missing_keys:  # position ids: a buffer, not a weight
+        owner, _, leaf = name.rpartition(".")
+        ref.get_submodule(owner).register_buffer(leaf, torch.arange(77)[None], persistent=False)
+    return ref.eval()
+
+
+# -- timing --------------------------------------------------------------------------------------
+
+
+def timed(fns: dict[str, Callable[[], object]], warmup: int, repeats: int) -> dict[str, dict]:
+    """Median wall and CPU seconds of each function, the functions interleaved run by run."""
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in fns}
+    with torch.inference_mode():
+        for i in range(warmup + repeats):
+            for name, fn in fns.items():
+                wall, cpu = time.perf_counter(), time.process_time()
+                fn()
+                if i >= warmup:
+                    runs[name].append((time.perf_counter() - wall, time.process_time() - cpu))
+                print(f"  {name}: {time.perf_counter() - wall:.2f} s", file=sys.stderr, flush=True)
+    return {name: {"wall_s": statistics.median(r[0] for r in rs), "cpu_s": statistics.median(r[1] for r in rs),
+                   "runs_wall_s": [round(r[0], 3) for r in rs]} for name, rs in runs.items()}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float(), b.float()
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def bench_unet(args, results: dict) -> None:
+    ours = build(lambda: UNetModel(SD1_UNET), 0)
+    x = torch.randn(2, 4, 64, 64, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([500.0, 500.0])
+    ctx = torch.randn(2, 77, 768, generator=torch.Generator().manual_seed(2))
+    outputs = {}
+    for name, dtype in DTYPES.items():
+        ours.to(dtype)
+        ref = diffusers_unet(ours, SD1_UNET)
+        xd, cd = x.to(dtype), ctx.to(dtype)
+        fns = {"sfumato": lambda: outputs.__setitem__(name, ours(xd, t, cd)),
+               "diffusers": lambda: outputs.__setitem__("diffusers_" + name, ref(xd, t, cd).sample)}
+        if dtype != torch.float32 and ours.compute_dtype != dtype:  # also show native bf16 arithmetic
+            fns["sfumato (bf16 arithmetic)"] = lambda: _with_override(ours, dtype, lambda: ours(xd, t, cd))
+        if args.compile:  # the warm-up run compiles
+            compiled = torch.compile(ours)
+            fns["sfumato (torch.compile)"] = lambda: compiled(xd, t, cd)
+        results[f"unet_step_{name}"] = timed(fns, args.warmup, args.repeats)
+        results[f"unet_step_{name}"]["sfumato"]["compute_dtype"] = str(ours.compute_dtype).removeprefix("torch.")
+        ref = None  # frees the previous dtype's tensors
+    q = results["quality"]
+    q["unet_fp32_sfumato_vs_diffusers_rel_err"] = rel_err(outputs["fp32"], outputs["diffusers_fp32"])
+    q["unet_bf16_vs_fp32_rel_err"] = rel_err(outputs["bf16"], outputs["fp32"])
+    q["unet_diffusers_bf16_vs_fp32_rel_err"] = rel_err(outputs["diffusers_bf16"], outputs["diffusers_fp32"])
+
+
+def _with_override(model: nn.Module, dtype: torch.dtype, fn: Callable[[], object]) -> object:
+    model.dtype_override = dtype
+    try:
+        return fn()
+    finally:
+        model.dtype_override = None
+
+
+def bench_sdxl(args, results: dict) -> None:
+    ours = build(lambda: UNetModel(SDXL_UNET), 0).to(torch.bfloat16)
+    ref = diffusers_unet(ours, SDXL_UNET)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, 128, 128, generator=g).bfloat16()
+    ctx = torch.randn(2, 77, 2048, generator=g).bfloat16()
+    text_embeds = torch.randn(2, 1280, generator=g).bfloat16()
+    time_ids = torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]] * 2)
+    from sfumato.models.unet import timestep_embedding
+
+    y = torch.cat([text_embeds.float(), timestep_embedding(time_ids.flatten(), 256).reshape(2, -1)], 1).bfloat16()
+    t = torch.tensor([500.0, 500.0])
+    added = {"text_embeds": text_embeds, "time_ids": time_ids.bfloat16()}
+    results["sdxl_unet_step_bf16_1024"] = timed(
+        {"sfumato": lambda: ours(x, t, ctx, y), "diffusers": lambda: ref(x, t, ctx, added_cond_kwargs=added).sample},
+        min(args.warmup, 1), max(1, args.repeats // 2))
+
+
+def bench_vae(args, results: dict) -> None:
+    ours = build(lambda: AutoencoderKL(SD_VAE), 3)
+    z = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(4))
+    images = {}
+    for name, dtype in DTYPES.items():
+        ours.to(dtype)
+        ref = diffusers_vae(ours)
+        zd = z.to(dtype)
+        fns = {
+            "sfumato": lambda: images.__setitem__(name, ours.decode(zd)),
+            "diffusers": lambda: images.__setitem__("diffusers_" + name, ref.decode(zd).sample),
+            "sfumato tiled 32": lambda: images.__setitem__(name + "_tiled",
+                                                           tiled_decode(ours, zd, tile=32, stats_size=32)),
+        }
+        results[f"vae_decode_512_{name}"] = timed(fns, args.warmup, args.repeats)
+        ref = None  # frees the previous dtype's tensors
+    q = results["quality"]
+    q["vae_fp32_sfumato_vs_diffusers_rel_err"] = rel_err(images["fp32"], images["diffusers_fp32"])
+    q["vae_bf16_vs_fp32_rel_err"] = rel_err(images["bf16"], images["fp32"])
+    q["vae_diffusers_bf16_vs_fp32_rel_err"] = rel_err(images["diffusers_bf16"], images["diffusers_fp32"])
+    tiled_diff = (images["fp32_tiled"] - images["fp32"]).abs()
+    q["vae_tiled_vs_full_fp32_max_abs"] = tiled_diff.max().item()
+    q["vae_tiled_vs_full_fp32_mean_abs"] = tiled_diff.mean().item()
+
+
+def bench_text(args, results: dict) -> None:
+    ours = build(lambda: build_text_encoder(CLIP_L), 5)
+    tokens = torch.randint(0, 49406, (2, 77), generator=torch.Generator().manual_seed(6))
+    for name, dtype in DTYPES.items():
+        ours.to(dtype)
+        ref = transformers_clip(ours)
+        results[f"text_encode_{name}"] = timed(
+            {"sfumato": lambda: ours(tokens).final, "transformers": lambda: ref(tokens).last_hidden_state},
+            args.warmup, max(3, args.repeats))
+
+
+# -- separate processes: load time and peak RSS --------------------------------------------------
+
+
+def write_checkpoint(path: Path) -> None:
+    """An SD1.5-layout single file with random fp16 weights (what released checkpoints store)."""
+    sd = {}
+    parts = ((UNET_PREFIX, lambda: UNetModel(SD1_UNET), 0), (VAE_PREFIX, lambda: AutoencoderKL(SD_VAE), 3),
+             (TEXT_PREFIX, lambda: build_text_encoder(CLIP_L), 5))
+    for prefix, make, seed in parts:
+        module = build(make, seed)
+        sd.update({prefix + k: v.half() for k, v in module.state_dict().items()})
+        del module
+    save_file(sd, path)
+
+
+def write_diffusers_config(folder: Path) -> None:
+    """The config files (no weights) diffusers needs to read our single file offline."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    from sfumato.text.tokenizer import _load_vocab
+
+    vocab = _load_vocab()
+    tok_dir = folder / "tokenizer"
+    tok_dir.mkdir(parents=True, exist_ok=True)
+    (tok_dir / "vocab.json").write_text(json.dumps(vocab.encoder))
+    merges = sorted(vocab.ranks, key=vocab.ranks.__getitem__)
+    (tok_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=77)
+    tokenizer.save_pretrained(tok_dir)
+    with torch.device("meta"):
+        unet = diffusers_unet(build_meta(lambda: UNetModel(SD1_UNET)), SD1_UNET)
+        vae = diffusers_vae(build_meta(lambda: AutoencoderKL(SD_VAE)))
+        text = transformers_clip(build_meta(lambda: build_text_encoder(CLIP_L)))
+    sched = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                   steps_offset=1, timestep_spacing="leading")
+    pipe = StableDiffusionPipeline(vae, text, tokenizer, unet, sched, None, None,
+                                   requires_safety_checker=False)
+    pipe.save_config(folder)
+    for name, part in (("unet", unet), ("vae", vae), ("scheduler", sched)):
+        part.save_config(folder / name)
+    text.config.save_pretrained(folder / "text_encoder")
+
+
+def build_meta(make: Callable[[], nn.Module]) -> nn.Module:
+    with torch.device("meta"):
+        return make()
+
+
+def child(spec: dict) -> None:
+    """Runs in a fresh process and prints its timings and peak memory as JSON. ``spec``: ``task``
+    (load, generate, decode), ``impl``, ``dtype``, ``threads`` and the task's own fields."""
+    torch.set_num_threads(spec["threads"])
+    task, impl, dtype = spec["task"], spec["impl"], spec["dtype"]
+    result: dict = {}
+    start = time.perf_counter()
+    if task == "decode":  # sfumato's VAE alone: whole or tiled
+        vae = build(lambda: AutoencoderKL(SD_VAE), 3).to(DTYPES[dtype])
+        z = torch.randn(1, 4, spec["side"], spec["side"], generator=torch.Generator().manual_seed(4))
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS, forgetting the weights' set-up
+        base = _proc_status("VmRSS")
+        start = time.perf_counter()
+        with torch.inference_mode():
+            tiled_decode(vae, z, tile=spec["tile"], stats_size=spec["tile"]) if spec["tile"] else vae.decode(z)
+        result["above_weights_gib"] = (_proc_status("VmHWM") - base) / 2**20
+    elif impl == "sfumato":
+        import sfumato
+
+        pipe = sfumato.load(spec["ckpt"], dtype=dtype)
+        result["load_s"] = time.perf_counter() - start
+        if task == "generate":
+            pipe.txt2img("a red circle", width=512, height=512, steps=spec["steps"], sampler="Euler", cfg_scale=7.0,
+                         seed=1, watermark=False)
+    else:
+        from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline.from_single_file(spec["ckpt"], config=spec["config"], local_files_only=True,
+                                                        torch_dtype=DTYPES[dtype], safety_checker=None,
+                                                        requires_safety_checker=False)
+        result["load_s"] = time.perf_counter() - start
+        if task == "generate":
+            pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+            with torch.inference_mode():
+                pipe("a red circle", width=512, height=512, num_inference_steps=spec["steps"], guidance_scale=7.0,
+                     generator=torch.Generator().manual_seed(1))
+    result["total_s"] = time.perf_counter() - start
+    # VmHWM belongs to this process's own address space; ru_maxrss would start from the parent's
+    # resident set at fork time.
+    result["peak_rss_gib"] = _proc_status("VmHWM") / 2**20
+    print(json.dumps(result))
+
+
+def in_process(env: dict[str, str] | None = None, **spec) -> dict:
+    """Run `child` with `spec` in a fresh interpreter (this process's thread count)."""
+    spec["threads"] = torch.get_num_threads()
+    cmd = [sys.executable, __file__, "--child", json.dumps(spec, default=str)]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+    if proc.returncode:
+        return {"error": f"exit {proc.returncode}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# glibc raises its mmap threshold as large blocks are freed, then serves blocks of the sizes seen
+# from a heap it rarely returns: RSS then counts that slack too. A fixed threshold shows the
+# computation's own needs (and is what a memory-tight deployment would set).
+FIXED_MMAP_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": str(1 << 18)}
+
+
+def bench_tiling(args, results: dict) -> None:
+    """Peak memory of a VAE decode in bf16 above the resident weights, in fresh processes: whole at
+    512², tiled (32-latent-pixel tiles and statistics) at 512² and at 1024²; glibc's default
+    allocator and a fixed mmap threshold."""
+    if not Path("/proc/self/clear_refs").exists():
+        return
+    cases = {"whole 512": (64, 0), "tiled 512": (64, 32), "tiled 1024": (128, 32)}
+    rows = {}
+    for name, (side, tile) in cases.items():
+        rows[name] = in_process(task="decode", impl="sfumato", dtype="bf16", side=side, tile=tile)
+        rows[name + ", fixed mmap threshold"] = in_process(FIXED_MMAP_THRESHOLD, task="decode", impl="sfumato",
+                                                           dtype="bf16", side=side, tile=tile)
+    results["vae_decode_memory_bf16"] = rows
+
+
+def _proc_status(key: str) -> int:
+    """A ``/proc/self/status`` value in KiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise KeyError(key)
+
+
+def bench_processes(args, results: dict, parts: set[str], workdir: Path) -> None:
+    ckpt, config = workdir / "sd15-random.safetensors", workdir / "diffusers-config"
+    print("writing a random SD1.5 checkpoint…", file=sys.stderr, flush=True)
+    write_checkpoint(ckpt)
+    write_diffusers_config(config)
+    impls = ("sfumato", "diffusers")
+    if "load" in parts:
+        for dtype in DTYPES:
+            runs = {impl: [in_process(task="load", impl=impl, ckpt=ckpt, config=config, dtype=dtype)
+                           for _ in range(1 + args.repeats)][1:] for impl in impls}
+            results[f"load_{dtype}"] = {impl: _median_runs(rs) for impl, rs in runs.items()}
+    if "memory" in parts:
+        steps = 2 if args.quick else 4
+        results["generate_512_bf16"] = {
+            impl: in_process(task="generate", impl=impl, ckpt=ckpt, config=config, dtype="bf16", steps=steps)
+            for impl in impls
+        }
+        results["generate_512_bf16"]["sfumato, fixed mmap threshold"] = in_process(
+            FIXED_MMAP_THRESHOLD, task="generate", impl="sfumato", ckpt=ckpt, config=config, dtype="bf16", steps=steps)
+        results["generate_512_bf16"]["steps"] = steps
+
+
+def _median_runs(runs: list[dict]) -> dict:
+    if any("error" in r for r in runs):
+        return next(r for r in runs if "error" in r)
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+
+
+# -- report --------------------------------------------------------------------------------------
+
+
+def table(results: dict) -> str:
+    lines = [f"{'benchmark':28s} {'impl':28s} {'wall s':>8s} {'cpu s':>8s} {'speed-up':>9s}"]
+    for key, rows in results.items():
+        if not isinstance(rows, dict) or key in ("machine", "quality"):
+            continue
+        base = next((r for name, r in rows.items() if name in ("diffusers", "transformers")), None)
+        for name, r in rows.items():
+            if not isinstance(r, dict):
+                continue
+            if "cpu_s" in r:
+                ratio = f"{base['wall_s'] / r['wall_s']:.2f}x" if base and "wall_s" in base else ""
+                lines.append(f"{key:28s} {name:28s} {r['wall_s']:8.2f} {r['cpu_s']:8.2f} {ratio:>9s}")
+            else:
+                lines.append(f"{key:28s} {name:28s} " + ", ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}"
+                                                                for k, v in r.items()))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    if len(sys.argv) > 2 and sys.argv[1] == "--child":
+        return child(json.loads(sys.argv[2]))
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="1 warm-up + 2 repeats (default 1 + 5)")
+    ap.add_argument("--json", type=Path, help="write the results here")
+    ap.add_argument("--only", default=",".join(PARTS), help=f"comma-separated subset of {', '.join(PARTS)}")
+    ap.add_argument("--sdxl", action="store_true", help="also an SDXL-size UNet step at 1024² in bf16 (~6 GB)")
+    ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    ap.add_argument("--compile", action="store_true", help="also time the UNet under torch.compile")
+    args = ap.parse_args()
+    args.warmup, args.repeats = 1, 2 if args.quick else 5
+    parts = set(args.only.split(","))
+    if parts - set(PARTS):
+        ap.error(f"--only: unknown part(s) {', '.join(sorted(parts - set(PARTS)))}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results: dict = {"machine": machine(), "quality": {}}
+    print(json.dumps(results["machine"]), file=sys.stderr)
+    steps = [(bench_unet, "unet" in parts), (bench_vae, "vae" in parts), (bench_tiling, "tiling" in parts),
+             (bench_text, "text" in parts), (bench_sdxl, args.sdxl)]
+    for step, wanted in steps:
+        if wanted:
+            step(args, results)
+            save(args, results)
+    if parts & {"load", "memory"}:
+        with tempfile.TemporaryDirectory(prefix="sfumato-bench-") as tmp:
+            bench_processes(args, results, parts, Path(tmp))
+    results["machine"]["loadavg_end"] = os.getloadavg()
+    save(args, results)
+    print(table(results))
+    print("quality:", json.dumps(results["quality"]))
+    print("machine:", json.dumps(results["machine"]))
+
+
+def save(args, results: dict) -> None:
+    """Write the results so far (a crash or interruption later keeps them)."""
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
