@@ -27,11 +27,16 @@ _FIELDS = {f.name for f in dataclasses.fields(GenerationParams)}
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: str = "cpu") -> torch.dtype:
-    """``auto``/None: fp32 on the CPU (safe precision), fp16 on CUDA."""
+    """``auto``/None: fp16 on CUDA; on the CPU bf16 where the CPU has fast native bf16 arithmetic
+    (``models.layers.cpu_has_fast_bf16``), else fp32 (safe precision)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
-        return torch.float16 if device.startswith("cuda") else torch.float32
+        if device.startswith("cuda"):
+            return torch.float16
+        from .models.layers import cpu_has_fast_bf16
+
+        return torch.bfloat16 if device.startswith("cpu") and cpu_has_fast_bf16() else torch.float32
     try:
         return DTYPES[dtype]
     except KeyError:

@@ -306,7 +306,7 @@ def _add_a1111_routes(app: FastAPI, state: State) -> None:
 
     @app.get(f"{v1}/embeddings", tags=["A1111"])
     def embeddings() -> dict[str, Any]:
-        found = host.pipe.embeddings if host.pipe is not None else None
+        found = state.host.pipe.embeddings if state.host.pipe is not None else None
         if found is None:
             return {"loaded": {}, "skipped": {}}
         none = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None}
