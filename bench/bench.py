@@ -467,15 +467,17 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     results: dict = {"machine": machine(), "quality": {}}
     print(json.dumps(results["machine"]), file=sys.stderr)
-    steps = [(bench_unet, "unet" in parts), (bench_vae, "vae" in parts), (bench_tiling, "tiling" in parts),
+    # separate processes first, while this one is small: their peaks and ours add up
+    if parts & {"load", "memory"}:
+        with tempfile.TemporaryDirectory(prefix="sfumato-bench-") as tmp:
+            bench_processes(args, results, parts, Path(tmp))
+            save(args, results)
+    steps = [(bench_tiling, "tiling" in parts), (bench_unet, "unet" in parts), (bench_vae, "vae" in parts),
              (bench_text, "text" in parts), (bench_sdxl, args.sdxl)]
     for step, wanted in steps:
         if wanted:
             step(args, results)
             save(args, results)
-    if parts & {"load", "memory"}:
-        with tempfile.TemporaryDirectory(prefix="sfumato-bench-") as tmp:
-            bench_processes(args, results, parts, Path(tmp))
     results["machine"]["loadavg_end"] = os.getloadavg()
     save(args, results)
     print(table(results))
