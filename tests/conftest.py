@@ -3,6 +3,8 @@ the file's metadata), built from sfumato's own modules — for tests of plumbing
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -39,3 +41,30 @@ def write_tiny_model(path, spec: ModelSpec = TINY_SPEC, seed: int = 0):
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     return write_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny.safetensors")
+
+
+@contextlib.contextmanager
+def live_server(app):
+    """Serve an ASGI ``app`` with uvicorn on a free loopback port in a background thread; yields the port."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()

@@ -42,7 +42,12 @@ def test_prompt_tag_equals_lora_merged_at_load(tiny_model, lora_dir):
     before = pipe.model.unet.get_parameter(TARGET + ".weight").clone()
     tagged = pipe.txt2img("a red circle <lora:shiny:0.8>", **kw)
     assert torch.equal(pipe.model.unet.get_parameter(TARGET + ".weight"), before)    # removed after the run
-    merged = sfumato.load(tiny_model, loras=[(lora_dir / "shiny.safetensors", 0.8)]).txt2img("a red circle", **kw)
+    merged_pipe = sfumato.load(tiny_model, loras=[(lora_dir / "shiny.safetensors", 0.8)], lora_dir=lora_dir)
+    merged = merged_pipe.txt2img("a red circle", **kw)
+    baked = merged_pipe.model.unet.get_parameter(TARGET + ".weight").clone()
+    assert not torch.equal(baked, before)
+    merged_pipe.txt2img("a red circle <lora:shiny:0.3>", **kw)      # a tag on top of a load-time LoRA
+    assert torch.equal(merged_pipe.model.unet.get_parameter(TARGET + ".weight"), baked)   # back to the merged weights
     plain = pipe.txt2img("a red circle", **kw)
     assert np.array_equal(_pixels(tagged), _pixels(merged))
     assert not np.array_equal(_pixels(tagged), _pixels(plain))

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sfumato.batch_cli import main
+from sfumato.cli import main
 from sfumato.pipeline.infotext import parse_infotext
 
 FAST = ["--steps", "3", "--width", "64", "--height", "64", "--threads", "1", "--no-progress"]
@@ -178,7 +178,7 @@ def test_killed_run_resumes_without_redoing_finished_items(tmp_path, capsys):
     jobs = write_jsonl(tmp_path / "jobs.jsonl", shape_rows(n))
     out = tmp_path / "out"
     args = [str(jobs), "--out", str(out), *FAST]
-    proc = subprocess.Popen([sys.executable, "-m", "sfumato.batch_cli", "batch", *args],
+    proc = subprocess.Popen([sys.executable, "-m", "sfumato.cli", "batch", *args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     try:

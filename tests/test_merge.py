@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from sfumato.adapters.merge import MergeError, merge_models, plan_merge
 from sfumato.checkpoint.load import build_model, load_model
 from sfumato.checkpoint.specs import PRESETS, UNET_PREFIX, VAE_PREFIX
-from sfumato.merge_cli import main
+from sfumato.cli import main
 from sfumato.models.clip import build_text_encoder
 from sfumato.models.unet import UNetModel
 from sfumato.models.vae import AutoencoderKL

@@ -6,17 +6,16 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
-import socket
 import threading
 import time
 
 import numpy as np
 import pytest
-import uvicorn
 import webuiapi
 from PIL import Image
 
 import sfumato
+from conftest import live_server
 from sfumato.server.app import ServerConfig, create_app
 from sfumato.train.bundled import BUNDLED_PATH
 
@@ -30,21 +29,8 @@ def pipe():
 
 @pytest.fixture(scope="module")
 def api(pipe):
-    app = create_app(ServerConfig(watermark=False), pipeline=pipe)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.02)
-    yield webuiapi.WebUIApi(host="127.0.0.1", port=sock.getsockname()[1], sampler="Euler a", steps=4)
-    server.should_exit = True
-    thread.join(10)
-    sock.close()
+    with live_server(create_app(ServerConfig(watermark=False), pipeline=pipe)) as port:
+        yield webuiapi.WebUIApi(host="127.0.0.1", port=port, sampler="Euler a", steps=4)
 
 
 def test_lists_models_samplers_and_schedulers(api):

@@ -19,7 +19,7 @@ from starlette.routing import Mount, Route
 
 import sfumato
 from sfumato.server.app import ServerConfig, create_app
-from sfumato.server.cli import main as serve_main
+from sfumato.cli import main as serve_main
 from sfumato.server.security import ApiError, Limits, decode_image
 from sfumato.train.bundled import BUNDLED_PATH
 

@@ -9,18 +9,16 @@ import io
 import os
 import re
 import shutil
-import socket
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-import uvicorn
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 import sfumato
+from conftest import live_server
 from sfumato.server.app import ServerConfig, create_app
 from sfumato.train.judge import judge
 
@@ -46,21 +44,8 @@ def pipe():
 
 @pytest.fixture(scope="module")
 def url(pipe):
-    app = create_app(ServerConfig(), pipeline=pipe)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}/"
-    server.should_exit = True
-    thread.join(10)
-    sock.close()
+    with live_server(create_app(ServerConfig(), pipeline=pipe)) as port:
+        yield f"http://127.0.0.1:{port}/"
 
 
 @pytest.fixture(scope="module")

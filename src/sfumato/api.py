@@ -13,7 +13,7 @@ from PIL import Image
 
 from .checkpoint.io import sha256_file
 from .adapters.embeddings import EmbeddingSet, load_embeddings
-from .adapters.lora import apply_loras, find_lora, parse_lora_prompt, remove_loras
+from .adapters.lora import apply_loras, bake_loras, find_lora, parse_lora_prompt, remove_loras
 from .checkpoint.load import LoadedModel, load_model
 from .errors import SfumatoError
 from .pipeline.generate import Generator, ProgressCallback
@@ -209,7 +209,8 @@ def load(
     refiner_model = None
     if refiner is not None:
         refiner_model = load_model(refiner, dtype=torch_dtype, device=device)
-    if loras:
+    if loras:   # merged for good: a run's prompt-tag LoRAs are removed down to these weights
         apply_loras(model, loras)
+        bake_loras(model)
     embeddings = load_embeddings(embeddings_dir, model.spec) if embeddings_dir is not None else None
     return Pipeline(model, refiner_model, lora_dir, embeddings)

@@ -1,7 +1,6 @@
 """``sfumato batch PROMPTS.(jsonl|csv) --out DIR``: argparse wiring for :mod:`sfumato.batch`.
 
-``add_commands(subparsers)`` adds the command to the main parser (it sets ``func``);
-``main(argv)`` runs it standalone.
+``add_commands(subparsers)`` adds the command to the main parser (it sets ``func``).
 """
 
 from __future__ import annotations
@@ -85,17 +84,3 @@ def cmd_batch(args: argparse.Namespace) -> int:
     print(f"{args.out}: {len(jobs)} jobs done ({len(todo)} generated now, {len(jobs) - len(todo)} already there)")
     return 0
 
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sfumato")
-    add_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except SfumatoError as e:
-        print(f"sfumato: error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,8 +1,7 @@
 """``sfumato merge A B [C] --mode weighted|add-difference --alpha X -o OUT.safetensors``: argparse
 wiring for :mod:`sfumato.adapters.merge`.
 
-``add_commands(subparsers)`` adds the command to the main parser (it sets ``func``);
-``main(argv)`` runs it standalone.
+``add_commands(subparsers)`` adds the command to the main parser (it sets ``func``).
 """
 
 from __future__ import annotations
@@ -69,17 +68,3 @@ def cmd_merge(args: argparse.Namespace) -> int:
         print(f"  {len(keys)} keys not in A left out, e.g. {', '.join(f'{k} ({plan.dropped[k]})' for k in keys[:3])}")
     return 0
 
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sfumato")
-    add_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except SfumatoError as e:
-        print(f"sfumato: error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from ..checkpoint.io import load_file, save_file
 from ..checkpoint.specs import ModelSpec, TextSlot
 from ..errors import SfumatoError
-from ..text.prompt import BREAK, CHUNK_LENGTH, COMMA_BACKTRACK, Chunk, parse_attention
+from ..text.prompt import CHUNK_LENGTH, COMMA_BACKTRACK, Chunk, chunk_prompt
 from ..text.tokenizer import get_tokenizer
 
 FILE_SUFFIXES = (".pt", ".bin", ".safetensors")
@@ -94,14 +94,6 @@ class Embedding:
         return tuple(out)
 
 
-@dataclass(frozen=True)
-class EmbeddingChunk(Chunk):
-    """A chunk whose ``fixes`` place embeddings: (offset into ``tokens``, name); the tokens there
-    are placeholders for the embedding's vectors."""
-
-    fixes: tuple[tuple[int, str], ...] = ()
-
-
 class EmbeddingSet:
     """Embeddings by name, and what was skipped (name → reason), like A1111's ``/embeddings``.
 
@@ -149,11 +141,12 @@ class EmbeddingSet:
             raise RuntimeError("bind the embeddings to a model first (EmbeddingSet.for_spec)")
         return self._vectors
 
-    def _match(self, ids: list[int], at: int) -> tuple[str, int] | None:
-        """The longest embedding name whose tokens start at ``ids[at]``: (name, its token count)."""
+    def _match(self, ids: list[int], at: int) -> tuple[str, int, int] | None:
+        """The longest embedding name whose tokens start at ``ids[at]``: (name, its token count, its
+        vector count) — ``chunk_prompt``'s matcher."""
         for name_ids, name in self._lookup.get(ids[at], ()):
             if tuple(ids[at : at + len(name_ids)]) == name_ids:
-                return name, len(name_ids)
+                return name, len(name_ids), self.embeddings[name].num_vectors
         return None
 
     def chunk(
@@ -164,54 +157,11 @@ class EmbeddingSet:
         *,
         length: int = CHUNK_LENGTH,
         backtrack: int = COMMA_BACKTRACK,
-    ) -> list[EmbeddingChunk]:
-        """``chunk_prompt`` with embeddings: each name's tokens become n placeholders (one per vector),
-        kept together: an embedding that does not fit the current chunk starts the next one."""
+    ) -> list[Chunk]:
+        """``chunk_prompt`` with this set's names: each becomes n placeholders (one per vector)."""
         self._require_bound()
-        chunks: list[EmbeddingChunk] = []
-        tokens: list[int] = []
-        weights: list[float] = []
-        fixes: list[tuple[int, str]] = []
-        last_comma = -1
-
-        def close(keep: int) -> None:
-            nonlocal tokens, weights, fixes, last_comma
-            chunks.append(EmbeddingChunk(tuple(tokens[:keep]), tuple(weights[:keep]),
-                                         tuple(f for f in fixes if f[0] < keep)))
-            fixes = [(at - keep, name) for at, name in fixes if at >= keep]
-            tokens, weights, last_comma = tokens[keep:], weights[keep:], -1
-
-        for run, weight in parse_attention(text):
-            if (run, weight) == BREAK:
-                close(len(tokens))
-                continue
-            ids = encode(run)
-            i = 0
-            while i < len(ids):
-                token = ids[i]
-                if token == comma_id:
-                    last_comma = len(tokens)
-                elif backtrack and len(tokens) == length and last_comma != -1 and length - last_comma <= backtrack:
-                    close(last_comma + 1)
-                if len(tokens) == length:
-                    close(length)
-                found = self._match(ids, i)
-                if found is None:
-                    tokens.append(token)
-                    weights.append(weight)
-                    i += 1
-                    continue
-                name, name_tokens = found
-                n = self.embeddings[name].num_vectors
-                if len(tokens) + n > length:
-                    close(len(tokens))
-                fixes.append((len(tokens), name))
-                tokens += [PLACEHOLDER_ID] * n
-                weights += [weight] * n
-                i += name_tokens
-        if tokens or not chunks:
-            close(len(tokens))
-        return chunks
+        return chunk_prompt(text, encode, comma_id, length=length, backtrack=backtrack, match=self._match,
+                            placeholder=PLACEHOLDER_ID)
 
     def names_in(self, text: str) -> list[str]:
         """The embeddings a prompt uses, in order of first use (for infotext)."""
@@ -226,7 +176,7 @@ class EmbeddingSet:
         subs = [
             (row, offset + 1, vectors[name][slot])
             for row, c in enumerate(chunks)
-            for offset, name in getattr(c, "fixes", ())
+            for offset, name in c.fixes
         ]
         return _token_vectors(_token_embedding(encoder), subs) if subs else nullcontext()
 

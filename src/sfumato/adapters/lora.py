@@ -446,6 +446,13 @@ def remove_loras(model: LoadedModel) -> int:
     return restored
 
 
+def bake_loras(model: LoadedModel) -> None:
+    """Make the LoRAs applied so far part of the base weights: ``remove_loras`` no longer undoes them
+    (and their originals are freed)."""
+    for module, _ in _components(model).values():
+        _ORIGINALS.pop(module, None)
+
+
 # -- prompts and files --------------------------------------------------------------------------
 
 _TAG = re.compile(r"<(lora|lyco):([^>]*)>")

@@ -39,13 +39,14 @@ class Progress:
     latents: Tensor       # current x (scaled latents, fp32)
     denoised: Tensor      # current x̂0 estimate
     family_kind: str = "sd"   # "sdxl" selects the SDXL preview factors
-    preview_factors: tuple[Tensor, Tensor] | None = None   # fitted (factors, bias) for other models
+    # fitted (factors, bias) for models outside SD/SDXL; a callable so the fit runs only if a preview is asked for
+    preview_factors: Callable[[], tuple[Tensor, Tensor] | None] | None = None
 
     def preview(self) -> np.ndarray:
         """A cheap RGB preview of x̂0 (no VAE): uint8 [B, h, w, 3] at latent resolution."""
         from .preview import latent_to_rgb
 
-        factors, bias = self.preview_factors or (None, None)
+        factors, bias = (self.preview_factors and self.preview_factors()) or (None, None)
         return latent_to_rgb(self.denoised, self.family_kind, factors, bias).numpy()
 
 
@@ -230,7 +231,7 @@ class Generator:
         def on_step(rec: StepRecord) -> None:
             if callback is not None:
                 callback(Progress(stage, rec.index, rec.total, rec.sigma, rec.x, rec.denoised,
-                                  "sdxl" if r.spec.is_sdxl else "sd", r.preview_factors))
+                                  "sdxl" if r.spec.is_sdxl else "sd", lambda: r.preview_factors))
 
         x = get_sampler(p.sampler)(guided, x, sigmas, callback=on_step, noise_sampler=noise.noise_sampler())
         if latent_mask is not None and image_cond is None:

@@ -83,21 +83,3 @@ def _model_path(model: str, models_dir: Path | None) -> Path:
     except ApiError as e:
         raise SfumatoError(e.body()["detail"]) from None
 
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m sfumato.server.cli serve …``: the command alone."""
-    import sys
-
-    parser = argparse.ArgumentParser(prog="sfumato")
-    add_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
-    try:
-        return args.func(args)
-    except SfumatoError as e:
-        print(f"sfumato: error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -280,10 +280,17 @@ COMMA_BACKTRACK = 20    # A1111's default "comma padding backtrack"
 
 @dataclass(frozen=True)
 class Chunk:
-    """Up to ``CHUNK_LENGTH`` token ids of a prompt and their emphasis weights (no BOS/EOS/padding)."""
+    """Up to ``CHUNK_LENGTH`` token ids of a prompt and their emphasis weights (no BOS/EOS/padding).
+    ``fixes`` place textual inversion embeddings: (offset into ``tokens``, name); the tokens there
+    are placeholders for the embedding's vectors."""
 
     tokens: tuple[int, ...]
     weights: tuple[float, ...]
+    fixes: tuple[tuple[int, str], ...] = ()
+
+
+# (ids, i) → None, or (embedding name, ids it spans from i, placeholders it takes)
+Matcher = Callable[[list[int], int], "tuple[str, int, int] | None"]
 
 
 def chunk_prompt(
@@ -293,36 +300,55 @@ def chunk_prompt(
     *,
     length: int = CHUNK_LENGTH,
     backtrack: int = COMMA_BACKTRACK,
+    match: Matcher | None = None,
+    placeholder: int = 0,
 ) -> list[Chunk]:
     """Tokenize each emphasis run of ``text`` with ``encode`` and cut the weighted ids into chunks.
 
     ``BREAK`` closes the current chunk. When a chunk is full and one of its last ``backtrack``
     tokens is a comma, the chunk ends right after that comma and the tokens after it move to the
-    next chunk. An empty prompt gives one empty chunk.
+    next chunk. An empty prompt gives one empty chunk. ``match`` finds embedding names: each
+    becomes its ``placeholder`` tokens, kept together (one that does not fit starts the next chunk).
     """
     chunks: list[Chunk] = []
     tokens: list[int] = []
     weights: list[float] = []
+    fixes: list[tuple[int, str]] = []
     last_comma = -1
 
     def close(keep: int) -> None:
-        nonlocal tokens, weights, last_comma
-        chunks.append(Chunk(tuple(tokens[:keep]), tuple(weights[:keep])))
+        nonlocal tokens, weights, fixes, last_comma
+        chunks.append(Chunk(tuple(tokens[:keep]), tuple(weights[:keep]), tuple(f for f in fixes if f[0] < keep)))
+        fixes = [(at - keep, name) for at, name in fixes if at >= keep]
         tokens, weights, last_comma = tokens[keep:], weights[keep:], -1
 
     for run, weight in parse_attention(text):
         if (run, weight) == BREAK:
             close(len(tokens))
             continue
-        for token in encode(run):
+        ids = encode(run)
+        i = 0
+        while i < len(ids):
+            token = ids[i]
             if token == comma_id:
                 last_comma = len(tokens)
             elif backtrack and len(tokens) == length and last_comma != -1 and length - last_comma <= backtrack:
                 close(last_comma + 1)
             if len(tokens) == length:
                 close(length)
-            tokens.append(token)
-            weights.append(weight)
+            found = match(ids, i) if match is not None else None
+            if found is None:
+                tokens.append(token)
+                weights.append(weight)
+                i += 1
+                continue
+            name, spanned, n = found
+            if len(tokens) + n > length:
+                close(len(tokens))
+            fixes.append((len(tokens), name))
+            tokens += [placeholder] * n
+            weights += [weight] * n
+            i += spanned
     if tokens or not chunks:
         close(len(tokens))
     return chunks
