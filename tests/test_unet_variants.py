@@ -2,9 +2,8 @@
 SD 2 depth2img (5 input channels: latent + depth) and the SD x4 upscaler (7 input channels: latent +
 low-res RGB; a noise-level class embedding; cross-attention in place of self-attention on some levels).
 
-The x4 upscaler needs two UNetConfig fields that do not exist yet (``num_classes``: LDM's
-``label_emb = nn.Embedding``; ``disable_self_attentions``: per level, attn1 attends to the context);
-those tests are strict xfails until they do.
+The x4 upscaler uses two UNetConfig fields: ``num_classes`` (LDM's ``label_emb = nn.Embedding``) and
+``disable_self_attentions`` (per level, attn1 attends to the context).
 """
 
 from __future__ import annotations
@@ -49,9 +48,6 @@ TINY_X4 = dict(
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
     only_cross_attention=(True, True, False), num_class_embeds=10, attention_head_dim=2,
     cross_attention_dim=48, use_linear_projection=True, norm_num_groups=8,
-)
-needs_x4_fields = pytest.mark.xfail(
-    strict=True, reason="needs UNetConfig.num_classes and UNetConfig.disable_self_attentions"
 )
 
 
@@ -121,7 +117,6 @@ def test_depth2img_full_size_keys() -> None:
 # -- SD x4 upscaler ------------------------------------------------------------------------------------
 
 
-@needs_x4_fields
 def test_x4_upscaler_matches_diffusers() -> None:
     ref, ours = pair(TINY_X4, tiny_x4_config(), seed=1)
     torch.manual_seed(0)
@@ -138,7 +133,6 @@ def test_x4_upscaler_matches_diffusers() -> None:
         ours(x, t, ctx)
 
 
-@needs_x4_fields
 def test_x4_upscaler_full_size_keys() -> None:
     shapes = shapes_match(X4_DIFFUSERS, x4_config())
     assert shapes["label_emb.weight"] == (1000, 1024)  # nn.Embedding(num_classes, 4 · model_channels)

@@ -334,30 +334,7 @@ def controlled_unet(unet: UNetModel, units: Sequence[ControlUnit]) -> Callable[.
                 control = res if control is None else [a + b.to(a.dtype) for a, b in zip(control, res)]
         if control is None:
             return unet(x, t, context, y)
-        return _controlled_forward(unet, x, t, context, y, control)
+        return unet(x, t, context, y, control=control)
 
     return fn
 
-
-# TEMPORARY: UNetModel.forward has no hook for ControlNet residuals yet. This replays its forward
-# with the residuals added to the skip connections and the middle block's output; once
-# `UNetModel.forward(..., control=...)` exists, `fn` above calls it and this function goes.
-def _controlled_forward(
-    unet: UNetModel, x: Tensor, timesteps: Tensor, context: Tensor, y: Tensor | None, control: list[Tensor],
-) -> Tensor:
-    if len(control) != len(unet.input_blocks) + 1:
-        raise ValueError(f"{len(control)} ControlNet residuals for a UNet with {len(unet.input_blocks)} input blocks")
-    dtype = unet.compute_dtype
-    emb = unet.embed(timesteps, y, x.shape[0], dtype)
-    context = context.to(dtype)
-    h = x.to(dtype).contiguous(memory_format=torch.channels_last)
-    skips: list[Tensor] = []
-    for block in unet.input_blocks:
-        h = block(h, emb, context)
-        skips.append(h)
-    h = unet.middle_block(h, emb, context) + control[-1].to(dtype)
-    for block in unet.output_blocks:
-        skip = skips.pop()
-        h = torch.cat([h, skip + control[len(skips)].to(dtype)], dim=1)
-        h = block(h, emb, context, skips[-1].shape[-2:] if skips else None)
-    return unet.out(h).to(x.dtype).contiguous()

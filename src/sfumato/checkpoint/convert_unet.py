@@ -54,6 +54,8 @@ def _key_map(cfg: UNetConfig) -> dict[str, str]:
     if cfg.adm_in_channels is not None:
         add("add_embedding.linear_1", "label_emb.0.0")
         add("add_embedding.linear_2", "label_emb.0.2")
+    if cfg.num_classes is not None:
+        add("class_embedding", "label_emb", ("weight",))
 
     n, levels, mult = cfg.num_res_blocks, len(cfg.channel_mult), cfg.channel_mult
     for i, depth in enumerate(cfg.transformer_depth):
@@ -105,8 +107,8 @@ def ldm_unet_to_diffusers(sd: Mapping[str, Tensor], cfg: UNetConfig) -> dict[str
 # diffusers options this UNet does not implement, with the only value we accept (also their default).
 _FIXED: dict[str, Any] = {
     "center_input_sample": False, "flip_sin_to_cos": True, "freq_shift": 0, "act_fn": "silu", "norm_eps": 1e-5,
-    "mid_block_type": "UNetMidBlock2DCrossAttn", "only_cross_attention": False, "dual_cross_attention": False,
-    "downsample_padding": 1, "mid_block_scale_factor": 1, "class_embed_type": None, "num_class_embeds": None,
+    "mid_block_type": "UNetMidBlock2DCrossAttn", "dual_cross_attention": False,
+    "downsample_padding": 1, "mid_block_scale_factor": 1, "class_embed_type": None,
     "resnet_time_scale_shift": "default", "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0,
     "time_embedding_type": "positional", "time_embedding_dim": None, "time_embedding_act_fn": None,
     "timestep_post_act": None, "time_cond_proj_dim": None, "conv_in_kernel": 3, "conv_out_kernel": 3,
@@ -171,6 +173,14 @@ def unet_config_from_diffusers(config: Mapping[str, Any]) -> UNetConfig:
     else:
         head_cfg = {"num_heads": _same([heads[i] for i in used], "attention_head_dim")}
 
+    only_cross = config.get("only_cross_attention", False)
+    cross_levels = tuple(bool(v) for v in _per_level(only_cross, levels, "only_cross_attention"))
+    middle_cross = config.get("mid_block_only_cross_attention")
+    if middle_cross is None:
+        middle_cross = only_cross if isinstance(only_cross, bool) else False
+    if middle_cross:
+        raise ValueError("diffusers config: a cross-attention-only middle block is not supported")
+
     addition = config.get("addition_embed_type")
     if addition not in (None, "text_time"):
         raise ValueError(f"diffusers config addition_embed_type={addition!r} is not supported")
@@ -189,5 +199,7 @@ def unet_config_from_diffusers(config: Mapping[str, Any]) -> UNetConfig:
         use_linear_in_transformer=bool(config.get("use_linear_projection", False)),
         adm_in_channels=config.get("projection_class_embeddings_input_dim") if addition else None,
         norm_groups=config.get("norm_num_groups", 32),
+        num_classes=config.get("num_class_embeds"),
+        disable_self_attentions=cross_levels if any(cross_levels) else None,
         **head_cfg,
     )

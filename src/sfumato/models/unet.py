@@ -13,6 +13,7 @@ Channels-last activations were measured slower here (each conv weight gets re-la
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -41,12 +42,18 @@ class UNetConfig:
     use_linear_in_transformer: bool = False  # proj_in / proj_out are Linear instead of 1x1 convs
     adm_in_channels: int | None = None  # size of the vector `y` (SDXL), None = no label_emb
     norm_groups: int = 32
+    num_classes: int | None = None  # class-label embedding (x4 upscaler: noise level), None = none
+    disable_self_attentions: tuple[bool, ...] | None = None  # per level: attn1 attends to the context
 
     def __post_init__(self) -> None:
         if len(self.transformer_depth) != len(self.channel_mult):
             raise ValueError("transformer_depth needs one entry per channel_mult level")
         if self.transformer_depth_middle < 1:
             raise ValueError("transformer_depth_middle must be >= 1")
+        if self.disable_self_attentions is not None and len(self.disable_self_attentions) != len(self.channel_mult):
+            raise ValueError("disable_self_attentions needs one entry per channel_mult level")
+        if self.num_classes is not None and self.adm_in_channels is not None:
+            raise ValueError("a UNet takes either class labels (num_classes) or a vector y (adm_in_channels)")
 
     def heads(self, channels: int) -> tuple[int, int]:
         """(number of heads, channels per head) of a transformer with `channels` channels."""
@@ -147,11 +154,13 @@ class FeedForward(nn.Module):
 
 
 class BasicTransformerBlock(nn.Module):
-    """Pre-norm self-attention, cross-attention and GEGLU feed-forward, each residual."""
+    """Pre-norm self-attention, cross-attention and GEGLU feed-forward, each residual. With
+    `cross_only` (the x4 upscaler's disable_self_attn) the first attention attends to the context too."""
 
-    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int) -> None:
+    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int, cross_only: bool = False) -> None:
         super().__init__()
-        self.attn1 = Attention(dim, dim, heads, dim_head)
+        self.cross_only = cross_only
+        self.attn1 = Attention(dim, context_dim if cross_only else dim, heads, dim_head)
         self.ff = FeedForward(dim)
         self.attn2 = Attention(dim, context_dim, heads, dim_head)
         self.norm1 = LayerNorm(dim)
@@ -159,7 +168,7 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = LayerNorm(dim)
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
-        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn1(self.norm1(x), context if self.cross_only else None)
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
 
@@ -167,7 +176,7 @@ class BasicTransformerBlock(nn.Module):
 class SpatialTransformer(nn.Module):
     """Applies transformer blocks to the pixels of a feature map, conditioned on a context sequence."""
 
-    def __init__(self, channels: int, depth: int, context_dim: int, cfg: UNetConfig) -> None:
+    def __init__(self, channels: int, depth: int, context_dim: int, cfg: UNetConfig, cross_only: bool = False) -> None:
         super().__init__()
         heads, dim_head = cfg.heads(channels)
         self.linear = cfg.use_linear_in_transformer
@@ -175,7 +184,7 @@ class SpatialTransformer(nn.Module):
         proj = (lambda: Linear(channels, channels)) if self.linear else (lambda: Conv2d(channels, channels, 1))
         self.proj_in = proj()
         self.transformer_blocks = nn.ModuleList(
-            BasicTransformerBlock(channels, heads, dim_head, context_dim) for _ in range(depth)
+            BasicTransformerBlock(channels, heads, dim_head, context_dim, cross_only) for _ in range(depth)
         )
         self.proj_out = proj()
 
@@ -241,11 +250,14 @@ class UNetModel(nn.Module):
             self.label_emb = nn.Sequential(
                 nn.Sequential(Linear(cfg.adm_in_channels, emb_dim), nn.SiLU(), Linear(emb_dim, emb_dim))
             )
+        elif cfg.num_classes is not None:
+            self.label_emb = nn.Embedding(cfg.num_classes, emb_dim)
+        cross_only = cfg.disable_self_attentions or (False,) * len(cfg.channel_mult)
 
-        def stage(ch: int, out: int, depth: int) -> list[nn.Module]:
+        def stage(ch: int, out: int, depth: int, level: int) -> list[nn.Module]:
             layers: list[nn.Module] = [ResBlock(ch, emb_dim, out, groups)]
             if depth:
-                layers.append(SpatialTransformer(out, depth, cfg.context_dim, cfg))
+                layers.append(SpatialTransformer(out, depth, cfg.context_dim, cfg, cross_only[level]))
             return layers
 
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(Conv2d(cfg.in_channels, mc, 3, padding=1))])
@@ -254,7 +266,7 @@ class UNetModel(nn.Module):
         last = len(cfg.channel_mult) - 1
         for level, (mult, depth) in enumerate(zip(cfg.channel_mult, cfg.transformer_depth)):
             for _ in range(cfg.num_res_blocks):
-                self.input_blocks.append(TimestepEmbedSequential(*stage(ch, mult * mc, depth)))
+                self.input_blocks.append(TimestepEmbedSequential(*stage(ch, mult * mc, depth, level)))
                 ch = mult * mc
                 skip_channels.append(ch)
             if level != last:
@@ -271,7 +283,7 @@ class UNetModel(nn.Module):
         for level in reversed(range(last + 1)):
             mult, depth = cfg.channel_mult[level], cfg.transformer_depth[level]
             for i in range(cfg.num_res_blocks + 1):
-                layers = stage(ch + skip_channels.pop(), mult * mc, depth)
+                layers = stage(ch + skip_channels.pop(), mult * mc, depth, level)
                 ch = mult * mc
                 if level and i == cfg.num_res_blocks:
                     layers.append(Upsample(ch))
@@ -287,7 +299,8 @@ class UNetModel(nn.Module):
         return resolve_compute_dtype(w.dtype, w.device, self.dtype_override)
 
     def embed(self, timesteps: Tensor, y: Tensor | None, batch: int, dtype: torch.dtype | None = None) -> Tensor:
-        """The time (+ SDXL vector) embedding given to every ResBlock, in `dtype` (default: compute dtype)."""
+        """The time (+ SDXL vector or class label) embedding given to every ResBlock, in `dtype` (default:
+        compute dtype). `y` is the SDXL vector, or the integer class labels (N,) of a `num_classes` UNet."""
         dtype = dtype or self.compute_dtype
         t = timesteps.reshape(-1).expand(batch) if timesteps.numel() == 1 else timesteps
         emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(dtype))
@@ -295,14 +308,26 @@ class UNetModel(nn.Module):
             if y is None:
                 raise ValueError("this UNet needs the vector conditioning y")
             emb = emb + self.label_emb(y.to(dtype))
+        elif self.cfg.num_classes is not None:
+            if y is None:
+                raise ValueError("this UNet needs class labels y (the x4 upscaler: the noise level)")
+            emb = emb + self.label_emb(y.long().reshape(-1).expand(batch)).to(dtype)
         elif y is not None:
             raise ValueError("this UNet takes no vector conditioning y")
         return emb
 
-    def forward(self, x: Tensor, timesteps: Tensor, context: Tensor, y: Tensor | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, timesteps: Tensor, context: Tensor, y: Tensor | None = None,
+        control: Sequence[Tensor] | None = None,
+    ) -> Tensor:
         """x: (B, in_channels, H, W) latent; timesteps: (B,) or scalar; context: (B, L, context_dim);
-        y: (B, adm_in_channels) for SDXL. Any latent size works: upsampling follows the skip sizes.
+        y: (B, adm_in_channels) for SDXL, (B,) class labels for a `num_classes` UNet; control: ControlNet
+        residuals, one per input block (added to its skip connection) and one for the middle block, last.
+        Any latent size works: upsampling follows the skip sizes.
         Computes in `compute_dtype` and returns the prediction in x's dtype."""
+        if control is not None and len(control) != len(self.input_blocks) + 1:
+            raise ValueError(f"{len(control)} control residuals for a UNet with {len(self.input_blocks)} input "
+                             "blocks (one per input block and one for the middle block expected)")
         dtype = self.compute_dtype
         emb = self.embed(timesteps, y, x.shape[0], dtype)
         context = context.to(dtype)
@@ -312,7 +337,12 @@ class UNetModel(nn.Module):
             h = block(h, emb, context)
             skips.append(h)
         h = self.middle_block(h, emb, context)
+        if control is not None:
+            h = h + control[-1].to(dtype)
         for block in self.output_blocks:
-            h = torch.cat([h, skips.pop()], dim=1)
+            skip = skips.pop()
+            if control is not None:
+                skip = skip + control[len(skips)].to(dtype)
+            h = torch.cat([h, skip], dim=1)
             h = block(h, emb, context, skips[-1].shape[-2:] if skips else None)
         return self.out(h).to(x.dtype).contiguous()
