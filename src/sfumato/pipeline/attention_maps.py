@@ -5,9 +5,18 @@ recompute softmax(q·kᵀ/√d) from the module's own ``to_q`` / ``to_k`` weight
 rows of each UNet call (under CFG a call holds one image's uncond row first, then its cond rows,
 one per ``AND`` part). The probabilities are averaged over heads and over layers (each upsampled
 bilinearly to the latent size) and over the UNet calls of a run, giving per context position a
-heat map that sums to 1 over positions at every pixel. Words map to their token positions (BOS,
-EOS, padding and punctuation ignored; a word of several BPE tokens sums them); each word's map is
-upsampled to the image and scaled to [0, 1] by its maximum.
+heat map that sums to 1 over positions at every pixel. As DAAM leaves out SD's coarsest maps (the
+8×8 middle block), the layers at a UNet's coarsest attention resolution are left out whenever it
+attends at more than one (the bundled model: its 4×4 maps, 16-pixel cells, are left out; its 8×8
+maps are kept).
+
+A word's map is its share of the attention given to the prompt's tokens at each pixel (DAAM's
+``normalize``): its positions' probabilities (a word of several BPE tokens sums them) divided by
+those of all the prompt's tokens, BOS, EOS and padding excluded. This takes out the attention
+sink: models park most attention on tokens without a word (SD on BOS, the bundled model on the
+padding), and how much a pixel parks varies over the image (object against background). The share
+is upsampled to the image and scaled to [0, 1] between its minimum and maximum, as DAAM does before
+thresholding; a map without contrast (a one-word prompt) is 1 everywhere.
 
 Not covered: prompt editing / alternation (a position's word changes over the steps), textual
 inversion embeddings named in the prompt, and the SDXL refiner's steps (its UNet is not hooked).
@@ -72,7 +81,7 @@ class AttentionMaps:
         self._counts: dict[tuple[int, int, int], int] = {}
         self._calls = 0
         self._latent: tuple[int, int] | None = None
-        self._layers: list[Tensor] = []
+        self._layers: list[tuple[int, Tensor]] = []   # (tokens of the layer's map, map at the latent size)
 
     # -- hooks -------------------------------------------------------------------------------------
 
@@ -90,13 +99,16 @@ class AttentionMaps:
             probs = attention_probs(module, x[1:], context[1:]).mean(dim=1)       # [rows, N, L]
             h, w = _grid(probs.shape[1], *self._latent)
             maps = probs.transpose(1, 2).reshape(probs.shape[0], probs.shape[2], h, w)
-            self._layers.append(F.interpolate(maps, size=self._latent, mode="bilinear", align_corners=False))
+            self._layers.append((probs.shape[1], F.interpolate(maps, size=self._latent, mode="bilinear",
+                                                                align_corners=False)))
 
     def _unet_end(self, module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> None:
         if not self._layers:
             return
         key = (self._calls % self.batch_size, *self._latent)
-        heat = torch.stack(self._layers).mean(dim=0).cpu()
+        coarsest = min(n for n, _ in self._layers)
+        kept = [m for n, m in self._layers if n > coarsest] or [m for _, m in self._layers]
+        heat = torch.stack(kept).mean(dim=0).cpu()
         self._sums[key] = self._sums[key] + heat if key in self._sums else heat
         self._counts[key] = self._counts.get(key, 0) + 1
         self._calls += 1
@@ -106,7 +118,8 @@ class AttentionMaps:
 
     def token_heat(self, size: tuple[int, int], image: int = 0) -> Tensor:
         """``[rows, L, height, width]``: the mean attention probability of every context position
-        over all UNet calls of ``image`` (each latent size upsampled to ``size``, weighted by its calls)."""
+        over all UNet calls of ``image`` (each latent size upsampled to ``size``, weighted by its calls;
+        the coarsest attention resolution left out, see the module docstring)."""
         keys = [k for k in self._sums if k[0] == image]
         if not keys:
             raise ValueError(f"attention maps: nothing was collected for image {image}")
@@ -130,16 +143,23 @@ class AttentionMaps:
         for row, part in enumerate(parts):
             if len(prompt_schedule(part, 1000)) > 1:
                 raise ValueError("attention maps: prompt editing and alternation are not supported")
-            for word, positions in word_positions(part).items():
-                positions = [p for p in positions if p < heat.shape[1]]
-                mass = heat[row, positions].sum(dim=0)
-                words[word] = words[word] + mass if word in words else mass
-        return {word: (m / m.max().clamp_min(1e-12)).numpy().astype(np.float32) for word, m in words.items()}
+            tokens = [(p, word) for p, word in prompt_tokens(part) if p < heat.shape[1]]
+            prompt_mass = heat[row, [p for p, _ in tokens]].sum(dim=0).clamp_min(1e-12)
+            for word in dict.fromkeys(word for _, word in tokens if word is not None):
+                share = heat[row, [p for p, w in tokens if w == word]].sum(dim=0) / prompt_mass
+                words[word] = words[word] + share if word in words else share
+        return {word: _min_max(m).numpy().astype(np.float32) for word, m in words.items()}
 
 
-def word_positions(text: str) -> dict[str, list[int]]:
-    """Context positions of each word of one prompt part (A1111 emphasis, BREAK and 75-token chunks
-    as the conditioner encodes them: chunk c, token t sits at ``c·77 + 1 + t``); punctuation is skipped."""
+def _min_max(m: Tensor) -> Tensor:
+    lo, hi = m.min(), m.max()
+    return (m - lo) / (hi - lo) if hi - lo > 1e-6 * hi.abs().clamp_min(1e-12) else torch.ones_like(m)
+
+
+def prompt_tokens(text: str) -> list[tuple[int, str | None]]:
+    """``(context position, word)`` of each token of one prompt part, in order, as the conditioner
+    encodes it (A1111 emphasis, BREAK and 75-token chunks: chunk c, token t sits at ``c·77 + 1 + t``);
+    the word is None for punctuation. BOS, EOS and padding are not tokens of the prompt."""
     tokenizer = get_tokenizer()
     labels: list[str | None] = []
 
@@ -153,13 +173,16 @@ def word_positions(text: str) -> dict[str, list[int]]:
         return ids
 
     chunks = chunk_prompt(text, encode, tokenizer.token_id(",</w>"))
+    positions = [c * MAX_LENGTH + 1 + t for c, chunk in enumerate(chunks) for t in range(len(chunk.tokens))]
+    return list(zip(positions, labels, strict=True))
+
+
+def word_positions(text: str) -> dict[str, list[int]]:
+    """Context positions of each word of one prompt part (see ``prompt_tokens``); punctuation is skipped."""
     positions: dict[str, list[int]] = {}
-    flat = 0
-    for c, chunk in enumerate(chunks):
-        for t in range(len(chunk.tokens)):
-            if labels[flat] is not None:
-                positions.setdefault(labels[flat], []).append(c * MAX_LENGTH + 1 + t)
-            flat += 1
+    for p, word in prompt_tokens(text):
+        if word is not None:
+            positions.setdefault(word, []).append(p)
     return positions
 
 
