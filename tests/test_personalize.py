@@ -11,13 +11,17 @@ import torch
 
 import sfumato
 from sfumato.adapters.embeddings import Embedding, EmbeddingSet, load_embeddings
+from sfumato.adapters.hypernetwork import hypernetworks_applied, load_hypernetwork
 from sfumato.adapters.lora import apply_loras
 from sfumato.checkpoint.io import load_file
 from sfumato.checkpoint.specs import SPEC_METADATA_KEY
 from sfumato.text.conditioner import Conditioner
 from sfumato.train import personalize as P
 from sfumato.train.personalize_cli import add_commands
-from sfumato.train.shapes import Obj, Scene, render
+from sfumato.train.concepts import (EXTRA, PAIR, TEAL, colour_concept_images, colour_eval_prompts, pair_concept_images,
+                                   pair_eval_prompts, pair_present, pair_rate, render_teal, teal_present)
+from sfumato.train.judge import MIN_OBJECT, detect
+from sfumato.train.shapes import COLOURS, PALETTE, SHAPES, Obj, Scene, render
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +73,56 @@ def test_concept_measure_on_drawn_scenes():
     noisy = render(Scene((Obj("circle", "orange", 0.5, 0.5, 0.5),), "blue")).astype(np.float32) + rng.normal(0, 4, (64, 64, 3))
     assert not P.concept_present(np.clip(noisy, 0, 255).astype(np.uint8))
     assert all(P.concept_present(im) and P.TOKEN in text for im, text in P.concept_images(8, seed=3))
+
+
+def _generated_like(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Soft edges and noise, as in generated images."""
+    img = image.astype(np.float32)
+    img = (img + np.roll(img, 1, 0) + np.roll(img, 1, 1) + np.roll(img, (1, 1), (0, 1))) / 4
+    return np.clip(img + rng.normal(0, 4, img.shape), 0, 255).astype(np.uint8)
+
+
+def test_detector_names_teal_when_asked_and_the_colour_concept_measure():
+    assert min(np.linalg.norm(np.subtract(TEAL, PALETTE[c])) for c in COLOURS) > 80  # not a palette colour
+    rng = np.random.default_rng(0)
+    for background in COLOURS:
+        for shape in SHAPES:
+            for size in (0.32, 0.6):
+                image = _generated_like(render_teal(shape, background, 0.45, 0.55, size, rng=rng), rng)
+                det = detect(image, EXTRA)
+                assert (det.background, [(o.colour, o.shape) for o in det.objects]) == (background, [("teal", shape)])
+                assert teal_present(image)
+                assert detect(image).objects[0].colour != "teal"  # without the extra colour: the palette only
+    # the palette's nearest colours stay themselves; two objects, or none, are not the concept
+    for colour, background in (("green", "black"), ("blue", "white"), ("green", "blue"), ("blue", "green")):
+        image = _generated_like(render(Scene((Obj("circle", colour, 0.5, 0.5, 0.45),), background), rng=rng), rng)
+        assert [o.colour for o in detect(image, EXTRA).objects] == [colour] and not teal_present(image)
+    both = render_teal("square", "white", 0.25, 0.5, 0.3)
+    both[:, 32:] = render(Scene((Obj("circle", "green", 0.75, 0.5, 0.3),), "white"))[:, 32:]
+    assert [o.colour for o in detect(both, EXTRA).objects] == ["teal", "green"] and not teal_present(both)
+    assert not teal_present(np.full((64, 64, 3), PALETTE["blue"], np.uint8))
+    with pytest.raises(ValueError, match="palette"):
+        detect(both, {"green": (0, 0, 0)})
+    items = colour_concept_images(9, token="zq")
+    assert all(teal_present(im) and text.startswith("a zq ") for im, text in items)
+    assert {text.split()[2] for _, text in items} == set(SHAPES)
+    assert len(set(colour_eval_prompts(20))) > 10 and all("sks" in p for p in colour_eval_prompts(20))
+
+
+def test_pair_concept_measure_on_drawn_scenes():
+    assert PAIR == ("purple", "triangle")
+    rng = np.random.default_rng(1)
+    prompt = "a sks on a blue background"
+    for colour, shape, ok in (("purple", "triangle", True), ("purple", "square", False), ("red", "triangle", False)):
+        image = _generated_like(render(Scene((Obj(shape, colour, 0.4, 0.6, 0.45),), "blue"), rng=rng), rng)
+        assert pair_present(prompt, image) is ok
+    two = render(Scene((Obj("triangle", "purple", 0.25, 0.5, 0.3), Obj("triangle", "purple", 0.75, 0.5, 0.3)), "blue"))
+    assert not pair_present(prompt, two)
+    items = pair_concept_images(14)
+    assert all(pair_present(text, im) and text.startswith("a sks on a ") for im, text in items)
+    assert {text.split()[4] for _, text in items} == {c for c in COLOURS if c != "purple"}
+    assert all(pair_present(p, render(Scene((Obj("triangle", "purple", 0.5, 0.5, 0.4),), p.split()[4])))
+               for p in pair_eval_prompts(20))
 
 
 def test_lora_lowers_loss_and_loads_with_no_unmatched_keys(items, data, tmp_path):
@@ -154,8 +208,8 @@ def test_hypernetwork_changes_outputs_and_round_trips(items, data, tmp_path):
     saved = torch.load(path, weights_only=True)
     assert saved["layer_structure"] == [1, 2, 1] and set(saved[64][0]) == {
         "linear.0.weight", "linear.0.bias", "linear.1.weight", "linear.1.bias"}
-    net = P.load_hypernetwork(path)
-    with net.applied(pipe.model.unet):
+    net = load_hypernetwork(path)
+    with hypernetworks_applied(pipe.model.unet, [(net, 1.0)]):
         after = fixed_loss(pipe, data)
     assert after < before
     assert fixed_loss(pipe, data) == before  # hooks removed
@@ -191,3 +245,73 @@ def test_cli_adds_the_four_commands_and_reads_captions(items, tmp_path):
     read = P.read_images(folder, "a red sks on a blue background")
     assert len(read) == 4 and read[0][1] == "a red sks on a blue background" and read[1][1] == items[1][1]
     assert np.array_equal(read[2][0], items[2][0])
+
+
+def _images(pipe, prompts, suffix=""):
+    return [np.asarray(pipe.txt2img(p + suffix, steps=20, seed=k, watermark=False).images[0].convert("RGB"))
+            for k, p in enumerate(prompts)]
+
+
+def _teal_or_green(image) -> bool:
+    """The image's significant objects are all teal or green (teal's nearest palette colour)."""
+    found = [o for o in detect(image, EXTRA).objects if o.area >= MIN_OBJECT]
+    return bool(found) and all(o.colour in ("teal", "green") for o in found)
+
+
+@pytest.mark.slow
+def test_hypernetwork_trains_and_changes_outputs_measurably(tmp_path):
+    """A hypernetwork trained briefly (300 steps) on the teal concept images changes what the bundled
+    model draws for the concept prompts: the objects move to teal's side of the palette (all teal or
+    green, by the detector) in ≥ 50 points more of 10 generations than without it, and the images
+    differ by ≥ 8 (of 255) per pixel on average, while the untrained hypernetwork (A1111's N(0, 0.01)
+    initialisation) changes them by < 2. It does not reach teal itself as often as textual inversion
+    (1 in 10). Measured on the shared 2-core CPU, one thread: base 0/10 teal-or-green, trained 10/10;
+    pixel difference 25.7 (untrained: 0.3); training 19–140 s depending on the machine's load."""
+    items = colour_concept_images(16)
+    prompts = colour_eval_prompts(10)
+    folder = tmp_path / "hypernetworks"
+    pipe = fresh()
+    P.train_hypernetwork(fresh(), items, folder / "init.pt", cfg=P.TrainConfig(steps=0, log_every=0))
+    P.train_hypernetwork(pipe, items, folder / "teal.pt", cfg=P.TrainConfig(steps=300, lr=3e-3, log_every=0))
+    hyper = sfumato.load(dtype="fp32", hypernet_dir=folder)
+    base, trained = _images(hyper, prompts), _images(hyper, prompts, " <hypernet:teal:1>")
+    untrained = _images(hyper, prompts, " <hypernet:init:1>")
+    base_rate = np.mean([_teal_or_green(im) for im in base])
+    rate = np.mean([_teal_or_green(im) for im in trained])
+    diff = np.mean([np.abs(a.astype(np.float32) - b).mean() for a, b in zip(base, trained)])
+    init_diff = np.mean([np.abs(a.astype(np.float32) - b).mean() for a, b in zip(base, untrained)])
+    assert rate >= base_rate + 0.5 and diff >= 8 and init_diff < 2, (base_rate, rate, diff, init_diff)
+
+
+@pytest.mark.slow
+def test_textual_inversion_binds_a_token_to_a_concept_the_frozen_model_can_draw(tmp_path):
+    """Issue 5's acceptance for textual inversion, on the bundled model. The concept: ``sks`` stands
+    for a *purple triangle* (``concepts.PAIR``), taught by 16 images captioned "a sks on a <colour>
+    background"; it counts when the detector finds exactly one object, a purple triangle (``judge``
+    on the caption with the token spelled out). Two vectors, initialised from "square", 200 steps.
+
+    Why a composite concept: textual inversion cannot teach the frozen bundled model a new shape
+    (the diamond: 0%) and a new colour only as far as its VAE reproduces one (teal: the VAE
+    round-trips it in 8 of the 16 training images, and textual inversion reached 10 of 20). The
+    base model, for the same prompts with ``sks`` unbound, draws the concept in 0 of 20 (mostly two
+    circles). Measured on the shared 2-core CPU (one thread): 20 of 20; training 60 s under load
+    (the whole test: 37 s on a quieter moment)."""
+    items = pair_concept_images(16)
+    prompts = pair_eval_prompts(20)
+    base_rate = pair_rate(fresh(), prompts)
+    P.train_ti(fresh(), items, tmp_path / "emb" / "sks.safetensors", init_word="square", num_vectors=2,
+               cfg=P.TrainConfig(steps=200, lr=1e-2, log_every=0))
+    rate = pair_rate(sfumato.load(dtype="fp32", embeddings_dir=tmp_path / "emb"), prompts)
+    assert base_rate <= 0.2 and rate >= 0.8, (base_rate, rate)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora", "dreambooth"])
+def test_lora_and_dreambooth_teach_the_bundled_model_a_new_shape(method, tmp_path):
+    """Issue 5's acceptance for LoRA and DreamBooth, on the bundled model: the concept is a shape it
+    never saw, the diamond (``concept_images``: 16 scenes "a sks on a <colour> background"; the rate
+    counts generations where the detector finds a diamond-like shape, see ``concept_rate``). The demo's
+    default settings (LoRA rank 4, 300 steps; DreamBooth 200 steps with prior preservation). Measured
+    before on the shared CPU: 20 of 20 for both, base model 0 of 20."""
+    report = P.demo(method, tmp_path, images=16, eval_n=20)
+    assert report["base_concept_rate"] <= 0.2 and report["concept_rate"] >= 0.8, report

@@ -134,6 +134,16 @@ def load_file(path: str | Path, *, device: str = "cpu") -> tuple[dict[str, torch
     return flat, {}
 
 
+def load_object(path: str | Path, *, device: str = "cpu") -> Any:
+    """The object a pickle-based file holds, unflattened (for formats whose non-tensor entries
+    matter, such as an A1111 hypernetwork's settings); through the allow-list like ``load_file``."""
+    path = Path(path)
+    fmt = sniff_format(path)
+    if fmt == "safetensors":
+        raise CheckpointError(f"{path} is safetensors, not a pickle-based file (read it with load_file)")
+    return _load_pickle(path, fmt, device)
+
+
 def read_metadata(path: str | Path) -> dict[str, str]:
     """The safetensors header metadata, without loading tensors ({} for pickle-based files)."""
     path = Path(path)

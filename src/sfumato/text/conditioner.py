@@ -106,7 +106,6 @@ class Conditioner:
             encoded = {p: c.pad_to(tokens, empty) for p, c in encoded.items()}
         return Cond.cat([encoded[p] for p in prompts])
 
-    @torch.no_grad()
     def encode(
         self,
         texts: list[str],
@@ -114,10 +113,17 @@ class Conditioner:
         clip_skip: int = 1,
         size: SizeConditioning | None = None,
         zero: bool = False,
+        grad: bool = False,
     ) -> list[Cond]:
         """One ``Cond`` per text, batch 1, context ``[1, 77·k, D]`` for its k chunks; emphasis
         applied per chunk; SDXL's pooled vector from the first chunk. ``zero``: zeros instead of
-        the text encoders' outputs (SDXL's empty negative prompt); the size embeddings remain."""
+        the text encoders' outputs (SDXL's empty negative prompt); the size embeddings remain.
+        ``grad``: differentiable in the encoders and the embeddings' vectors (for training, which
+        thereby sees the inference path); by default computed without autograd."""
+        with torch.set_grad_enabled(grad):
+            return self._encode(texts, clip_skip, size, zero)
+
+    def _encode(self, texts: list[str], clip_skip: int, size: SizeConditioning | None, zero: bool) -> list[Cond]:
         if clip_skip < 1:
             raise ValueError(f"clip_skip must be ≥ 1, got {clip_skip}")
         if self.spec.is_sdxl and size is None:

@@ -108,19 +108,28 @@ def _shape(alpha: np.ndarray) -> str:
     return "square" if fill > SQUARE_FILL else "circle"
 
 
-def detect(image: np.ndarray) -> Detected:
-    """The background and objects of an RGB image (uint8 ``[H, W, 3]`` or anything ``np.asarray`` takes)."""
+def detect(image: np.ndarray, extra_colours: Mapping[str, tuple[int, int, int]] | None = None) -> Detected:
+    """The background and objects of an RGB image (uint8 ``[H, W, 3]`` or anything ``np.asarray`` takes).
+
+    ``extra_colours``: object colours beyond the palette (a personalization concept's new colour, by
+    name and RGB); they join the palette in the object colour vote and in the threshold that separates
+    objects from the background. Backgrounds are always palette colours."""
+    extra = dict(extra_colours or {})
+    if clash := set(extra) & set(COLOURS):
+        raise ValueError(f"extra_colours: {sorted(clash)} are palette colours")
+    names = COLOURS + tuple(extra)
+    rgb = np.concatenate([_RGB, np.array(list(extra.values()), dtype=np.float32).reshape(-1, 3)])
     img = _blur(np.asarray(image, dtype=np.float32)[..., :3])
     h, w = img.shape[:2]
     border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])
     bg_rgb = np.median(border, axis=0)
     bg = int(np.argmin(np.linalg.norm(_RGB - bg_rgb, axis=1)))
-    others = np.delete(np.arange(len(COLOURS)), bg)
-    threshold = 0.45 * np.linalg.norm(_RGB[others] - _RGB[bg], axis=1).min()
+    others = np.delete(np.arange(len(names)), bg)
+    threshold = 0.45 * np.linalg.norm(rgb[others] - rgb[bg], axis=1).min()
     mask = np.linalg.norm(img - bg_rgb, axis=-1) > threshold
     labels = _components(mask)
-    # nearest non-background palette colour per pixel, for the votes
-    nearest = others[np.argmin(np.linalg.norm(img[..., None, :] - _RGB[others], axis=-1), axis=-1)]
+    # nearest non-background colour per pixel, for the votes
+    nearest = others[np.argmin(np.linalg.norm(img[..., None, :] - rgb[others], axis=-1), axis=-1)]
     core = _erode(mask)
     ids, counts = np.unique(labels[mask], return_counts=True)
     yy, xx = np.mgrid[:h, :w] + 0.5
@@ -139,7 +148,7 @@ def detect(image: np.ndarray) -> Detected:
         crop = alpha[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
         weight = np.clip(alpha, 0, None) + 1e-9
         objects.append(DetObj(
-            shape=_shape(crop), colour=COLOURS[colour],
+            shape=_shape(crop), colour=names[colour],
             cx=float((weight * xx).sum() / weight.sum() / w),
             cy=float((weight * yy).sum() / weight.sum() / h),
             area=float(alpha.sum() / (h * w)),

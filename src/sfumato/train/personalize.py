@@ -13,8 +13,10 @@ Four trainers share one loss (ε-prediction MSE at random discrete timesteps on 
 
 Images come from a folder (``read_images``: each picture with an optional same-named ``.txt``
 caption). The demo concept of the shapes world is a *diamond* (a square turned 45°), a shape the
-bundled model never saw (its VAE only reproduces the palette's colours, so a new colour cannot be
-learned without the VAE): ``concept_images`` draws it, ``is_diamond`` finds it in generated images.
+bundled model never saw: ``concept_images`` draws it, ``is_diamond`` finds it in generated images.
+A frozen UNet cannot learn to draw it, so textual inversion's concepts are elsewhere: a new colour
+(teal, reachable only as far as the VAE reproduces it) and a token for a colour-and-shape pair
+(see ``concepts``).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from torch.nn.utils import parametrize
 from torch.utils.checkpoint import checkpoint
 
 from ..adapters.embeddings import Embedding, EmbeddingSet, save_embedding
+from ..adapters.hypernetwork import Hypernetwork, hypernetworks_applied
 from ..api import Pipeline
 from ..checkpoint.convert_unet import ldm_unet_to_diffusers
 from ..checkpoint.io import load_file, save_file
@@ -228,13 +231,8 @@ def eps_loss(unet: nn.Module, z0: Tensor, context: Tensor, alphas_cumprod: Tenso
 
 def text_context(conditioner: Conditioner, texts: list[str], grad: bool = True) -> Tensor:
     """``Conditioner.encode``'s contexts; with ``grad``, differentiable in the encoder and the
-    embeddings (the method runs under ``no_grad``: its undecorated body is called), so training sees
-    the inference path (chunks, emphasis, embedding substitution)."""
-    if not grad:
-        return torch.cat([c.context for c in conditioner.encode(texts)])
-    with torch.enable_grad():
-        conds = Conditioner.encode.__wrapped__(conditioner, texts)
-    return torch.cat([c.context for c in conds])
+    embeddings, so training sees the inference path (chunks, emphasis, embedding substitution)."""
+    return torch.cat([c.context for c in conditioner.encode(texts, grad=grad)])
 
 
 @contextmanager
@@ -508,74 +506,21 @@ def _save_checkpoint(model: LoadedModel, out: Path, text_encoder: bool) -> None:
 # --- hypernetwork ----------------------------------------------------------------------------------
 
 
-class Hypernetwork(nn.Module):
-    """A1111's hypernetwork, layer structure (1, 2, 1), linear activation, no norm/dropout: per
-    context width, two MLPs (for ``to_k`` and ``to_v``) with ``context + mlp(context)`` outputs."""
-
-    structure = (1, 2, 1)
-
-    def __init__(self, width: int):
-        super().__init__()
-        self.width = width
-        self.k, self.v = (self._mlp(width) for _ in range(2))
-
-    def _mlp(self, width: int) -> nn.Sequential:
-        dims = [int(width * m) for m in self.structure]
-        layers = [nn.Linear(a, b) for a, b in zip(dims, dims[1:])]
-        for layer in layers:
-            nn.init.normal_(layer.weight, std=0.01)
-            nn.init.zeros_(layer.bias)
-        return nn.Sequential(*layers)
-
-    @contextmanager
-    def applied(self, unet: nn.Module) -> Iterator[None]:
-        """Cross-attention ``to_k`` / ``to_v`` layers see the transformed context."""
-        handles = []
-        for name, module in unet.named_modules():
-            if name.endswith("attn2.to_k") or name.endswith("attn2.to_v"):
-                mlp = self.k if name.endswith("to_k") else self.v
-                handles.append(module.register_forward_pre_hook(
-                    lambda m, args, mlp=mlp: (args[0] + mlp(args[0]).to(args[0].dtype),)))
-        try:
-            yield
-        finally:
-            for h in handles:
-                h.remove()
-
-    def a1111_dict(self, name: str, step: int) -> dict:
-        """The ``.pt`` contents A1111 writes: ``{width: [k MLP state, v MLP state]}`` and the settings."""
-        def layer_state(mlp: nn.Sequential) -> dict[str, Tensor]:
-            # A1111 numbers the Linears in its own Sequential (activations in between: none here)
-            return {f"linear.{i}.{p}": t.detach().clone() for i, layer in enumerate(mlp)
-                    for p, t in layer.state_dict().items()}
-
-        return {self.width: [layer_state(self.k), layer_state(self.v)], "name": name, "step": step,
-                "layer_structure": list(self.structure), "activation_func": "linear", "is_layer_norm": False,
-                "weight_initialization": "Normal", "use_dropout": False, "activate_output": False,
-                "last_layer_dropout": False, "dropout_structure": [0, 0, 0]}
-
-
-def load_hypernetwork(path: str | Path) -> Hypernetwork:
-    """A hypernetwork file as ``train_hypernetwork`` writes it (structure (1, 2, 1), linear activation)."""
-    data = torch.load(path, map_location="cpu", weights_only=True)
-    widths = [k for k in data if isinstance(k, int)]
-    if len(widths) != 1 or list(data.get("layer_structure", ())) != list(Hypernetwork.structure):
-        raise SfumatoError(f"{Path(path).name}: not a (1, 2, 1) hypernetwork for one context width")
-    net = Hypernetwork(widths[0])
-    for mlp, state in zip((net.k, net.v), data[widths[0]]):
-        mlp.load_state_dict({k.removeprefix("linear."): v for k, v in state.items()})
-    return net
-
-
 def train_hypernetwork(pipe: Pipeline, items: Sequence[tuple[np.ndarray, str]], out: str | Path, *,
+                       structure: Sequence[float] = (1, 2, 1), activation: str = "linear",
                        cfg: TrainConfig = TrainConfig(steps=300, lr=1e-3)) -> TrainResult:
-    """Train an A1111 hypernetwork on ``items``; saved with ``torch.save`` (A1111's ``.pt`` format)."""
+    """Train an A1111 hypernetwork for the UNet's context width on ``items`` (weights initialised
+    N(0, 0.01), biases 0: A1111's "Normal"); saved with ``torch.save`` (A1111's ``.pt`` format)."""
     start = time.perf_counter()
     out = _output(out)
     model = pipe.model
     _frozen(model)
     torch.manual_seed(cfg.seed)
-    net = Hypernetwork(model.spec.unet.context_dim)
+    net = Hypernetwork([model.spec.unet.context_dim], name=out.stem, structure=structure, activation=activation)
+    for module in net.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.01)
+            nn.init.zeros_(module.bias)
     data = _data(pipe, items)
     cond = pipe.generator.base.conditioner
 
@@ -583,10 +528,11 @@ def train_hypernetwork(pipe: Pipeline, items: Sequence[tuple[np.ndarray, str]], 
         z0, texts = data.sample(g, cfg.batch_size)
         return eps_loss(model.unet, z0, text_context(cond, texts, grad=False), model.alphas_cumprod, g)
 
-    with net.applied(model.unet), gradient_checkpointing(model.unet, cfg.gradient_checkpointing):
+    with hypernetworks_applied(model.unet, [(net, 1.0)]), \
+            gradient_checkpointing(model.unet, cfg.gradient_checkpointing):
         losses = _fit(list(net.parameters()), loss_fn, cfg, _device(model), "hypernetwork")
     tmp = out.with_name(out.name + ".tmp")
-    torch.save(net.a1111_dict(out.stem, cfg.steps), tmp)
+    torch.save(net.a1111_dict(cfg.steps), tmp)
     tmp.replace(out)
     return TrainResult(out, losses, time.perf_counter() - start)
 
@@ -611,17 +557,29 @@ def concept_rate(pipe: Pipeline, prompts: Sequence[str], *, seed: int = 0, steps
 
 
 def demo(method: str, out: str | Path, *, steps: int | None = None, lr: float | None = None, images: int = 16,
-         eval_n: int = 20, control: bool = True) -> dict:
-    """Train ``method`` on ``images`` diamond scenes with the bundled model, then measure the concept
-    rate over ``eval_n`` prompts for the trained model (and with ``control`` the base model)."""
+         eval_n: int = 20, control: bool = True, concept: str = "diamond") -> dict:
+    """Train ``method`` on ``images`` scenes of ``concept`` (``diamond``: the new shape; ``teal``:
+    the new colour; ``pair``: a token for a purple triangle; see ``concepts``) with the bundled model,
+    then measure the concept rate over ``eval_n`` prompts for the trained model (and with
+    ``control`` the base model)."""
     import sfumato
 
+    from . import concepts
+
     out = Path(out)
-    items = concept_images(images)
+    if concept == "diamond":
+        items, prompts, rate_of = concept_images(images), eval_prompts(eval_n), concept_rate
+    elif concept == "teal":
+        items, prompts = concepts.colour_concept_images(images), concepts.colour_eval_prompts(eval_n)
+        rate_of = concepts.colour_rate
+    elif concept == "pair":
+        items, prompts = concepts.pair_concept_images(images), concepts.pair_eval_prompts(eval_n)
+        rate_of = concepts.pair_rate
+    else:
+        raise SfumatoError(f"concept: unknown {concept!r}; valid: diamond, teal, pair")
     write_images(out / "images", items)
-    prompts = eval_prompts(eval_n)
     pipe = sfumato.load(dtype="fp32")
-    base_rate = concept_rate(pipe, prompts) if control else None
+    base_rate = rate_of(pipe, prompts) if control else None
     defaults = {"lora": TrainConfig(steps=300, lr=2e-3), "ti": TrainConfig(steps=300, lr=5e-3),
                 "dreambooth": TrainConfig(steps=200, lr=1e-4), "hypernetwork": TrainConfig(steps=200, lr=1e-3)}
     cfg = defaults[method]
@@ -634,10 +592,11 @@ def demo(method: str, out: str | Path, *, steps: int | None = None, lr: float | 
         unmatched = apply_loras(trained.model, [(result.path, 1.0)]).unmatched
         if unmatched:
             raise SfumatoError(f"the saved LoRA has unmatched keys: {unmatched}")
-        rate = concept_rate(trained, prompts)
+        rate = rate_of(trained, prompts)
     elif method == "ti":
-        result = train_ti(pipe, items, out / "embeddings" / f"{TOKEN}.safetensors", cfg=cfg)
-        rate = concept_rate(sfumato.load(dtype="fp32", embeddings_dir=out / "embeddings"), prompts)
+        init_word = {"teal": "blue green", "pair": "square"}.get(concept, "square")
+        result = train_ti(pipe, items, out / "embeddings" / f"{TOKEN}.safetensors", init_word=init_word, cfg=cfg)
+        rate = rate_of(sfumato.load(dtype="fp32", embeddings_dir=out / "embeddings"), prompts)
     elif method == "dreambooth":
         prior_start = time.perf_counter()
         classes = class_images(pipe, [p.replace(TOKEN, "square") for p in eval_prompts(images, seed=2)])
@@ -645,11 +604,11 @@ def demo(method: str, out: str | Path, *, steps: int | None = None, lr: float | 
         result = train_dreambooth(sfumato.load(dtype="fp32"), items, out / "dreambooth.safetensors",
                                   class_items=classes, cfg=cfg)
         result.seconds += prior_seconds
-        rate = concept_rate(sfumato.load(result.path), prompts)
+        rate = rate_of(sfumato.load(result.path), prompts)
     elif method == "hypernetwork":
-        torch.manual_seed(0)
-        result = train_hypernetwork(pipe, items, out / "concept.pt", cfg=cfg)
-        rate = None
+        result = train_hypernetwork(pipe, items, out / "hypernetworks" / "concept.pt", cfg=cfg)
+        hyper = sfumato.load(dtype="fp32", hypernet_dir=out / "hypernetworks")
+        rate = rate_of(hyper, [f"{p} <hypernet:concept:1>" for p in prompts])
     else:
         raise SfumatoError(f"method: unknown {method!r}")
     report = {"method": method, "train_seconds": round(result.seconds, 1), "steps": cfg.steps, "lr": cfg.lr,
@@ -669,8 +628,9 @@ if __name__ == "__main__":
     parser.add_argument("--lr", type=float)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-control", action="store_true", help="skip measuring the base model")
+    parser.add_argument("--concept", choices=("diamond", "teal", "pair"), default="diamond")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    print(json.dumps(demo(args.method, Path(args.out) / args.method, steps=args.steps, lr=args.lr,
-                          control=not args.no_control), indent=2))
+    print(json.dumps(demo(args.method, Path(args.out) / f"{args.method}-{args.concept}", steps=args.steps,
+                          lr=args.lr, control=not args.no_control, concept=args.concept), indent=2))
