@@ -1,14 +1,19 @@
 """Build a model's components from a checkpoint: single file or diffusers folder, any storage dtype.
 
-Modules are created on the ``meta`` device and take the loaded tensors with ``assign=True``, so a
-memory-mapped safetensors file is not copied again when the storage dtype is the compute dtype.
-Every component loads with strict key matching; keys left over must be documented ignorables.
+Modules are created on the ``meta`` device and take the loaded tensors with ``assign=True``. A
+single safetensors file is memory-mapped (``stream.MappedFile``) and converted tensor by tensor,
+each source's pages released as soon as its converted copy exists: the peak is about one model copy,
+and no copy at all is made where the storage dtype is the wanted dtype. With ``low_memory`` the
+modules stay on ``meta`` and read their weights from the mapping unit by unit as they run (see
+``stream.stream_weights``). Every component loads with strict key matching; keys left over must be
+documented ignorables.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -17,12 +22,15 @@ from torch import Tensor, nn
 
 from ..errors import CheckpointError
 from ..models.clip import build_text_encoder
+from ..models.layers import resolve_compute_dtype
 from ..models.unet import UNetModel
 from ..models.vae import AutoencoderKL
 from ..diffusion.schedule import scaled_linear_alphas_cumprod
 from .convert_vae import normalize_vae_state_dict
-from .detect import detect_spec, is_ignorable, resolve_prediction
-from .io import load_file
+from .detect import detect_spec, is_ignorable, prediction_marker, resolve_prediction
+from .io import load_file, sniff_format
+from .stream import (MappedFile, fix_malloc_mmap_threshold, materialize, read_mapped, resident, stream_weights,
+                     unet_units)
 from .specs import UNET_PREFIX, VAE_PREFIX, ModelSpec, TextSlot
 
 log = logging.getLogger(__name__)
@@ -38,6 +46,7 @@ class LoadedModel:
     prediction_source: str
     path: Path
     storage_dtypes: dict[str, str] = field(default_factory=dict)
+    low_memory: bool = False   # weights streamed from the file unit by unit (checkpoint.stream)
 
     @property
     def family(self) -> str:
@@ -64,13 +73,25 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     use_ema: bool = False,
+    low_memory: bool = False,
 ) -> LoadedModel:
-    """Load a checkpoint (and optionally a replacement VAE file) into ready-to-run modules."""
+    """Load a checkpoint (and optionally a replacement VAE file) into ready-to-run modules.
+    ``low_memory``: keep the weights in the (single safetensors) file and read each block in as it
+    runs; the peak is then about one UNet block plus activations instead of the whole model."""
     path = Path(path)
-    sd, metadata = read_checkpoint(path)
+    files: list[MappedFile] = []
+    if path.is_file() and sniff_format(path) == "safetensors":
+        sd, metadata, mapped = read_mapped(path)
+        files.append(mapped)
+    elif low_memory:
+        raise CheckpointError(f"low_memory: needs a single .safetensors file to stream weights from, got {path}")
+    else:
+        sd, metadata = read_checkpoint(path)
+    if low_memory:
+        fix_malloc_mmap_threshold()
     vae_sd = read_vae_file(vae) if vae is not None else None
     return build_model(sd, metadata, path=path, vae_sd=vae_sd, prediction=prediction, dtype=dtype,
-                       device=device, use_ema=use_ema)
+                       device=device, use_ema=use_ema, low_memory=low_memory, files=files)
 
 
 def build_model(
@@ -83,8 +104,13 @@ def build_model(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     use_ema: bool = False,
+    low_memory: bool = False,
+    files: list[MappedFile] | None = None,
 ) -> LoadedModel:
-    """Modules from an original-layout state dict. ``device="meta"`` checks keys and shapes only."""
+    """Modules from an original-layout state dict. ``device="meta"`` checks keys and shapes only.
+    ``files``: the mappings `sd`'s tensors view, whose pages are released as tensors are converted;
+    ``low_memory``: the modules stream their weights from `sd` (see ``load_model``)."""
+    files = files or []
     spec = _fit_text_slots(detect_spec(sd, metadata), sd)
     if use_ema:
         sd = _with_ema(sd)
@@ -100,17 +126,28 @@ def build_model(
             f"e.g. {', '.join(unexpected[:5])}"
         )
     storage = {name: _dtype_names(p) for name, p in parts.items()}
-    unet = _build(lambda: UNetModel(spec.unet), parts["unet"], "UNet", dtype, device)
-    vae_m = _build(lambda: AutoencoderKL(spec.vae), parts["vae"], "VAE", dtype, device)
-    encoders = [
-        _build(lambda slot=slot: build_text_encoder(slot.config), parts[f"text{i}"], f"text encoder {i}", dtype, device)
-        for i, slot in enumerate(spec.text)
-    ]
     meta = torch.device(device).type == "meta"
-    spec, source = resolve_prediction(spec, sd, metadata, prediction, None if meta else unet)
+    low_memory = low_memory and not meta
+
+    def build(make, name: str, what: str, units=lambda m: [m]) -> nn.Module:
+        if not low_memory:
+            return _build(make, parts[name], what, dtype, device, files)
+        module = _build(make, parts[name], what, dtype, "meta", files)
+        return stream_weights(module, parts[name], units(module), dtype=dtype, device=device, files=files)
+
+    unet = build(lambda: UNetModel(spec.unet), "unet", "UNet", unet_units)
+    if low_memory:  # its weights sit on `meta` between calls: state the compute dtype they would give
+        unet.dtype_override = resolve_compute_dtype(dtype, torch.device(device))
+    vae_m = build(lambda: AutoencoderKL(spec.vae), "vae", "VAE")
+    encoders = [build(lambda slot=slot: build_text_encoder(slot.config), f"text{i}", f"text encoder {i}")
+                for i, slot in enumerate(spec.text)]
+    # only an SD 2.x file without an override or a marker runs the UNet here (a streamed one: whole)
+    probe = spec.family == "sd2" and prediction is None and prediction_marker(sd, metadata) is None
+    with resident(unet) if probe else nullcontext():
+        spec, source = resolve_prediction(spec, sd, metadata, prediction, None if meta else unet)
     ac = sd.get("alphas_cumprod")
-    alphas_cumprod = ac.to(torch.float32).cpu() if ac is not None and not ac.is_meta else scaled_linear_alphas_cumprod()
-    return LoadedModel(spec, unet, vae_m, encoders, alphas_cumprod, source, path, storage)
+    alphas_cumprod = ac.to(torch.float32).cpu() if ac is not None and not ac.is_meta else scaled_linear_alphas_cumprod(*spec.betas)
+    return LoadedModel(spec, unet, vae_m, encoders, alphas_cumprod, source, path, storage, low_memory)
 
 
 def split_state_dict(sd: Mapping[str, Tensor], spec: ModelSpec) -> tuple[dict[str, dict[str, Tensor]], list[str]]:
@@ -149,10 +186,12 @@ def _read_diffusers_vae(folder: Path) -> tuple[dict[str, Tensor], dict[str, str]
     return load_file(find_weights(folder))
 
 
-def _build(make, sd: dict[str, Tensor], what: str, dtype: torch.dtype, device) -> nn.Module:
+def _build(make, sd: dict[str, Tensor], what: str, dtype: torch.dtype, device,
+           files: list[MappedFile] | None = None) -> nn.Module:
     with torch.device("meta"):
         module = make()
-    sd = {k: v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device) for k, v in sd.items()}
+    # tensor by tensor: each mapped source leaves the resident set once its converted copy exists
+    sd = {k: materialize(v, dtype, device, files or []) for k, v in sd.items()}
     result = module.load_state_dict(sd, strict=False, assign=True)
     if result.missing_keys or result.unexpected_keys:
         parts = []

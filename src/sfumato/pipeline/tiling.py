@@ -15,7 +15,10 @@ their own disagree (seams, colour shifts between tiles). Here instead:
 
 Memory: one tile's activations, the statistics pass over a ``stats_size``² input, the latent-
 resolution maps of step 1 and the output. ``decode``/``encode`` tile automatically above
-``AUTO_TILE_LATENT_PIXELS`` latent pixels (beyond 1024×1024 images), or when told to.
+``AUTO_TILE_LATENT_PIXELS`` latent pixels (beyond 1024×1024 images), or when told to. The
+generation loop follows that rule, and in low-memory mode always tiles with ``LOW_MEMORY_TILE`` and
+``LOW_MEMORY_STATS_SIZE``: images up to 256×256 then equal the untiled decode up to rounding; larger
+ones take their statistics from a mosaic and differ slightly, evenly (tests/test_memory.py).
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ from ..models.vae import AutoencoderKL, DiagonalGaussian
 AUTO_TILE_LATENT_PIXELS = 128 * 128
 DEFAULT_TILE = 64          # latent pixels a side of a tile's kept centre (512 image pixels)
 DEFAULT_STATS_SIZE = 64    # latent pixels a side of the statistics pass's input
+LOW_MEMORY_TILE = 16       # low-memory mode: tiles of 128 image pixels a side (about 3× less than
+LOW_MEMORY_STATS_SIZE = 32  # a whole 512² decode), statistics from a 256² pass
 
 Stats = dict[GroupNorm, tuple[Tensor, Tensor]]
 
