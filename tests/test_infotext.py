@@ -170,7 +170,8 @@ def test_text_without_settings_line_is_all_prompt():
     replace(BASE, init_image=Image.new("RGB", (8, 8)), mask=Image.new("L", (8, 8)), strength=0.3, mask_blur=0,
             only_masked=True, only_masked_padding=16, masked_content="latent nothing",
             refiner="ref, v2", refiner_switch=0.6),
-], ids=["basic", "multiline", "variation", "hires", "inpaint"])
+    replace(BASE, tome_ratio=0.5, deepcache_interval=3),
+], ids=["basic", "multiline", "variation", "hires", "inpaint", "accelerations"])
 def test_round_trip_through_generation_params(p):
     back = params_from_infotext(_text(p))
     for name, value in back.items():
@@ -178,6 +179,9 @@ def test_round_trip_through_generation_params(p):
     assert GenerationParams(**back).prompt == p.prompt   # the keys are request fields
     used = {"prompt", "negative_prompt", "steps", "cfg_scale", "seed", "width", "height", "sampler", "scheduler"}
     assert used <= back.keys()
+    if p.tome_ratio:
+        assert "Token merging ratio: 0.5, DeepCache interval: 3" in _text(p)
+        assert (back["tome_ratio"], back["deepcache_interval"]) == (0.5, 3)
 
 
 # -- files -------------------------------------------------------------------------------------

@@ -138,6 +138,8 @@ def infotext_settings(
         "Refiner": p.refiner,
         "Refiner switch at": p.refiner_switch if p.refiner else None,
         CFG_RESCALE_KEY: p.guidance_rescale if p.guidance_rescale > 0 else None,
+        "Token merging ratio": p.tome_ratio if p.tome_ratio > 0 else None,   # A1111's key
+        "DeepCache interval": p.deepcache_interval if p.deepcache_interval > 1 else None,
         **(extra or {}),
         "Version": f"sfumato {__version__}",
     }
@@ -232,6 +234,8 @@ def params_from_infotext(text: str) -> dict[str, Any]:
         "Hires steps": ("hires_steps", int),
         "Refiner": ("refiner", str),
         "Refiner switch at": ("refiner_switch", float),
+        "Token merging ratio": ("tome_ratio", float),
+        "DeepCache interval": ("deepcache_interval", int),
     }
     for key, (name, kind) in conversions.items():
         if key in s:
