@@ -53,10 +53,10 @@ def _unet(cfg: dict, family: str) -> dict:
     return {"model.diffusion_model." + k: v for k, v in diffusers_unet_to_ldm(m.state_dict(), PRESETS[family].unet).items()}
 
 
-def _vae() -> dict:
+def _vae(cfg: dict = SD_VAE_DIFFUSERS) -> dict:
     from diffusers import AutoencoderKL
 
-    m = _meta(lambda: AutoencoderKL(**SD_VAE_DIFFUSERS))
+    m = _meta(lambda: AutoencoderKL(**cfg))
     return {"first_stage_model." + k: v for k, v in diffusers_vae_to_ldm(m.state_dict()).items()}
 
 
@@ -82,10 +82,33 @@ def _openclip(prefix: str, width: int, layers: int, heads: int) -> dict:
 DDPM_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "posterior_variance")
 
 
+X4_UNET_DIFFUSERS = dict(  # stabilityai/stable-diffusion-x4-upscaler unet/config.json
+    sample_size=128, in_channels=7, out_channels=4, layers_per_block=2, block_out_channels=(256, 512, 512, 1024),
+    down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 3,
+    up_block_types=("CrossAttnUpBlock2D",) * 3 + ("UpBlock2D",),
+    only_cross_attention=(True, True, True, False), num_class_embeds=1000, attention_head_dim=8,
+    cross_attention_dim=1024, use_linear_projection=True,
+)
+X4_VAE_DIFFUSERS = {**SD_VAE_DIFFUSERS, "block_out_channels": (128, 256, 512),
+                    "down_block_types": ("DownEncoderBlock2D",) * 3, "up_block_types": ("UpDecoderBlock2D",) * 3}
+# ldm's LatentUpscaleDiffusion also stores its low-res noise schedule
+LOW_SCALE_BUFFERS = tuple("low_scale_model." + name for name in
+                          ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+                           "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod",
+                           "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod"))
+V_FAMILIES = ("sd2-v", "sd-x4-upscaler")
+UNET_PARAMETERS = {"sd-x4-upscaler": 450_000_000}   # at least; the others above 800M
+
+
 def synthetic(family: str) -> dict:
     base = family.removesuffix("-inpaint").removesuffix("-v")
     in_ch = 9 if family.endswith("inpaint") else 4
-    if base == "sd1":
+    if family == "sd2-depth":
+        sd = _unet({**SD2_UNET_DIFFUSERS, "in_channels": 5}, family) | _openclip("cond_stage_model.model.", 1024, 24, 16)
+    elif family == "sd-x4-upscaler":
+        sd = _unet(X4_UNET_DIFFUSERS, family) | _openclip("cond_stage_model.model.", 1024, 24, 16) | _vae(X4_VAE_DIFFUSERS)
+        sd |= {name: torch.empty(1000, device="meta") for name in LOW_SCALE_BUFFERS}
+    elif base == "sd1":
         sd = _unet({**SD1_UNET_DIFFUSERS, "in_channels": in_ch}, family) | _clip_l("cond_stage_model.transformer.")
     elif base == "sd2":
         sd = _unet({**SD2_UNET_DIFFUSERS, "in_channels": in_ch}, family) | _openclip("cond_stage_model.model.", 1024, 24, 16)
@@ -97,7 +120,8 @@ def synthetic(family: str) -> dict:
         sd = _unet(REFINER_UNET_DIFFUSERS, family) | _openclip("conditioner.embedders.0.model.", 1280, 32, 20)
     else:
         raise AssertionError(family)
-    sd |= _vae()
+    if not any(k.startswith("first_stage_model.") for k in sd):
+        sd |= _vae()
     sd |= {name: torch.empty(1000, device="meta") for name in DDPM_BUFFERS}
     return sd
 
@@ -111,8 +135,8 @@ def test_full_size_synthetic_loads_strictly_and_is_named(family):
     model = build_model(sd, MARKERS.get(family, {}), path=Path(f"{family}.safetensors"), device="meta")
     info = describe_model(model)
     assert info["family"] == family
-    assert info["prediction"] == ("v" if family == "sd2-v" else "eps")
-    assert info["parameters"]["unet"] > 800_000_000
+    assert info["prediction"] == ("v" if family in V_FAMILIES else "eps")
+    assert info["parameters"]["unet"] > UNET_PARAMETERS.get(family, 800_000_000)
 
 
 def test_known_key_shapes_of_the_original_layout():

@@ -37,6 +37,9 @@ IGNORABLE = tuple(
         r"^cond_stage_model\.model\.attn_mask$",                 # OpenCLIP's constant causal mask
         r"^first_stage_model\.loss\.",                           # the VAE's training loss (LPIPS, discriminator)
         r"^(?:v_pred|edm_vpred\..*)$",                           # prediction-type marker tensors
+        r"^low_scale_model\.(?:betas|alphas_cumprod|alphas_cumprod_prev|sqrt_alphas_cumprod"
+        r"|sqrt_one_minus_alphas_cumprod|log_one_minus_alphas_cumprod|sqrt_recip_alphas_cumprod"
+        r"|sqrt_recipm1_alphas_cumprod)$",                        # the x4 upscaler's low-res noise schedule
     )
 )
 
@@ -50,7 +53,7 @@ def is_ignorable(key: str) -> bool:
 _SIGNATURE_FIELDS = (
     "in_channels", "out_channels", "model_channels", "channel_mult", "num_res_blocks",
     "transformer_depth", "transformer_depth_middle", "context_dim", "use_linear_in_transformer",
-    "adm_in_channels",
+    "adm_in_channels", "num_classes",
 )
 
 
@@ -87,6 +90,7 @@ def unet_signature(sd: Mapping[str, Tensor], prefix: str = UNET_PREFIX) -> dict[
     attn2 = next((k for k in sd if k.startswith(prefix) and k.endswith("attn2.to_k.weight")), None)
     proj_in = next((k for k in sd if k.startswith(prefix) and k.endswith(".proj_in.weight")), None)
     label = sd.get(prefix + "label_emb.0.0.weight")
+    classes = sd.get(prefix + "label_emb.weight")          # an nn.Embedding: class labels (x4 upscaler)
     return {
         "in_channels": in_channels,
         "out_channels": shape("out.2.weight")[0],
@@ -98,6 +102,7 @@ def unet_signature(sd: Mapping[str, Tensor], prefix: str = UNET_PREFIX) -> dict[
         "context_dim": tuple(sd[attn2].shape)[1] if attn2 else None,
         "use_linear_in_transformer": bool(proj_in and sd[proj_in].ndim == 2),
         "adm_in_channels": tuple(label.shape)[1] if label is not None else None,
+        "num_classes": tuple(classes.shape)[0] if classes is not None else None,
     }
 
 

@@ -12,14 +12,14 @@ from pathlib import Path
 
 from torch import Tensor
 
-from ..diffusion.schedule import scaled_linear_alphas_cumprod
+from ..diffusion.schedule import BETA_END, BETA_START, scaled_linear_alphas_cumprod
 from ..errors import CheckpointError
 from .convert_text import hf_text_sd, hf_to_openclip
 from .convert_unet import diffusers_unet_to_ldm, unet_config_from_diffusers
 from .convert_vae import diffusers_vae_to_ldm
 from .io import load_file
 from .detect import detect_spec
-from .specs import SPEC_METADATA_KEY, UNET_PREFIX, VAE_PREFIX, ModelSpec, TextSlot, spec_to_json
+from .specs import SPEC_METADATA_KEY, UNET_PREFIX, VAE_PREFIX, ModelSpec, NoiseAugmentation, TextSlot, spec_to_json
 from ..models.clip import TextEncoderConfig
 from ..models.vae import VAEConfig
 
@@ -126,8 +126,27 @@ def _custom_spec(folder: Path, unet_cfg, metadata: dict[str, str]) -> ModelSpec:
         scale_factor=vae_cfg.get("scaling_factor", 0.18215),
     )
     prediction = "v" if metadata.get("modelspec.prediction_type") == "v" else "eps"
+    sched_path = folder / "scheduler" / "scheduler_config.json"
+    sched = _read_json(sched_path) if sched_path.is_file() else {}
+    betas = (sched.get("beta_start", BETA_START), sched.get("beta_end", BETA_END))
     return ModelSpec("custom", unet_cfg, vae, (TextSlot(prefix, text_cfg),), prediction=prediction,
-                     resolution=vae_cfg.get("sample_size", 512))
+                     resolution=vae_cfg.get("sample_size", 512), betas=betas, low_res=_low_res(folder))
+
+
+def _low_res(folder: Path) -> NoiseAugmentation | None:
+    """An upscale pipeline's low-res noise schedule (``low_res_scheduler/``) and maximum noise level."""
+    path = folder / "low_res_scheduler" / "scheduler_config.json"
+    if not path.is_file():
+        return None
+    cfg = _read_json(path)
+    if cfg.get("beta_schedule", "scaled_linear") != "scaled_linear":
+        raise CheckpointError(f"unsupported beta_schedule {cfg['beta_schedule']!r} in {path}")
+    default = NoiseAugmentation()
+    return NoiseAugmentation(
+        beta_start=cfg.get("beta_start", default.beta_start), beta_end=cfg.get("beta_end", default.beta_end),
+        timesteps=cfg.get("num_train_timesteps", default.timesteps),
+        max_noise_level=_read_json(folder / "model_index.json").get("max_noise_level", default.max_noise_level),
+    )
 
 
 def _prefixed(sd: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:

@@ -15,6 +15,7 @@ from typing import Any
 from ..models.clip import CLIP_L, OPENCLIP_BIGG, OPENCLIP_H, TextEncoderConfig
 from ..models.unet import SD1_UNET, SD2_UNET, SDXL_REFINER_UNET, SDXL_UNET, UNetConfig
 from ..models.vae import SD_VAE, SDXL_VAE, VAEConfig
+from ..diffusion.schedule import BETA_END, BETA_START
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -37,6 +38,18 @@ class TextSlot:
 
 
 @dataclass(frozen=True)
+class NoiseAugmentation:
+    """The x4 upscaler's low-res input: the image is noised to a chosen level (its class label) on
+    this DDPM schedule (scaled-linear β in diffusers' terms, LDM's "linear") before it is
+    concatenated to the latent. ldm's x4-upscaling.yaml: 0.0001 → 0.02 over 1000 steps, at most 350."""
+
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    timesteps: int = 1000
+    max_noise_level: int = 350
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     family: str
     unet: UNetConfig
@@ -45,10 +58,21 @@ class ModelSpec:
     prediction: str = "eps"   # "eps" or "v"; for SD 2.x decided at load time (see detect.py)
     resolution: int = 512     # native image size
     conditioning: str = "sd"  # "sd" (context only), "sdxl" (size/crop ids), "sdxl-refiner" (aesthetic score)
+    betas: tuple[float, float] = (BETA_START, BETA_END)  # training schedule (scaled linear) unless the file has one
+    low_res: NoiseAugmentation | None = None  # set for the x4 upscaler: its low-res image input
 
     @property
     def is_sdxl(self) -> bool:
         return self.conditioning != "sd"
+
+    @property
+    def is_depth(self) -> bool:
+        """SD 2's depth model (depth2img): one extra input channel, the depth map."""
+        return self.unet.in_channels == self.unet.out_channels + 1
+
+    @property
+    def is_upscaler(self) -> bool:
+        return self.low_res is not None
 
 
 _SD1_TEXT = (TextSlot("cond_stage_model.transformer.", CLIP_L),)
@@ -64,12 +88,25 @@ def _inpaint(unet: UNetConfig) -> UNetConfig:
     return replace(unet, in_channels=9)
 
 
+# stabilityai/stable-diffusion-x4-upscaler (ldm's x4-upscaling.yaml): latent + low-res RGB in, the
+# noise level as a class label, attn1 attending to the text on the first three levels
+X4_UNET = UNetConfig(
+    in_channels=7, model_channels=256, channel_mult=(1, 2, 2, 4), transformer_depth=(0, 1, 1, 1), num_heads=8,
+    context_dim=1024, use_linear_in_transformer=True, num_classes=1000,
+    disable_self_attentions=(True, True, True, False),
+)
+X4_VAE = VAEConfig(ch_mult=(1, 2, 4), scale_factor=0.08333)   # downsamples by 4
+
+
 PRESETS: dict[str, ModelSpec] = {
     "sd1": ModelSpec("sd1", SD1_UNET, SD_VAE, _SD1_TEXT),
     "sd1-inpaint": ModelSpec("sd1-inpaint", _inpaint(SD1_UNET), SD_VAE, _SD1_TEXT),
     "sd2": ModelSpec("sd2", SD2_UNET, SD_VAE, _SD2_TEXT, resolution=512),
     "sd2-v": ModelSpec("sd2-v", SD2_UNET, SD_VAE, _SD2_TEXT, prediction="v", resolution=768),
     "sd2-inpaint": ModelSpec("sd2-inpaint", _inpaint(SD2_UNET), SD_VAE, _SD2_TEXT),
+    "sd2-depth": ModelSpec("sd2-depth", replace(SD2_UNET, in_channels=5), SD_VAE, _SD2_TEXT),
+    "sd-x4-upscaler": ModelSpec("sd-x4-upscaler", X4_UNET, X4_VAE, _SD2_TEXT, prediction="v", resolution=512,
+                                betas=(0.0001, 0.02), low_res=NoiseAugmentation()),
     "sdxl": ModelSpec("sdxl", SDXL_UNET, SDXL_VAE, _SDXL_TEXT, resolution=1024, conditioning="sdxl"),
     "sdxl-inpaint": ModelSpec("sdxl-inpaint", _inpaint(SDXL_UNET), SDXL_VAE, _SDXL_TEXT, resolution=1024, conditioning="sdxl"),
     "sdxl-refiner": ModelSpec(
@@ -96,7 +133,9 @@ def spec_from_json(text: str) -> ModelSpec:
         )
         unet = UNetConfig(**_tuples(d.pop("unet")))
         vae = VAEConfig(**_tuples(d.pop("vae")))
-        return ModelSpec(unet=unet, vae=vae, text=text_slots, **d)
+        low_res = d.pop("low_res", None)
+        return ModelSpec(unet=unet, vae=vae, text=text_slots, **_tuples(d),
+                         low_res=NoiseAugmentation(**low_res) if low_res is not None else None)
     except (TypeError, KeyError, json.JSONDecodeError) as e:
         raise ValueError(f"invalid {SPEC_METADATA_KEY} metadata: {e}") from None
 
