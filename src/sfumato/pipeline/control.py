@@ -1,0 +1,133 @@
+"""ControlNet in the generation loop.
+
+A request's :class:`ControlSpec` list becomes :class:`ControlUnit` s — each ControlNet file loaded
+once (for the model it steers, whose UNet config the loader checks it against), each image cropped
+like the init image, fitted to the generation size and preprocessed — and :class:`ControlledDenoiser`
+runs the base model's UNet with their summed residuals. Each unit's span is checked against the
+step fraction i/N of σ's position in the sampling run, read from σ itself: samplers never learn
+about it. Classifier-free guidance sends the cond and uncond rows through the same denoiser, so the
+residuals steer both (A1111's and diffusers' default).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from PIL import Image
+from torch import Tensor
+
+from ..adapters.controlnet import PREPROCESSORS, ControlUnit, controlled_unet, load_controlnet
+from ..diffusion.denoiser import Denoiser
+from ..errors import CheckpointError
+from ..models.controlnet import ControlNet
+from .infotext import format_value
+from .params import ControlSpec, ParamError
+
+if TYPE_CHECKING:
+    from .generate import _ModelRunner
+
+# (left, top, right, bottom) in the init image's pixels, and the init image's (width, height)
+Crop = tuple[tuple[int, int, int, int], tuple[int, int]]
+
+
+class ControlNets:
+    """The ControlNets of the latest request that used any, each file loaded once: a request reuses
+    those the previous one loaded and lets the others go."""
+
+    def __init__(self) -> None:
+        self._loaded: dict[tuple, ControlNet] = {}
+
+    def get(self, specs: Sequence[ControlSpec], runner: _ModelRunner) -> list[ControlNet]:
+        if not specs:
+            return []
+        base = runner.spec.unet
+        keep: dict[tuple, ControlNet] = {}
+        models = []
+        for i, spec in enumerate(specs):
+            if isinstance(spec.model, ControlNet):
+                _check_fits(spec.model, base, f"control[{i}].model")
+                models.append(spec.model)
+                continue
+            path = Path(spec.model).resolve()
+            try:
+                key = (str(path), path.stat().st_mtime_ns, runner.dtype, str(runner.device))
+                if key not in keep:
+                    cn = self._loaded.get(key)
+                    keep[key] = cn if cn is not None else load_controlnet(path, base, dtype=runner.dtype,
+                                                                          device=runner.device)
+            except (OSError, CheckpointError) as e:
+                raise ParamError(f"control[{i}].model", str(e)) from None
+            models.append(keep[key])
+        self._loaded = keep
+        return models
+
+
+def _check_fits(cn: ControlNet, base, field: str) -> None:
+    for name in ("model_channels", "channel_mult", "num_res_blocks", "context_dim", "adm_in_channels"):
+        ours, theirs = getattr(cn.cfg.unet, name), getattr(base, name)
+        if ours != theirs:
+            raise ParamError(field, f"the ControlNet does not fit this model: {name} is {ours} in the ControlNet, "
+                                    f"{theirs} in the model")
+
+
+def control_image(spec: ControlSpec, width: int, height: int, crop: Crop | None = None) -> Image.Image | np.ndarray:
+    """The spec's image for a generation of `width`×`height`: cropped like the init image (the box
+    scaled to the control image's size), then, for a preprocessor, resized to the generation size
+    (Lanczos) and preprocessed there, so edges are one output pixel wide. Without a preprocessor
+    the image is left at its size: the unit resizes it in float (bilinear, antialiased)."""
+    a = spec.image
+    image = Image.fromarray(a[:, :, 0] if a.ndim == 3 and a.shape[2] == 1 else a) if isinstance(a, np.ndarray) else a
+    if crop is not None:
+        (left, top, right, bottom), (cw, ch) = crop
+        sx, sy = image.width / cw, image.height / ch
+        image = image.crop((round(left * sx), round(top * sy), round(right * sx), round(bottom * sy)))
+    if spec.preprocessor == "none":
+        return image
+    if image.size != (width, height):
+        image = image.convert("RGB").resize((width, height), Image.LANCZOS)
+    return PREPROCESSORS[spec.preprocessor](image)
+
+
+def control_units(specs: Sequence[ControlSpec], models: Sequence[ControlNet], width: int, height: int,
+                  crop: Crop | None = None) -> list[ControlUnit]:
+    units = []
+    for i, (spec, model) in enumerate(zip(specs, models, strict=True)):
+        try:
+            units.append(ControlUnit(model, control_image(spec, width, height, crop), spec.strength, spec.start,
+                                     spec.end))
+        except ParamError as e:
+            raise ParamError(f"control[{i}].{e.field}", str(e).split(": ", 1)[-1]) from None
+    return units
+
+
+class ControlledDenoiser:
+    """D(x, σ, cond) of `runner` with the units' residuals in its UNet. The step fraction is σ's
+    position in this run's schedule `sigmas` (the nearest σ, i of N steps → i/N), so a unit with
+    span [start, end] steers the steps A1111 would steer."""
+
+    def __init__(self, runner: _ModelRunner, units: Sequence[ControlUnit], sigmas: Tensor):
+        self.runner = runner
+        self.sigmas = sigmas
+        self.unet = controlled_unet(runner.model.unet, units)
+
+    def fraction(self, sigma: Tensor) -> float:
+        step = int((self.sigmas - float(sigma[0])).abs().argmin())
+        return step / max(len(self.sigmas) - 1, 1)
+
+    def __call__(self, x: Tensor, sigma: Tensor, cond: object) -> Tensor:
+        unet = partial(self.unet, fraction=self.fraction(sigma))
+        r = self.runner
+        return Denoiser(partial(r._unet_fn, unet=unet), r.schedule, r.spec.prediction)(x, sigma, cond)
+
+
+def control_infotext(specs: Sequence[ControlSpec]) -> dict[str, str]:
+    """A1111's ``ControlNet N`` entries (module, model, weight, guidance span)."""
+    return {
+        f"ControlNet {i}": f"Module: {s.preprocessor}, Model: {s.model_name}, Weight: {format_value(float(s.strength))}, "
+                           f"Guidance Start: {format_value(float(s.start))}, Guidance End: {format_value(float(s.end))}"
+        for i, s in enumerate(specs)
+    }
