@@ -13,12 +13,16 @@ from PIL import Image
 
 from .checkpoint.io import sha256_file
 from .adapters.embeddings import EmbeddingSet, load_embeddings
+from .adapters.hypernetwork import (Hypernetwork, find_hypernetwork, hypernetworks_applied, load_hypernetwork,
+                                    parse_hypernet_prompt)
 from .adapters.lora import apply_loras, bake_loras, find_lora, parse_lora_prompt, remove_loras
 from .checkpoint.load import LoadedModel, load_model
 from .errors import SfumatoError
+from .pipeline.control import control_infotext
 from .pipeline.generate import Generator, ProgressCallback
 from .pipeline.infotext import generation_infotext
 from .pipeline.masks import outpaint_canvas
+from .pipeline.params import ControlSpec as ControlSpec  # re-exported: txt2img(..., control=[ControlSpec(...)])
 from .pipeline.params import GenerationParams, ParamError
 from .pipeline.watermark import add_watermark
 
@@ -63,13 +67,15 @@ class GenerationResult:
 
 class Pipeline:
     """A loaded model (and optional refiner). ``lora_dir`` is where ``<lora:name:w>`` prompt tags
-    are looked up; each run applies the prompt's LoRAs and removes them afterwards."""
+    are looked up; each run applies the prompt's LoRAs and removes them afterwards. ``hypernet_dir``
+    likewise serves ``<hypernet:name:strength>`` tags (hooked in for the run only)."""
 
     def __init__(self, model: LoadedModel, refiner: LoadedModel | None = None, lora_dir: str | Path | None = None,
-                 embeddings: EmbeddingSet | None = None):
+                 embeddings: EmbeddingSet | None = None, hypernet_dir: str | Path | None = None):
         self.model = model
         self.refiner = refiner
         self.lora_dir = Path(lora_dir) if lora_dir is not None else None
+        self.hypernet_dir = Path(hypernet_dir) if hypernet_dir is not None else None
         self.generator = Generator(model, refiner, embeddings)
 
     @property
@@ -127,6 +133,17 @@ class Pipeline:
         settings.setdefault("mask_blur", 0)
         return self.inpaint(prompt, canvas, mask, negative_prompt, **settings)
 
+    def upscale(self, image: Image.Image, prompt: str = "", negative_prompt: str = "", *, noise_level: int = 20,
+                watermark: bool = True, callback: ProgressCallback | None = None, **settings) -> GenerationResult:
+        """x4 upscaler models: ``image`` to 4x its size, the low-res image noised to ``noise_level``
+        (0 … the model's maximum, 350 for SD's) as the model takes it; width/height: the output size."""
+        factor = 2 ** (len(self.model.spec.vae.ch_mult) - 1)
+        settings.setdefault("width", image.width * factor)
+        settings.setdefault("height", image.height * factor)
+        p = self.params(prompt=prompt, negative_prompt=negative_prompt, init_image=image, noise_level=noise_level,
+                        **settings)
+        return self.run(p, callback, watermark)
+
     def params(self, **settings) -> GenerationParams:
         unknown = sorted(set(settings) - _FIELDS)
         if unknown:
@@ -141,8 +158,11 @@ class Pipeline:
         if p.refiner is not None and self.refiner is None:
             raise ParamError("refiner", "a refiner was named but none is loaded")
         prompt, tags = parse_lora_prompt(p.prompt)
+        prompt, nets, hypernet_extra = self._hypernets(prompt)
         lora_hashes = None
         if tags:
+            if self.model.low_memory:
+                raise ParamError("prompt", "it names LoRAs, which low-memory mode cannot apply (weights stay on disk)")
             if self.lora_dir is None:
                 raise ParamError("prompt", "it names LoRAs but no LoRA folder is set (--lora-dir)")
             try:
@@ -154,12 +174,14 @@ class Pipeline:
                 raise ParamError("prompt", str(e)) from None
             lora_hashes = ", ".join(f"{name}: {sha256_file(path)[:12]}" for (name, _), (path, _) in zip(tags, files))
             try:
-                out = self.generator.run(replace(p, prompt=prompt), callback)
+                out = self._generate(replace(p, prompt=prompt), callback, nets)
             finally:
                 remove_loras(self.model)
         else:
-            out = self.generator.run(p, callback)
-        extra = {"Lora hashes": lora_hashes, "TI hashes": self._ti_hashes(p)}
+            out = self._generate(replace(p, prompt=prompt), callback, nets)
+        extra = {**hypernet_extra, "Lora hashes": lora_hashes, "TI hashes": self._ti_hashes(p),
+                 **control_infotext(p.control),
+                 "Noise level": p.noise_level}   # x4 upscaler
         items = []
         for i, (image, seed) in enumerate(zip(out.images, out.seeds)):
             if watermark:
@@ -170,6 +192,30 @@ class Pipeline:
                                        extra=extra)
             items.append(ImageResult(image, seed, text))
         return GenerationResult([item.image for item in items], p, items)
+
+    def _hypernets(self, prompt: str) -> tuple[str, list[tuple[Hypernetwork, float]], dict[str, object]]:
+        """The prompt without its ``<hypernet:…>`` tags, the hypernetworks they name (loaded from
+        ``hypernet_dir``) with their strengths, and A1111's infotext entries for them."""
+        try:
+            prompt, tags = parse_hypernet_prompt(prompt)
+            if not tags:
+                return prompt, [], {}
+            if self.hypernet_dir is None:
+                raise ParamError("prompt", "it names hypernetworks but no hypernetwork folder is set (--hypernet-dir)")
+            nets = [(load_hypernetwork(find_hypernetwork(name, self.hypernet_dir), name), w) for name, w in tags]
+        except ParamError:
+            raise
+        except SfumatoError as e:   # a malformed tag, or a missing or unusable file named in the prompt
+            raise ParamError("prompt", str(e)) from None
+        names, strengths = ", ".join(n for n, _ in tags), ", ".join(f"{w:g}" for _, w in tags)
+        return prompt, nets, {"Hypernet": names, "Hypernet strength": strengths}
+
+    def _generate(self, p: GenerationParams, callback: ProgressCallback | None,
+                  nets: list[tuple[Hypernetwork, float]]):
+        if not nets:
+            return self.generator.run(p, callback)
+        with hypernetworks_applied(self.model.unet, nets):
+            return self.generator.run(p, callback)
 
 
     def _ti_hashes(self, p: GenerationParams) -> str | None:
@@ -196,21 +242,29 @@ def load(
     loras: list[tuple[str | Path, float]] | None = None,
     lora_dir: str | Path | None = None,
     embeddings_dir: str | Path | None = None,
+    hypernet_dir: str | Path | None = None,
+    low_memory: bool = False,
 ) -> Pipeline:
     """Load a checkpoint (None: the bundled model). ``loras`` are merged into the weights for good
     (``(path, weight)`` pairs); ``lora_dir`` serves ``<lora:name:w>`` tags in prompts; the textual
-    inversion embeddings in ``embeddings_dir`` are used by name in prompts and negative prompts."""
+    inversion embeddings in ``embeddings_dir`` are used by name in prompts and negative prompts;
+    ``hypernet_dir`` serves ``<hypernet:name:strength>`` tags (A1111 hypernetwork ``.pt`` files).
+    ``low_memory``: the weights stay in the (single .safetensors) file and each component, each UNet
+    block, is read in as it runs and dropped after; VAE decode/encode are tiled. Same images (up to
+    rounding, and the tiled decode's tolerance above 256×256), a fraction of the memory, slower."""
+    if low_memory and loras:
+        raise ParamError("loras", "merging LoRAs into the weights needs them in memory; not with low_memory")
     if path is None:  # the bundled shapes-world model that ships with the package
         from .train.bundled import BUNDLED_PATH
 
         path = BUNDLED_PATH
     torch_dtype = resolve_dtype(dtype, device)
-    model = load_model(path, vae=vae, prediction=prediction, dtype=torch_dtype, device=device)
+    model = load_model(path, vae=vae, prediction=prediction, dtype=torch_dtype, device=device, low_memory=low_memory)
     refiner_model = None
     if refiner is not None:
-        refiner_model = load_model(refiner, dtype=torch_dtype, device=device)
+        refiner_model = load_model(refiner, dtype=torch_dtype, device=device, low_memory=low_memory)
     if loras:   # merged for good: a run's prompt-tag LoRAs are removed down to these weights
         apply_loras(model, loras)
         bake_loras(model)
     embeddings = load_embeddings(embeddings_dir, model.spec) if embeddings_dir is not None else None
-    return Pipeline(model, refiner_model, lora_dir, embeddings)
+    return Pipeline(model, refiner_model, lora_dir, embeddings, hypernet_dir)

@@ -15,7 +15,7 @@ measures, interleaving the two implementations so that load from other processes
 Times are medians over repeats after warm-up, both wall-clock and process CPU time (the latter
 is steadier on a shared machine). Prints a table and the machine, writes ``--json``.
 
-    python bench/bench.py [--quick] [--json out.json] [--only unet,vae,text,load,memory] [--sdxl]
+    sfumato bench [--quick] [--json out.json] [--only unet,vae,text,load,memory] [--sdxl]
 """
 
 from __future__ import annotations
@@ -336,7 +336,9 @@ def child(spec: dict) -> None:
     elif impl == "sfumato":
         import sfumato
 
-        pipe = sfumato.load(spec["ckpt"], dtype=dtype)
+        pipe = sfumato.load(spec["ckpt"], dtype=dtype, low_memory=spec.get("low_memory", False))
+        if spec.get("compute") == "bf16":   # bf16 arithmetic as on CPUs with fast native bf16
+            pipe.model.unet.dtype_override = pipe.model.vae.dtype_override = torch.bfloat16
         result["load_s"] = time.perf_counter() - start
         if task == "generate":
             pipe.txt2img("a red circle", width=512, height=512, steps=spec["steps"], sampler="Euler", cfg_scale=7.0,
@@ -363,7 +365,7 @@ def child(spec: dict) -> None:
 def in_process(env: dict[str, str] | None = None, **spec) -> dict:
     """Run `child` with `spec` in a fresh interpreter (this process's thread count)."""
     spec["threads"] = torch.get_num_threads()
-    cmd = [sys.executable, __file__, "--child", json.dumps(spec, default=str)]
+    cmd = [sys.executable, "-m", "sfumato.bench", "--child", json.dumps(spec, default=str)]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
     if proc.returncode:
         return {"error": f"exit {proc.returncode}"}
@@ -418,6 +420,11 @@ def bench_processes(args, results: dict, parts: set[str], workdir: Path) -> None
         }
         results["generate_512_bf16"]["sfumato, fixed mmap threshold"] = in_process(
             FIXED_MMAP_THRESHOLD, task="generate", impl="sfumato", ckpt=ckpt, config=config, dtype="bf16", steps=steps)
+        if resolve_compute_dtype(torch.bfloat16, torch.device("cpu")) != torch.bfloat16:
+            results["generate_512_bf16"]["sfumato, bf16 arithmetic forced"] = in_process(
+                task="generate", impl="sfumato", ckpt=ckpt, config=config, dtype="bf16", steps=steps, compute="bf16")
+        results["generate_512_bf16"]["sfumato, low memory"] = in_process(
+            task="generate", impl="sfumato", ckpt=ckpt, config=config, dtype="bf16", steps=steps, low_memory=True)
         results["generate_512_bf16"]["steps"] = steps
 
 
@@ -448,17 +455,22 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    if len(sys.argv) > 2 and sys.argv[1] == "--child":
-        return child(json.loads(sys.argv[2]))
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) > 1 and argv[0] == "--child":
+        return child(json.loads(argv[1]))
+    try:
+        import diffusers  # noqa: F401  (the peer measured against; a test-only dependency)
+    except ImportError:
+        sys.exit("sfumato bench measures against diffusers: pip install -e '.[dev]' first")
+    ap = argparse.ArgumentParser(prog="sfumato bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="1 warm-up + 2 repeats (default 1 + 5)")
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--only", default=",".join(PARTS), help=f"comma-separated subset of {', '.join(PARTS)}")
     ap.add_argument("--sdxl", action="store_true", help="also an SDXL-size UNet step at 1024² in bf16 (~6 GB)")
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     ap.add_argument("--compile", action="store_true", help="also time the UNet under torch.compile")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     args.warmup, args.repeats = 1, 2 if args.quick else 5
     parts = set(args.only.split(","))
     if parts - set(PARTS):

@@ -20,28 +20,53 @@ _GEN_FLAGS = {
     "width": int, "height": int, "batch_size": int, "clip_skip": int, "subseed": int, "subseed_strength": float,
     "rng": str, "guidance_rescale": float, "strength": float, "mask_blur": int, "only_masked_padding": int,
     "masked_content": str, "hires_scale": float, "hires_steps": int, "hires_denoise": float, "hires_upscaler": str,
-    "refiner_switch": float,
+    "refiner_switch": float, "tome_ratio": float, "deepcache_interval": int,
 }
+_FLAG_ALIASES = {"tome_ratio": ("--tome",), "deepcache_interval": ("--deepcache",)}
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", nargs="?", help="the prompt (may come from --from-png instead)")
     p.add_argument("--model", help="checkpoint file (.safetensors/.ckpt/…) or diffusers folder")
     p.add_argument("--vae", help="a VAE file to use instead of the checkpoint's")
+    p.add_argument("--vae-decoder", metavar="taesd:PATH",
+                   help="decode (and preview) with a TAESD-compatible tiny decoder (taesd_decoder.safetensors "
+                        "or a diffusers AutoencoderTiny file): much faster, lower quality")
     p.add_argument("--prediction", choices=("eps", "v"), help="override the prediction type (SD 2.x)")
     p.add_argument("--refiner", help="an SDXL refiner checkpoint to hand the last steps to")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]",
                    help="merge a LoRA file into the model (repeatable; weight default 1.0)")
     p.add_argument("--lora-dir", help="folder searched for <lora:name:weight> tags in the prompt")
+    p.add_argument("--hypernet-dir", help="folder searched for <hypernet:name:strength> tags in the prompt (A1111 .pt)")
     p.add_argument("--embeddings", metavar="DIR", help="textual inversion embeddings, used by file name in prompts")
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"))
+    p.add_argument("--low-memory", action="store_true",
+                   help="stream weights from the .safetensors file block by block, tiled VAE (less memory, slower)")
     p.add_argument("--from-png", metavar="FILE", help="take the settings from an image's infotext")
     p.add_argument("--no-watermark", action="store_true", help="do not add the invisible watermark")
     p.add_argument("-o", "--output", default="output.png",
                    help="image path (.png, .jpg, .webp); a batch writes NAME-0.png, NAME-1.png, …")
     for name, kind in _GEN_FLAGS.items():
         flag = "--" + name.replace("_", "-")
-        p.add_argument(flag, type=kind, default=None, help=_HELP.get(name))
+        p.add_argument(flag, *_FLAG_ALIASES.get(name, ()), type=kind, default=None, help=_HELP.get(name))
+    _add_control(p)
+
+
+def _add_control(p: argparse.ArgumentParser) -> None:
+    from .pipeline.params import CONTROL_PREPROCESSORS
+
+    g = p.add_argument_group("ControlNet", "each flag is repeatable: its i-th use belongs to the i-th --control-model "
+                                          "(give it once per ControlNet, or leave it out for the default)")
+    g.add_argument("--control-model", action="append", default=[], metavar="PATH", help="a ControlNet file or folder")
+    g.add_argument("--control-image", action="append", default=[], metavar="FILE", help="its control image (required)")
+    g.add_argument("--control-preprocessor", action="append", default=[], choices=CONTROL_PREPROCESSORS,
+                   help="how the image becomes the control image (default none: use it as it is)")
+    g.add_argument("--control-strength", action="append", default=[], type=float, metavar="W",
+                   help="weight of its residuals (1)")
+    g.add_argument("--control-start", action="append", default=[], type=float, metavar="F",
+                   help="fraction of the steps at which it starts (0)")
+    g.add_argument("--control-end", action="append", default=[], type=float, metavar="F",
+                   help="fraction of the steps at which it ends (1)")
 
 
 _HELP = {
@@ -55,7 +80,12 @@ _HELP = {
     "hires_scale": "hires fix: upscale factor of a second pass (txt2img)",
     "hires_upscaler": "latent or lanczos",
     "refiner_switch": "fraction of the steps after which the refiner takes over",
+    "tome_ratio": "ToMe: merge this fraction of the self-attention tokens at the finest attention level (0 = off)",
+    "deepcache_interval": "DeepCache: a full UNet pass every N steps, the shallow branch in between (1 = off)",
 }
+
+
+_DEPTH_HELP = "depth map for SD 2's depth model (greyscale, white = near, as MiDaS writes it)"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -74,9 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("--attention-maps", metavar="DIR",
                    help="also write a heat map per prompt word (cross-attention, DAAM) as overlays into DIR")
+    p.add_argument("--depth-map", metavar="FILE", help=_DEPTH_HELP)
     p = sub.add_parser("img2img", help="transform an image under a prompt")
     _add_common(p)
     p.add_argument("--init-image", required=True)
+    p.add_argument("--depth-map", metavar="FILE", help=_DEPTH_HELP)
     p = sub.add_parser("inpaint", help="repaint the masked part of an image")
     _add_common(p)
     p.add_argument("--init-image", required=True)
@@ -87,12 +119,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-image", required=True)
     for side in ("left", "right", "up", "down"):
         p.add_argument(f"--{side}", type=int, default=0, help=f"pixels to add on the {side} (multiple of 8)")
+    p = sub.add_parser("upscale", help="upscale an image 4x with an x4 upscaler model (the prompt is optional)")
+    _add_common(p)
+    p.add_argument("--image", required=True, help="the low-res image (sides multiples of 8)")
+    p.add_argument("--noise-level", type=int, default=20,
+                   help="noise added to the low-res image, 0 to the model's maximum (350); default 20")
     p = sub.add_parser("png-info", help="print the generation parameters stored in an image")
     p.add_argument("file")
     p = sub.add_parser("info", help="describe a checkpoint: family, prediction type, components, hash")
     p.add_argument("model")
     p.add_argument("--prediction", choices=("eps", "v"))
     p.add_argument("--json", action="store_true", help="print JSON")
+    sub.add_parser("bench", add_help=False,   # handled in main(): `sfumato bench --help` lists its options
+                   help="time sfumato against diffusers on this machine (needs the dev extra)")
     from .batch_cli import add_commands as add_batch_commands
     from .merge_cli import add_commands as add_merge_commands
     from .server.cli import add_commands as add_server_commands
@@ -117,6 +156,50 @@ def _lora_arg(text: str) -> tuple[str, float]:
     if not Path(path).is_file():
         raise SfumatoError(f"--lora: file not found: {path}")
     return path, weight
+
+
+_CONTROL_FIELDS = {"control_preprocessor": "preprocessor", "control_strength": "strength", "control_start": "start",
+                   "control_end": "end"}
+
+
+def _control_specs(args: argparse.Namespace) -> list:
+    """The --control-* flags as ControlSpecs: the i-th use of each flag belongs to the i-th --control-model."""
+    from .pipeline.params import ControlSpec
+
+    n = len(args.control_model)
+    for name in ("control_image", *_CONTROL_FIELDS):
+        given, flag = len(getattr(args, name)), "--" + name.replace("_", "-")
+        if given and not n:
+            raise SfumatoError(f"{flag}: given without --control-model")
+        if given != n and (given or name == "control_image"):
+            raise SfumatoError(f"{flag}: given {given} times for {n} --control-model (once per ControlNet, in order)")
+    specs = []
+    for i, path in enumerate(args.control_model):
+        if not Path(path).exists():
+            raise SfumatoError(f"--control-model: file not found: {path}")
+        options = {field: getattr(args, name)[i] for name, field in _CONTROL_FIELDS.items() if getattr(args, name)}
+        specs.append(ControlSpec(path, _open_image(args.control_image[i], "--control-image"), **options))
+    return specs
+
+
+def _tiny_decoder(text: str, latent_channels: int, factor: int):
+    from .models.taesd import load_tiny_decoder
+
+    kind, _, path = text.partition(":")
+    if kind != "taesd" or not path:
+        raise SfumatoError(f"--vae-decoder: expected taesd:PATH, got {text!r}")
+    if not Path(path).is_file():
+        raise SfumatoError(f"--vae-decoder: file not found: {path}")
+    try:
+        decoder = load_tiny_decoder(path)
+    except (ValueError, RuntimeError) as e:
+        raise SfumatoError(f"--vae-decoder: {e}") from None
+    if decoder.cfg.latent_channels != latent_channels:
+        raise SfumatoError(f"--vae-decoder: {path} decodes {decoder.cfg.latent_channels}-channel latents, "
+                           f"the model makes {latent_channels}")
+    if decoder.factor != factor:
+        raise SfumatoError(f"--vae-decoder: {path} upsamples ×{decoder.factor}, the model's VAE ×{factor}")
+    return decoder
 
 
 def _open_image(path: str, field: str):
@@ -146,6 +229,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     settings.update({k: getattr(args, k) for k in _GEN_FLAGS if getattr(args, k) is not None})
     if args.prompt is not None:
         settings["prompt"] = args.prompt
+    if args.command == "upscale":
+        settings.setdefault("prompt", "")
     if "prompt" not in settings:
         raise SfumatoError("prompt: no prompt given")
     output = Path(args.output)
@@ -165,13 +250,25 @@ def cmd_generate(args: argparse.Namespace) -> int:
         extra["only_masked"] = args.only_masked
     if args.command == "outpaint":
         extra.update(left=args.left, right=args.right, up=args.up, down=args.down)
+    if getattr(args, "depth_map", None) is not None:
+        extra["depth_map"] = _open_image(args.depth_map, "--depth-map")
+    if args.command == "upscale":
+        extra.update(init_image=_open_image(args.image, "--image"), noise_level=args.noise_level)
     settings.pop("refiner", None)
+    control = _control_specs(args)
+    if control:
+        settings["control"] = control
 
     # validate the request before loading any model: a throwaway copy with placeholder sizes
     _dry_validate(args.command, settings, extra)
     loras = [_lora_arg(text) for text in args.lora]
     pipe = load(model, vae=args.vae, prediction=args.prediction, dtype=args.dtype, refiner=args.refiner,
-                loras=loras, lora_dir=args.lora_dir, embeddings_dir=args.embeddings)
+                loras=loras, lora_dir=args.lora_dir, embeddings_dir=args.embeddings, low_memory=args.low_memory,
+                hypernet_dir=args.hypernet_dir)
+    if args.vae_decoder:
+        spec = pipe.model.spec
+        pipe.generator.tiny_decoder = _tiny_decoder(args.vae_decoder, spec.unet.out_channels,
+                                                    2 ** (len(spec.vae.ch_mult) - 1))
     bar = tqdm(desc=args.command, unit="step", file=sys.stderr, leave=False)
 
     def progress(rec) -> None:
@@ -180,7 +277,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             bar.set_description(rec.stage)
         bar.update(1)
 
-    method = {"txt2img": pipe.txt2img, "img2img": pipe.img2img, "inpaint": pipe.img2img, "outpaint": pipe.outpaint}
+    method = {"txt2img": pipe.txt2img, "img2img": pipe.img2img, "inpaint": pipe.img2img, "outpaint": pipe.outpaint,
+              "upscale": lambda prompt, image, negative, **kw: pipe.upscale(image, prompt, negative, **kw)}
     prompt = settings.pop("prompt")
     negative = settings.pop("negative_prompt", "")
     kwargs = {**settings, **extra}
@@ -248,10 +346,17 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"txt2img": cmd_generate, "img2img": cmd_generate, "inpaint": cmd_generate, "outpaint": cmd_generate,
+            "upscale": cmd_generate,
             "png-info": cmd_png_info, "info": cmd_info}
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:   # its own argument parser (sfumato/bench.py), measured against diffusers
+        from .bench import main as bench
+
+        bench(argv[1:])
+        return 0
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
     try:

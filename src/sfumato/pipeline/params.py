@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 from PIL import Image
 
 from ..errors import SfumatoError
@@ -16,6 +19,7 @@ MAX_SEED = 2**32 - 1
 MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")
 UPSCALERS = ("latent", "lanczos")
 RNGS = ("cpu", "nv")
+CONTROL_PREPROCESSORS = ("none", "canny", "threshold", "scribble", "depth")  # adapters.controlnet.PREPROCESSORS
 
 
 class ParamError(SfumatoError, ValueError):
@@ -24,6 +28,50 @@ class ParamError(SfumatoError, ValueError):
     def __init__(self, field: str, message: str):
         super().__init__(f"{field}: {message}")
         self.field = field
+
+
+@dataclass
+class ControlSpec:
+    """One ControlNet of a request: a ControlNet file or diffusers folder (or an already loaded
+    ``models.controlnet.ControlNet``), the control image (PIL, or uint8 (H, W[, C]) array), its
+    preprocessor, the strength of its residuals and its active span of the sampling run (step
+    fractions ``start`` ≤ i/steps ≤ ``end``). The image is fitted to the generation size."""
+
+    model: str | Path | Any
+    image: Image.Image | np.ndarray = field(repr=False)
+    preprocessor: str = "none"
+    strength: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+
+    @property
+    def model_name(self) -> str:
+        return Path(self.model).stem if isinstance(self.model, (str, Path)) else "unnamed"
+
+    def validate(self, prefix: str) -> None:
+        """Checks every field; errors name ``{prefix}.{field}``."""
+        from ..models.controlnet import ControlNet
+
+        if isinstance(self.model, (str, Path)):
+            if not Path(self.model).exists():
+                raise ParamError(f"{prefix}.model", f"ControlNet file not found: {self.model}")
+        elif not isinstance(self.model, ControlNet):
+            raise ParamError(f"{prefix}.model", f"must be a file path or a ControlNet, got {type(self.model).__name__}")
+        image = self.image
+        if isinstance(image, np.ndarray):
+            if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)):
+                raise ParamError(f"{prefix}.image", f"an array must be uint8 (H, W), (H, W, 1|3|4), "
+                                                    f"got {image.dtype} {image.shape}")
+        elif not isinstance(image, Image.Image):
+            raise ParamError(f"{prefix}.image", f"must be a PIL image or a uint8 array, got {type(image).__name__}")
+        if self.preprocessor not in CONTROL_PREPROCESSORS:
+            raise ParamError(f"{prefix}.preprocessor", f"must be one of {', '.join(CONTROL_PREPROCESSORS)}, "
+                                                       f"got {self.preprocessor!r}")
+        _float_range(f"{prefix}.strength", self.strength, 0, 2)
+        _float_range(f"{prefix}.start", self.start, 0, 1)
+        _float_range(f"{prefix}.end", self.end, 0, 1)
+        if self.start > self.end:
+            raise ParamError(f"{prefix}.start", f"must not exceed end ({self.start} > {self.end})")
 
 
 @dataclass
@@ -59,6 +107,15 @@ class GenerationParams:
     # SDXL refiner hand-off (the refiner model is given to the pipeline, its name recorded here)
     refiner: str | None = None
     refiner_switch: float = 0.8
+    # depth2img (SD 2's depth model): the depth map, greyscale, white = near (as MiDaS writes it)
+    depth_map: Image.Image | None = field(default=None, repr=False)
+    # x4 upscaler (init_image is the low-res image; width/height the 4x output): noise added to it
+    noise_level: int | None = None
+    # ControlNets steering the base model (not the refiner), their residuals summed
+    control: list[ControlSpec] = field(default_factory=list)
+    # training-free accelerations (opt-in): ToMe token merging, DeepCache (1 = every step in full)
+    tome_ratio: float = 0.0
+    deepcache_interval: int = 1
 
     @property
     def is_img2img(self) -> bool:
@@ -118,6 +175,20 @@ class GenerationParams:
                 if value % 8:
                     raise ParamError("hires_scale", f"hires {name} {value} is not a multiple of 8")
         _float_range("refiner_switch", self.refiner_switch, 0, 1)
+        if self.depth_map is not None and not isinstance(self.depth_map, Image.Image):
+            raise ParamError("depth_map", f"must be a PIL image, got {type(self.depth_map).__name__}")
+        if self.noise_level is not None:
+            _int_range("noise_level", self.noise_level, 0, 999)
+            if self.init_image is None:
+                raise ParamError("noise_level", "upscaling needs the low-res image (init_image)")
+        _float_range("tome_ratio", self.tome_ratio, 0, 0.75)
+        _int_range("deepcache_interval", self.deepcache_interval, 1, 100)
+        if not isinstance(self.control, (list, tuple)):
+            raise ParamError("control", f"must be a list of ControlSpec, got {type(self.control).__name__}")
+        for i, spec in enumerate(self.control):
+            if not isinstance(spec, ControlSpec):
+                raise ParamError(f"control[{i}]", f"must be a ControlSpec, got {type(spec).__name__}")
+            spec.validate(f"control[{i}]")
         if self.seed == -1:
             self.seed = random.randint(0, MAX_SEED - 64)
         if self.subseed == -1:

@@ -42,6 +42,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", help="write the full report to this JSON file")
     p.add_argument("--no-guidance", action="store_true",
                    help="skip the guidance rows (CFG 1, img2img colour change, inpainting)")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16: bf16 weights and bf16 arithmetic in the UNet and VAE (forced, whatever the CPU)")
     p.add_argument("--threads", type=int, default=2)
     p.set_defaults(func=cmd_eval)
 
@@ -74,7 +76,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     report = evaluate_model(args.model or BUNDLED_PATH, steps=args.steps, cfg_scale=args.cfg_scale, seed=args.seed,
-                            guidance=not args.no_guidance)
+                            guidance=not args.no_guidance, dtype=args.dtype)
     print(format_report(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
