@@ -113,3 +113,15 @@ def test_malicious_checkpoint_via_cli(tmp_path, capsys, name, how):
 def test_info_on_tiny_model(tiny_model, capsys):
     code, out, _ = run(["info", tiny_model], capsys)
     assert code == 0 and "custom" in out and "model_hash" in out
+
+
+def test_bench_is_a_subcommand_with_its_own_options(capsys):
+    """`sfumato bench` reaches the benchmark's parser (its options, not the generation ones)."""
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: sfumato bench") and "--quick" in out and "--sdxl" in out
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--only", "nonsense"])
+    assert e.value.code == 2 and "unknown part" in capsys.readouterr().err
