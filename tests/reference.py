@@ -164,3 +164,23 @@ def write_hf_clip_tokenizer(folder) -> None:
     vocab += ["<|startoftext|>", "<|endoftext|>"]
     (folder / "vocab.json").write_text(json.dumps({v: i for i, v in enumerate(vocab)}))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+
+
+# a 2-layer, 32-wide CLIP text model with the real vocabulary (tiny diffusers pipelines in the tests)
+TINY_HF_TEXT = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=2, max_position_embeddings=77, hidden_act="quick_gelu",
+                    bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+
+
+def tiny_hf_text(root, seed: int) -> dict:
+    """``text_encoder`` (random, seeded) and ``tokenizer`` (the real CLIP BPE, written under `root`)
+    for a tiny diffusers pipeline."""
+    from pathlib import Path
+
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    folder = Path(root) / "tok"
+    write_hf_clip_tokenizer(folder)
+    return {"text_encoder": materialize(lambda: CLIPTextModel(CLIPTextConfig(**TINY_HF_TEXT)), seed),
+            "tokenizer": CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"),
+                                       pad_token="<|endoftext|>", model_max_length=77)}

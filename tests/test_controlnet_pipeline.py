@@ -14,7 +14,7 @@ from PIL import Image
 from torch import nn
 
 import sfumato.pipeline.control as control_module
-from reference import materialize, reference_tokens, scaled_linear_alphas_cumprod
+from reference import TINY_HF_TEXT, materialize, reference_tokens, scaled_linear_alphas_cumprod
 from sfumato.api import ControlSpec, load
 from sfumato.checkpoint.convert_controlnet import controlnet_config_from_diffusers, diffusers_controlnet_to_ldm
 from sfumato.checkpoint.convert_text import hf_text_sd
@@ -36,9 +36,6 @@ TINY_UNET = dict(sample_size=8, in_channels=4, out_channels=4, up_block_types=("
 TINY_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, sample_size=64,
                 block_out_channels=(32, 32, 64, 64), down_block_types=("DownEncoderBlock2D",) * 4,
                 up_block_types=("UpDecoderBlock2D",) * 4)
-TINY_TEXT = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                 max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=49406, eos_token_id=49407,
-                 pad_token_id=49407)
 UNET_CFG = UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, transformer_depth=(1, 0),
                       num_heads=2, context_dim=32)
 PROMPT, NEGATIVE, STEPS, CFG = "a red circle", "blurry", 6, 7.0
@@ -54,7 +51,7 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("cn-world")
     unet = materialize(lambda: UNet2DConditionModel(**TINY_UNET), 21)
     vae = materialize(lambda: AutoencoderKL(**TINY_VAE), 22)
-    text = materialize(lambda: CLIPTextModel(CLIPTextConfig(**TINY_TEXT)), 23)
+    text = materialize(lambda: CLIPTextModel(CLIPTextConfig(**TINY_HF_TEXT)), 23)
     spec = ModelSpec("custom", UNET_CFG, VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1),
                      (TextSlot("cond_stage_model.transformer.", TextEncoderConfig("hf", 32, 2, 2, mlp_ratio=2.0)),),
                      resolution=64)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import sfumato
-from reference import materialize, pixels_close, reference_txt2img, write_hf_clip_tokenizer
+from reference import materialize, pixels_close, reference_txt2img, tiny_hf_text
 from sfumato.checkpoint.convert_text import hf_text_sd
 from sfumato.checkpoint.convert_unet import diffusers_unet_to_ldm, unet_config_from_diffusers
 from sfumato.checkpoint.convert_vae import diffusers_vae_to_ldm
@@ -27,22 +27,16 @@ TINY_VAE = dict(
     block_out_channels=(32, 32, 64, 64), down_block_types=("DownEncoderBlock2D",) * 4,
     up_block_types=("UpDecoderBlock2D",) * 4,
 )
-TINY_TEXT = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                 num_attention_heads=2, max_position_embeddings=77, hidden_act="quick_gelu",
-                 bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     root = tmp_path_factory.mktemp("tiny")
-    write_hf_clip_tokenizer(root / "tok")
     pipe = StableDiffusionPipeline(
         vae=materialize(lambda: AutoencoderKL(**TINY_VAE), 11),
-        text_encoder=materialize(lambda: CLIPTextModel(CLIPTextConfig(**TINY_TEXT)), 12),
-        tokenizer=CLIPTokenizer(str(root / "tok/vocab.json"), str(root / "tok/merges.txt"), pad_token="<|endoftext|>"),
+        **tiny_hf_text(root, 12),
         unet=materialize(lambda: UNet2DConditionModel(**TINY_UNET), 13),
         scheduler=EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,

@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL as RefAutoencoderKL
 from diffusers import UNet2DConditionModel
 
+from test_unet import tiny_pair
+
 from sfumato.api import resolve_dtype
-from sfumato.checkpoint.convert_unet import diffusers_unet_to_ldm
 from sfumato.checkpoint.convert_vae import diffusers_vae_to_ldm
 from sfumato.models import layers
 from sfumato.models.layers import Conv2d, bf16_is_fast, parse_cpuinfo, resolve_compute_dtype, upsample_conv
@@ -34,14 +35,7 @@ def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def unet_pair() -> tuple[UNet2DConditionModel, UNetModel]:
-    torch.manual_seed(0)
-    ref = UNet2DConditionModel(sample_size=16, **TINY_UNET).eval()
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    ours = UNetModel(TINY_UNET_CFG).eval()
-    ours.load_state_dict(diffusers_unet_to_ldm(ref.state_dict(), TINY_UNET_CFG), strict=True)
-    return ref, ours
+    return tiny_pair(TINY_UNET, TINY_UNET_CFG)
 
 
 def vae_pair() -> tuple[RefAutoencoderKL, AutoencoderKL]:

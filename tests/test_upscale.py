@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import sfumato
-from reference import materialize, pixels_close, write_hf_clip_tokenizer
+from reference import materialize, pixels_close, tiny_hf_text
 from sfumato.cli import main
 from sfumato.checkpoint.specs import PRESETS
 from sfumato.pipeline.params import GenerationParams, ParamError
@@ -28,9 +28,6 @@ TINY_VAE = dict(  # three levels: downsamples by 4, as the x4 upscaler's VAE
     block_out_channels=(16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 3,
     up_block_types=("UpDecoderBlock2D",) * 3, scaling_factor=0.08333,
 )
-TINY_TEXT = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                 num_attention_heads=2, max_position_embeddings=77, hidden_act="quick_gelu",
-                 bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
 SCHEDULE = dict(beta_start=0.0001, beta_end=0.02, beta_schedule="scaled_linear", num_train_timesteps=1000)
 
 
@@ -39,15 +36,11 @@ def tiny(tmp_path_factory):
     from diffusers import (
         AutoencoderKL, DDPMScheduler, EulerDiscreteScheduler, StableDiffusionUpscalePipeline, UNet2DConditionModel,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     root = tmp_path_factory.mktemp("x4")
-    write_hf_clip_tokenizer(root / "tok")
     pipe = StableDiffusionUpscalePipeline(
         vae=materialize(lambda: AutoencoderKL(**TINY_VAE), 21),
-        text_encoder=materialize(lambda: CLIPTextModel(CLIPTextConfig(**TINY_TEXT)), 22),
-        tokenizer=CLIPTokenizer(str(root / "tok/vocab.json"), str(root / "tok/merges.txt"),
-                                pad_token="<|endoftext|>", model_max_length=77),
+        **tiny_hf_text(root, 22),
         unet=materialize(lambda: UNet2DConditionModel(**TINY_UNET), 23),
         low_res_scheduler=DDPMScheduler(**SCHEDULE),
         scheduler=EulerDiscreteScheduler(**SCHEDULE, prediction_type="v_prediction"),

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from ..checkpoint.io import load_object
 from ..errors import SfumatoError
+from .folders import find_named_file
 
 HYPERNETWORK_EXTENSIONS = (".pt",)
 _NAMED_ACTIVATIONS: dict[str, type[nn.Module]] = {
@@ -208,18 +209,4 @@ def parse_hypernet_prompt(prompt: str) -> tuple[str, list[tuple[str, float]]]:
 def find_hypernetwork(name: str, directory: str | Path) -> Path:
     """The hypernetwork file called ``name`` (with or without ``.pt``) in ``directory`` or its
     sub-folders. Names that leave the folder are refused; a missing or ambiguous name is an error."""
-    directory = Path(directory)
-    parts = Path(name).parts
-    if not name or Path(name).is_absolute() or "\\" in name or any(p in ("..", ".") for p in parts):
-        raise SfumatoError(f"hypernetwork name {name!r}: must be a plain name inside the hypernetwork folder")
-    if not directory.is_dir():
-        raise SfumatoError(f"hypernetwork folder not found: {directory}")
-    file = name if Path(name).suffix.lower() in HYPERNETWORK_EXTENSIONS else name + ".pt"
-    found = [directory / file] if (directory / file).is_file() else []
-    if not found and len(parts) == 1:
-        found = sorted(p for p in directory.rglob(file) if p.is_file())
-    if not found:
-        raise SfumatoError(f"hypernetwork {name!r} not found in {directory} (looked for {file})")
-    if len(found) > 1:
-        raise SfumatoError(f"hypernetwork name {name!r} is ambiguous: {', '.join(str(p) for p in found)}")
-    return found[0]
+    return find_named_file("hypernetwork", name, directory, HYPERNETWORK_EXTENSIONS)

@@ -30,6 +30,7 @@ from ..checkpoint.io import load_file
 from ..checkpoint.load import LoadedModel
 from ..checkpoint.specs import UNET_PREFIX
 from ..errors import SfumatoError
+from .folders import find_named_file
 
 log = logging.getLogger(__name__)
 
@@ -494,20 +495,4 @@ def parse_lora_prompt(prompt: str) -> tuple[str, list[tuple[str, LoraWeight]]]:
 def find_lora(name: str, directory: str | Path) -> Path:
     """The LoRA file called `name` (with or without extension, optionally in a sub-folder) inside
     `directory`; searched by file name in sub-folders too. Names that leave the folder are refused."""
-    directory = Path(directory)
-    parts = Path(name).parts
-    if not name or Path(name).is_absolute() or "\\" in name or any(p in ("..", ".") for p in parts):
-        raise SfumatoError(f"LoRA name {name!r}: must be a plain name inside the LoRA folder")
-    if not directory.is_dir():
-        raise SfumatoError(f"LoRA folder not found: {directory}")
-    suffix = Path(name).suffix.lower()
-    candidates = [directory / name] if suffix in LORA_EXTENSIONS else [directory / (name + e) for e in LORA_EXTENSIONS]
-    found = [c for c in candidates if c.is_file()]
-    if not found and len(parts) == 1:
-        stems = {name} if suffix in LORA_EXTENSIONS else {name + e for e in LORA_EXTENSIONS}
-        found = sorted(p for p in directory.rglob("*") if p.name in stems and p.is_file())
-    if not found:
-        raise SfumatoError(f"LoRA {name!r} not found in {directory} (looked for {', '.join(LORA_EXTENSIONS)})")
-    if len(found) > 1:
-        raise SfumatoError(f"LoRA name {name!r} is ambiguous: {', '.join(str(p) for p in found)}")
-    return found[0]
+    return find_named_file("LoRA", name, directory, LORA_EXTENSIONS)
