@@ -256,7 +256,10 @@ def test_auto_tiling_and_bad_arguments(monkeypatch) -> None:
     with torch.no_grad():
         tiling.decode(ours, torch.randn(1, 4, 8, 8))
         assert calls == []
-        tiling.decode(ours, torch.randn(1, 4, 8, 9))
+        tiling.decode(ours, torch.randn(1, 4, 8, 9), stats_size=8)
         assert len(calls) == 1
-        tiling.decode(ours, torch.randn(1, 4, 8, 8), tiled=True)
+        tiling.decode(ours, torch.randn(1, 4, 8, 9), stats_size=8, tiled=False)
+        tiling.decode(ours, torch.randn(1, 4, 16, 16), tiled=True)   # fits the default statistics size: whole
+        assert len(calls) == 1
+        tiling.decode(ours, torch.randn(1, 4, 8, 16), stats_size=8, tiled=True)
         assert len(calls) == 2

@@ -137,7 +137,7 @@ class Pipeline:
                 watermark: bool = True, callback: ProgressCallback | None = None, **settings) -> GenerationResult:
         """x4 upscaler models: ``image`` to 4x its size, the low-res image noised to ``noise_level``
         (0 … the model's maximum, 350 for SD's) as the model takes it; width/height: the output size."""
-        factor = 2 ** (len(self.model.spec.vae.ch_mult) - 1)
+        factor = self.generator.base.factor
         settings.setdefault("width", image.width * factor)
         settings.setdefault("height", image.height * factor)
         p = self.params(prompt=prompt, negative_prompt=negative_prompt, init_image=image, noise_level=noise_level,

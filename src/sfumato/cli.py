@@ -266,9 +266,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 loras=loras, lora_dir=args.lora_dir, embeddings_dir=args.embeddings, low_memory=args.low_memory,
                 hypernet_dir=args.hypernet_dir)
     if args.vae_decoder:
-        spec = pipe.model.spec
-        pipe.generator.tiny_decoder = _tiny_decoder(args.vae_decoder, spec.unet.out_channels,
-                                                    2 ** (len(spec.vae.ch_mult) - 1))
+        base = pipe.generator.base
+        pipe.generator.tiny_decoder = _tiny_decoder(args.vae_decoder, base.latent_channels, base.factor).to(base.device)
     bar = tqdm(desc=args.command, unit="step", file=sys.stderr, leave=False)
 
     def progress(rec) -> None:
@@ -355,8 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["bench"]:   # its own argument parser (sfumato/bench.py), measured against diffusers
         from .bench import main as bench
 
-        bench(argv[1:])
-        return 0
+        return bench(argv[1:]) or 0
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
     try:

@@ -155,7 +155,13 @@ def load_hypernetwork(path: str | Path, name: str | None = None) -> Hypernetwork
 @contextmanager
 def hypernetworks_applied(unet: nn.Module, nets: Sequence[tuple[Hypernetwork, float]]) -> Iterator[None]:
     """Within the block, each attention layer's ``to_k`` / ``to_v`` input goes through the ``(net,
-    strength)`` pairs' MLPs of its width, in order; hooks are removed on exit."""
+    strength)`` pairs' MLPs of its width, in order; hooks are removed on exit. The networks move
+    to the UNet's device."""
+    from ..checkpoint.stream import module_device
+
+    device = module_device(unet)
+    for net, _ in nets:
+        net.to(device)
     handles = []
 
     def hook(chain: list[tuple[HypernetworkModule, float]]):

@@ -33,6 +33,7 @@ from torch import Tensor
 from ..checkpoint.detect import detect_spec, is_ignorable
 from ..checkpoint.io import load_file, read_metadata, save_file, sha256_file, sniff_format
 from ..checkpoint.specs import SPEC_METADATA_KEY, VAE_PREFIX
+from ..checkpoint.stream import SAFETENSORS_DTYPES
 from ..errors import CheckpointError, SfumatoError
 
 MergeMode = Literal["weighted", "add-difference"]
@@ -44,13 +45,6 @@ LOAD_METADATA = (SPEC_METADATA_KEY, "sfumato.prediction", "modelspec.prediction_
                  "ss_v_parameterization")
 LABELS = ("A", "B", "C")
 HASH_LENGTH = 10  # A1111's short model hash
-
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
-}
-
 
 class MergeError(SfumatoError):
     """The inputs cannot be merged (different families, shape mismatches) or a setting is invalid."""
@@ -242,7 +236,7 @@ class _Reader:
 
     def _meta(self, key: str) -> Tensor:
         view = self._file.get_slice(key)
-        dtype = _SAFETENSORS_DTYPES.get(view.get_dtype())
+        dtype = SAFETENSORS_DTYPES.get(view.get_dtype())
         if dtype is None:
             return self._file.get_tensor(key).to("meta")
         return torch.empty(view.get_shape(), dtype=dtype, device="meta")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import mmap
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
@@ -61,7 +62,7 @@ class MappedFile:
             shape = [int(n) for n in entry["shape"]]
             raw = self._bytes[a:b]
             itemsize = torch.empty(0, dtype=dtype).element_size()
-            if b - a != itemsize * _numel(shape):
+            if b - a != itemsize * math.prod(shape):
                 raise CheckpointError(f"{self.path} is corrupt: tensor {key!r} has {b - a} bytes for shape {shape}")
             if a % itemsize:  # misaligned for its dtype: the one case that needs a copy
                 raw = raw.clone()
@@ -196,11 +197,6 @@ def unet_units(unet: nn.Module) -> list[nn.Module]:
     return units
 
 
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def module_device(module: nn.Module) -> torch.device:

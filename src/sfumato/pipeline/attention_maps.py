@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
+from ..adapters.hypernetwork import parse_hypernet_prompt
 from ..adapters.lora import parse_lora_prompt
 from ..models.unet import BasicTransformerBlock
 from ..text.prompt import chunk_prompt, prompt_schedule, split_and
@@ -131,7 +132,7 @@ class AttentionMaps:
     def word_maps(self, prompt: str, size: tuple[int, int], image: int = 0) -> dict[str, np.ndarray]:
         """``{word: heat [height, width] float32 in [0, 1]}`` in prompt order for the prompt the maps
         were collected with; ``size`` = (height, width) of the image."""
-        text, _ = parse_lora_prompt(prompt)
+        text, _ = parse_hypernet_prompt(parse_lora_prompt(prompt)[0])   # the tags the run removed
         if self.embeddings is not None and self.embeddings.names_in(text):
             raise ValueError("attention maps: prompts naming textual inversion embeddings are not supported")
         heat = self.token_heat(size, image)

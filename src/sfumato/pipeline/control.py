@@ -100,7 +100,7 @@ def control_units(specs: Sequence[ControlSpec], models: Sequence[ControlNet], wi
             units.append(ControlUnit(model, control_image(spec, width, height, crop), spec.strength, spec.start,
                                      spec.end))
         except ParamError as e:
-            raise ParamError(f"control[{i}].{e.field}", str(e).split(": ", 1)[-1]) from None
+            raise ParamError(f"control[{i}].{e.field}", e.message) from None
     return units
 
 

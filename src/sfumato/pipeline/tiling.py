@@ -6,8 +6,8 @@ their own disagree (seams, colour shifts between tiles). Here instead:
 1. The global parts run once on the whole map at latent resolution, where it is 64× smaller than
    the image: the decoder's ``conv_in`` and mid block, the encoder's mid block and output head.
 2. The GroupNorm statistics of the full-resolution path come from one ordinary pass over the input
-   shrunk to at most ``stats_size`` latent pixels a side (nearest-neighbour for latents, area
-   averaging for images); when the input is already that small they are exactly the untiled ones.
+   reduced to at most ``stats_size`` latent pixels a side: a mosaic of full-resolution crops from an
+   even grid over it (local statistics intact). An input already that small is not tiled at all.
 3. The full-resolution path runs tile by tile with those statistics. Each tile carries a halo as
    wide as the receptive field still ahead of it, trimmed after every level, and only its exact
    centre is kept. With exact statistics the result is the untiled one up to rounding, everywhere:
@@ -65,18 +65,22 @@ class _Stage:
 
 def decode(vae: AutoencoderKL, z: Tensor, tiled: bool | None = None, *, tile: int = DEFAULT_TILE,
            stats_size: int = DEFAULT_STATS_SIZE) -> Tensor:
-    """``vae.decode(z)``, tiled when asked or (``tiled=None``) when z is larger than the auto threshold."""
+    """``vae.decode(z)``, tiled when asked or (``tiled=None``) when z is larger than the auto threshold;
+    never when z fits the statistics size (the statistics pass would already be the whole decode)."""
     if tiled is None:
         tiled = z.shape[-2] * z.shape[-1] > AUTO_TILE_LATENT_PIXELS
+    tiled = tiled and max(z.shape[-2:]) > stats_size
     return tiled_decode(vae, z, tile=tile, stats_size=stats_size) if tiled else vae.decode(z)
 
 
 def encode(vae: AutoencoderKL, x: Tensor, tiled: bool | None = None, *, tile: int = DEFAULT_TILE,
            stats_size: int = DEFAULT_STATS_SIZE) -> DiagonalGaussian:
-    """``vae.encode(x)``, tiled when asked or (``tiled=None``) when the latent would exceed the auto threshold."""
+    """``vae.encode(x)``, tiled when asked or (``tiled=None``) when the latent would exceed the auto threshold;
+    never when x fits the statistics size (the statistics pass would already be the whole encode)."""
     f = _factor(vae)
     if tiled is None:
         tiled = (x.shape[-2] // f) * (x.shape[-1] // f) > AUTO_TILE_LATENT_PIXELS
+    tiled = tiled and max(x.shape[-2:]) > stats_size * f
     return tiled_encode(vae, x, tile=tile, stats_size=stats_size) if tiled else vae.encode(x)
 
 
