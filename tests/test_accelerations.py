@@ -172,6 +172,30 @@ def test_deepcache_cached_evaluations_differ_from_full_ones_and_errors_are_loud(
         DeepCache(unet, 2, branch=0)
 
 
+def test_deepcache_cached_evaluation_equals_a_full_pass_with_the_earlier_deep_features():
+    """Independent reference: a plain forward at the new inputs whose deep part is overridden by a hook
+    with the feature map the earlier full pass fed into ``output_blocks[branch]``."""
+    unet = tiny_unet()
+    x, t, ctx = inputs()
+    x2, t2 = x * 0.7 + 0.1, t * 0.5
+    deep = unet.output_blocks[len(unet.output_blocks) - 3]   # its output enters output_blocks[branch]
+    with torch.no_grad():
+        saved = []
+        handle = deep.register_forward_hook(lambda m, a, out: saved.append(out))
+        unet(x, t, ctx)
+        handle.remove()
+        handle = deep.register_forward_hook(lambda m, a, out: saved[0])
+        expected = unet(x2, t2, ctx)
+        handle.remove()
+        plain = unet(x2, t2, ctx)
+        with deep_cache(unet, 2) as cache:
+            run = cache.wrap(lambda xx, s: unet(xx, t * s, ctx))
+            run(x, torch.tensor(1.0))
+            got = run(x2, torch.tensor(0.5))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, plain, atol=1e-4)   # the cache is used
+
+
 def test_params_validate_acceleration_fields():
     with pytest.raises(ParamError) as e:
         GenerationParams("x", tome_ratio=0.9).validated()

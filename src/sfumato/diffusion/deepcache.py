@@ -26,7 +26,6 @@ from contextlib import contextmanager
 from types import MethodType
 from typing import Callable
 
-import torch
 from torch import Tensor
 
 from ..models.unet import UNetModel
@@ -66,9 +65,7 @@ class DeepCache:
             raise RuntimeError("DeepCache: the UNet was called outside an evaluation of the wrapped denoiser")
         slot, self._slot = self._slot, self._slot + 1
         unet = self.unet
-        if control is not None and len(control) != len(unet.input_blocks) + 1:
-            raise ValueError(f"{len(control)} control residuals for a UNet with {len(unet.input_blocks)} input "
-                             "blocks (one per input block and one for the middle block expected)")
+        unet.check_control(control)
         full = self.evaluation % self.interval == 0
         if not full:
             cached = self._cache.get(slot)
@@ -78,30 +75,21 @@ class DeepCache:
         dtype = unet.compute_dtype
         emb = unet.embed(timesteps, y, x.shape[0], dtype)
         context = context.to(dtype)
-        h = x.to(dtype)
-        n = len(unet.output_blocks)
-        shallow = n - self.branch            # input blocks whose skips feed output_blocks[branch:]
-        skips: list[Tensor] = []
-        for block in unet.input_blocks[: len(unet.input_blocks) if full else shallow]:
-            h = block(h, emb, context)
-            skips.append(h)
-        if full:
-            h = unet.middle_block(h, emb, context)
-            if control is not None:
-                h = h + control[-1].to(dtype)
-            self.full_passes += 1
-        else:
-            h = cached
+        shallow = len(unet.output_blocks) - self.branch   # input blocks whose skips feed output_blocks[branch:]
+        h, skips = unet.run_input(x.to(dtype), emb, context, len(unet.input_blocks) if full else shallow)
+        if not full:
             self.cached_passes += 1
-        for j in range(0 if full else self.branch, n):
-            if full and j == self.branch:
-                self._cache[slot] = h
-            skip = skips.pop()
-            if control is not None:
-                skip = skip + control[len(skips)].to(dtype)
-            h = torch.cat([h, skip], dim=1)
-            h = unet.output_blocks[j](h, emb, context, skips[-1].shape[-2:] if skips else None)
-        return unet.out(h).to(x.dtype).contiguous()
+            return unet.run_output(cached, skips, emb, context, control, self.branch).to(x.dtype).contiguous()
+        self.full_passes += 1
+        h = unet.middle_block(h, emb, context)
+        if control is not None:
+            h = h + control[-1].to(dtype)
+
+        def keep(j: int, entering: Tensor) -> None:
+            if j == self.branch:
+                self._cache[slot] = entering
+
+        return unet.run_output(h, skips, emb, context, control, 0, keep).to(x.dtype).contiguous()
 
 
 @contextmanager

@@ -13,7 +13,7 @@ Channels-last activations were measured slower here (each conv weight gets re-la
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -325,24 +325,40 @@ class UNetModel(nn.Module):
         residuals, one per input block (added to its skip connection) and one for the middle block, last.
         Any latent size works: upsampling follows the skip sizes.
         Computes in `compute_dtype` and returns the prediction in x's dtype."""
-        if control is not None and len(control) != len(self.input_blocks) + 1:
-            raise ValueError(f"{len(control)} control residuals for a UNet with {len(self.input_blocks)} input "
-                             "blocks (one per input block and one for the middle block expected)")
+        self.check_control(control)
         dtype = self.compute_dtype
         emb = self.embed(timesteps, y, x.shape[0], dtype)
         context = context.to(dtype)
-        h = x.to(dtype)
-        skips: list[Tensor] = []
-        for block in self.input_blocks:
-            h = block(h, emb, context)
-            skips.append(h)
+        h, skips = self.run_input(x.to(dtype), emb, context, len(self.input_blocks))
         h = self.middle_block(h, emb, context)
         if control is not None:
             h = h + control[-1].to(dtype)
-        for block in self.output_blocks:
+        return self.run_output(h, skips, emb, context, control, 0).to(x.dtype).contiguous()
+
+    def check_control(self, control: Sequence[Tensor] | None) -> None:
+        if control is not None and len(control) != len(self.input_blocks) + 1:
+            raise ValueError(f"{len(control)} control residuals for a UNet with {len(self.input_blocks)} input "
+                             "blocks (one per input block and one for the middle block expected)")
+
+    def run_input(self, h: Tensor, emb: Tensor, context: Tensor, blocks: int) -> tuple[Tensor, list[Tensor]]:
+        """The first `blocks` input blocks: the last output and every block's output (the skips)."""
+        skips: list[Tensor] = []
+        for block in self.input_blocks[:blocks]:
+            h = block(h, emb, context)
+            skips.append(h)
+        return h, skips
+
+    def run_output(self, h: Tensor, skips: list[Tensor], emb: Tensor, context: Tensor,
+                   control: Sequence[Tensor] | None, start: int,
+                   entering: Callable[[int, Tensor], None] | None = None) -> Tensor:
+        """Output blocks `start`… on `h`, each joined with the next skip from the end (plus its control
+        residual), then the head. `entering(j, h)` sees the map that enters output block j."""
+        for j in range(start, len(self.output_blocks)):
+            if entering is not None:
+                entering(j, h)
             skip = skips.pop()
             if control is not None:
-                skip = skip + control[len(skips)].to(dtype)
+                skip = skip + control[len(skips)].to(h.dtype)
             h = torch.cat([h, skip], dim=1)
-            h = block(h, emb, context, skips[-1].shape[-2:] if skips else None)
-        return self.out(h).to(x.dtype).contiguous()
+            h = self.output_blocks[j](h, emb, context, skips[-1].shape[-2:] if skips else None)
+        return self.out(h)
