@@ -1,7 +1,8 @@
 """Peak resident memory of sfumato, each case in a fresh process (``VmHWM`` from /proc/self/status).
 
 - a whole 512×512 txt2img (load + text encoding + sampling + VAE decode) of a random-weight SD1.5-size
-  single file in bf16, normal and ``low_memory``; the load's peak and the generation's peak (the
+  single file in bf16: normal (all kept), by-stage (``by_stage``: each component read in for its stage,
+  what ``sfumato txt2img`` does with a .safetensors file) and ``low_memory``; the load's peak and the generation's peak (the
   high-water mark reset after loading) are reported apart;
 - the VAE decode alone at 512², 1024² and 2048² (bf16 weights), whole and tiled, above the
   resident weights: tiled, the peak should not grow with the image area.
@@ -65,7 +66,8 @@ def child(spec: dict) -> dict:
         import sfumato
 
         start = time.perf_counter()
-        pipe = sfumato.load(spec["ckpt"], dtype="bf16", low_memory=spec["low_memory"])
+        pipe = sfumato.load(spec["ckpt"], dtype="bf16", low_memory=spec["mode"] == "low",
+                            by_stage=spec["mode"] == "by-stage")
         if spec.get("compute") == "bf16":   # bf16 arithmetic too, as on CPUs with fast native bf16
             pipe.model.unet.dtype_override = pipe.model.vae.dtype_override = torch.bfloat16
         result["load_s"] = round(time.perf_counter() - start, 2)
@@ -116,7 +118,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--storage", choices=("fp16", "bf16"), default="fp16", help="the checkpoint's storage dtype")
     ap.add_argument("--only", default="generate,decode")
-    ap.add_argument("--modes", default="normal,low", help="generate: normal and/or low (low_memory)")
+    ap.add_argument("--modes", default="normal,by-stage,low",
+                    help="generate: normal (all kept), by-stage (each component loaded for its stage), low (low_memory)")
     ap.add_argument("--sides", default="64,128,256", help="decode: latent sides (×8 image pixels)")
     ap.add_argument("--tiles", default="0,64,32", help="decode: 0 = whole, else tile (and statistics) size")
     ap.add_argument("--compute", choices=("auto", "bf16"), default="auto",
@@ -147,7 +150,7 @@ def main() -> None:
                 in_process(task="write", ckpt=ckpt, storage=args.storage)  # its ~3.5 GB peak leaves with the child
             for mode in args.modes.split(","):
                 report(f"generate_512_bf16_{args.storage}_file_{mode}_compute_{args.compute}",
-                       in_process(task="generate", ckpt=ckpt, steps=args.steps, low_memory=mode == "low",
+                       in_process(task="generate", ckpt=ckpt, steps=args.steps, mode=mode,
                                   compute=args.compute))
     if "decode" in parts:
         for tile in (int(t) for t in args.tiles.split(",")):

@@ -171,6 +171,76 @@ def test_generation_loop_tiles_large_images_and_matches_untiled(pipes, monkeypat
     assert 0 < np.abs(got - want).mean() <= MOSAIC_MEAN_LEVELS
 
 
+def _loaded(module: torch.nn.Module) -> bool:
+    return not next(module.parameters()).is_meta
+
+
+def test_by_stage_generation_equals_normal_one_component_at_a_time(pipes, fp16_model) -> None:
+    """By-stage loading gives the very same images; the UNet is read in once per sampling pass (not per
+    step) while the text encoders and the VAE are out, the VAE decodes without the UNet, and nothing
+    stays loaded between runs."""
+    normal, staged = pipes[0], sfumato.load(fp16_model, dtype="bf16", by_stage=True)
+    model = staged.model
+    seen: dict[str, list] = {"unet": [], "decode": [], "text": []}
+    weights: list[torch.Tensor] = []   # the UNet's first weight at each call: a new tensor for each read
+
+    def at_unet(m, a) -> None:
+        seen["unet"].append((_loaded(model.vae), _loaded(model.text_encoders[0])))
+        weights.append(next(m.parameters()))
+
+    hooks = [
+        model.unet.register_forward_pre_hook(at_unet),
+        model.vae.decoder.register_forward_pre_hook(
+            lambda m, a: seen["decode"].append((_loaded(model.unet), _loaded(model.text_encoders[0])))),
+        model.text_encoders[0].register_forward_pre_hook(
+            lambda m, a: seen["text"].append((_loaded(model.unet), _loaded(model.vae)))),
+    ]
+    try:
+        settings = dict(width=64, height=64, steps=3, seed=7, watermark=False)
+        a, b = normal.txt2img("a red circle", **settings), staged.txt2img("a red circle", **settings)
+        assert np.array_equal(_images(a), _images(b))
+        init = a.images[0]
+        a = normal.img2img("a blue square", init, strength=0.6, **settings)
+        b = staged.img2img("a blue square", init, strength=0.6, **settings)
+        assert np.array_equal(_images(a), _images(b))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(seen["unet"]) >= 5 and set(seen["unet"]) == {(False, False)}
+    assert seen["decode"] and set(seen["decode"]) == {(False, False)}
+    assert seen["text"] and set(seen["text"]) == {(False, False)}
+    reads = [w for i, w in enumerate(weights) if all(w is not v for v in weights[:i])]
+    assert len(reads) == 2   # one read per sampling pass: txt2img, img2img
+    modules = [model.unet, model.vae, *model.text_encoders]
+    assert all(t.is_meta for m in modules for t in [*m.parameters(), *m.buffers()])
+    with pytest.raises(ParamError, match="by-stage"):
+        staged.txt2img("<lora:x:1> a cat", width=64, height=64, steps=1)
+    with pytest.raises(ParamError, match="by_stage"):
+        sfumato.load(fp16_model, by_stage=True, loras=[(fp16_model, 1.0)])
+
+
+def test_cli_memory_modes(tiny_model, tmp_path, monkeypatch) -> None:
+    """auto is by-stage for a .safetensors file without LoRAs, keep otherwise; contradictions exit 2."""
+    from sfumato import api, cli
+
+    chosen = []
+    real = api.load
+    monkeypatch.setattr(api, "load", lambda *a, **kw: chosen.append((kw["low_memory"], kw["by_stage"])) or real(*a, **kw))
+    ckpt = tmp_path / "tiny.ckpt"
+    torch.save({"state_dict": safetensors.torch.load_file(tiny_model)}, ckpt)
+    common = ["--steps", "1", "--width", "64", "--height", "64", "-o", str(tmp_path / "x.png"), "--no-watermark"]
+    runs = [(["a cat", "--model", str(tiny_model)], (False, True)),
+            (["a cat", "--model", str(ckpt)], (False, False)),
+            (["a cat", "--model", str(tiny_model), "--memory", "keep"], (False, False)),
+            (["a cat", "--model", str(tiny_model), "--memory", "low"], (True, False)),
+            (["a cat <lora:x:1>", "--model", str(tiny_model), "--lora-dir", str(tmp_path)], (False, False))]
+    for argv, want in runs:
+        chosen.clear()
+        cli.main(["txt2img", *argv, *common])   # the LoRA run fails later (no such file): the mode is chosen first
+        assert chosen == [want], argv
+    assert cli.main(["txt2img", "a cat", "--model", str(tiny_model), "--low-memory", "--memory", "keep", *common]) == 2
+
+
 def test_low_memory_refusals(tmp_path, tiny_model, pipes) -> None:
     ckpt = tmp_path / "tiny.ckpt"
     torch.save({"state_dict": safetensors.torch.load_file(tiny_model)}, ckpt)

@@ -55,9 +55,13 @@ def vae_pair() -> tuple[RefAutoencoderKL, AutoencoderKL]:
 # -- single fast paths against their plain formula ---------------------------------------------
 
 
+@pytest.mark.parametrize("phases", [False, True])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("size", [(7, 5), (12, 16)])
-def test_upsample_conv_equals_nearest_then_conv(size: tuple[int, int], channels_last: bool) -> None:
+def test_upsample_conv_equals_nearest_then_conv(size: tuple[int, int], channels_last: bool, phases: bool,
+                                                monkeypatch) -> None:
+    """Both routes: the phase kernels (forced by a zero size threshold) and the plain one small inputs take."""
+    monkeypatch.setattr(layers, "UPSAMPLE_PHASES_MIN_PIXELS", 0 if phases else 10**9)
     torch.manual_seed(0)
     conv = Conv2d(6, 10, 3, padding=1)
     x = torch.randn(2, 6, *size)
@@ -67,6 +71,47 @@ def test_upsample_conv_equals_nearest_then_conv(size: tuple[int, int], channels_
         want = F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), conv.weight, conv.bias, padding=1)
         got = upsample_conv(x, conv)
     assert got.shape == want.shape == (2, 10, 2 * size[0], 2 * size[1])
+    assert rel_err(got, want) <= 1e-5
+
+
+@pytest.mark.parametrize("kernel,stride,padding,size", [
+    (3, 1, 1, (8, 8)), (3, 2, 1, (9, 7)), (3, 2, 0, (9, 9)), (1, 1, 0, (5, 6)), (2, 1, 1, (4, 5)), ((3, 1), 1, (1, 0), (6, 6)),
+])
+def test_conv_as_matmul_equals_conv2d(kernel, stride, padding, size) -> None:
+    torch.manual_seed(0)
+    conv = Conv2d(5, 7, kernel, stride=stride, padding=padding)
+    x = torch.randn(3, 5, *size)
+    with torch.no_grad():
+        want = F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding)
+        got = layers.conv_as_matmul(x, conv.weight, conv.bias, conv.stride, conv.padding)
+    assert got.shape == want.shape
+    assert rel_err(got, want) <= 1e-5
+
+
+def test_small_maps_take_the_matmul_route_and_give_the_same_unet(monkeypatch) -> None:
+    """Under no_grad on the CPU in fp32 a conv whose output has at most MATMUL_CONV_MAX_ROWS pixels runs
+    as unfold + matmul, larger ones, autograd and half precision through F.conv2d; a UNet's output does
+    not depend on the route."""
+    calls = []
+    real = layers.conv_as_matmul
+    monkeypatch.setattr(layers, "conv_as_matmul", lambda *a: calls.append(a[0].shape) or real(*a))
+    conv, x = Conv2d(4, 4, 3, padding=1), torch.randn(2, 4, 16, 16)
+    monkeypatch.setattr(layers, "MATMUL_CONV_MAX_ROWS", 512)
+    with torch.no_grad():
+        conv(x)
+        conv(torch.randn(2, 4, 17, 16))         # 544 output pixels: convolution
+        conv.to(torch.bfloat16)(x.bfloat16())   # not fp32: convolution
+    conv.float()(x)                             # autograd: convolution
+    assert calls == [(2, 4, 16, 16)]
+    _, ours = unet_pair()
+    x, t, ctx = torch.randn(2, 4, 16, 16), torch.tensor([10.0, 900.0]), torch.randn(2, 7, 32)
+    with torch.no_grad():
+        monkeypatch.setattr(layers, "MATMUL_CONV_MAX_ROWS", 0)
+        want = ours(x, t, ctx)
+        monkeypatch.setattr(layers, "MATMUL_CONV_MAX_ROWS", 10**9)
+        calls.clear()
+        got = ours(x, t, ctx)
+    assert len(calls) > 10
     assert rel_err(got, want) <= 1e-5
 
 

@@ -161,8 +161,9 @@ class Pipeline:
         prompt, nets, hypernet_extra = self._hypernets(prompt)
         lora_hashes = None
         if tags:
-            if self.model.low_memory:
-                raise ParamError("prompt", "it names LoRAs, which low-memory mode cannot apply (weights stay on disk)")
+            if self.model.streamed:
+                mode = "low-memory" if self.model.low_memory else "by-stage"
+                raise ParamError("prompt", f"it names LoRAs, which {mode} loading cannot apply (weights stay on disk)")
             if self.lora_dir is None:
                 raise ParamError("prompt", "it names LoRAs but no LoRA folder is set (--lora-dir)")
             try:
@@ -244,6 +245,7 @@ def load(
     embeddings_dir: str | Path | None = None,
     hypernet_dir: str | Path | None = None,
     low_memory: bool = False,
+    by_stage: bool = False,
 ) -> Pipeline:
     """Load a checkpoint (None: the bundled model). ``loras`` are merged into the weights for good
     (``(path, weight)`` pairs); ``lora_dir`` serves ``<lora:name:w>`` tags in prompts; the textual
@@ -251,18 +253,23 @@ def load(
     ``hypernet_dir`` serves ``<hypernet:name:strength>`` tags (A1111 hypernetwork ``.pt`` files).
     ``low_memory``: the weights stay in the (single .safetensors) file and each component, each UNet
     block, is read in as it runs and dropped after; VAE decode/encode are tiled. Same images (up to
-    rounding, and the tiled decode's tolerance above 256×256), a fraction of the memory, slower."""
-    if low_memory and loras:
-        raise ParamError("loras", "merging LoRAs into the weights needs them in memory; not with low_memory")
+    rounding, and the tiled decode's tolerance above 256×256), a fraction of the memory, slower.
+    ``by_stage``: the weights stay in the file too, each component read in whole for its stage only
+    (the UNet while sampling, the text encoders while encoding, the VAE while decoding): the same
+    images, the peak of the largest component instead of all of them, one conversion per stage."""
+    for option, on in (("low_memory", low_memory), ("by_stage", by_stage)):
+        if on and loras:
+            raise ParamError("loras", f"merging LoRAs into the weights needs them in memory; not with {option}")
     if path is None:  # the bundled shapes-world model that ships with the package
         from .train.bundled import BUNDLED_PATH
 
         path = BUNDLED_PATH
     torch_dtype = resolve_dtype(dtype, device)
-    model = load_model(path, vae=vae, prediction=prediction, dtype=torch_dtype, device=device, low_memory=low_memory)
+    model = load_model(path, vae=vae, prediction=prediction, dtype=torch_dtype, device=device, low_memory=low_memory,
+                       by_stage=by_stage)
     refiner_model = None
     if refiner is not None:
-        refiner_model = load_model(refiner, dtype=torch_dtype, device=device, low_memory=low_memory)
+        refiner_model = load_model(refiner, dtype=torch_dtype, device=device, low_memory=low_memory, by_stage=by_stage)
     if loras:   # merged for good: a run's prompt-tag LoRAs are removed down to these weights
         apply_loras(model, loras)
         bake_loras(model)

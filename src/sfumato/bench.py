@@ -336,7 +336,8 @@ def child(spec: dict) -> None:
     elif impl == "sfumato":
         import sfumato
 
-        pipe = sfumato.load(spec["ckpt"], dtype=dtype, low_memory=spec.get("low_memory", False))
+        pipe = sfumato.load(spec["ckpt"], dtype=dtype, low_memory=spec.get("low_memory", False),
+                            by_stage=spec.get("by_stage", False))
         if spec.get("compute") == "bf16":   # bf16 arithmetic as on CPUs with fast native bf16
             pipe.model.unet.dtype_override = pipe.model.vae.dtype_override = torch.bfloat16
         result["load_s"] = time.perf_counter() - start
@@ -423,6 +424,8 @@ def bench_processes(args, results: dict, parts: set[str], workdir: Path) -> None
         if resolve_compute_dtype(torch.bfloat16, torch.device("cpu")) != torch.bfloat16:
             results["generate_512_bf16"]["sfumato, bf16 arithmetic forced"] = in_process(
                 task="generate", impl="sfumato", ckpt=ckpt, config=config, dtype="bf16", steps=steps, compute="bf16")
+        results["generate_512_bf16"]["sfumato, by stage (sfumato txt2img)"] = in_process(
+            task="generate", impl="sfumato", ckpt=ckpt, config=config, dtype="bf16", steps=steps, by_stage=True)
         results["generate_512_bf16"]["sfumato, low memory"] = in_process(
             task="generate", impl="sfumato", ckpt=ckpt, config=config, dtype="bf16", steps=steps, low_memory=True)
         results["generate_512_bf16"]["steps"] = steps

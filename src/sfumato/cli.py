@@ -40,8 +40,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hypernet-dir", help="folder searched for <hypernet:name:strength> tags in the prompt (A1111 .pt)")
     p.add_argument("--embeddings", metavar="DIR", help="textual inversion embeddings, used by file name in prompts")
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"))
-    p.add_argument("--low-memory", action="store_true",
-                   help="stream weights from the .safetensors file block by block, tiled VAE (less memory, slower)")
+    p.add_argument("--memory", choices=("auto", "keep", "by-stage", "low"), default="auto",
+                   help="keep: every component in memory throughout; by-stage: each read from the .safetensors "
+                        "file for its stage only (the UNet while sampling, the VAE while decoding: same images, "
+                        "less memory, a conversion per stage); low: UNet blocks streamed one by one, tiled VAE "
+                        "(least memory, slower); auto (default): by-stage for a .safetensors file without LoRAs")
+    p.add_argument("--low-memory", action="store_true", help="the same as --memory low")
     p.add_argument("--from-png", metavar="FILE", help="take the settings from an image's infotext")
     p.add_argument("--no-watermark", action="store_true", help="do not add the invisible watermark")
     p.add_argument("-o", "--output", default="output.png",
@@ -262,9 +266,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     # validate the request before loading any model: a throwaway copy with placeholder sizes
     _dry_validate(args.command, settings, extra)
     loras = [_lora_arg(text) for text in args.lora]
+    memory = _memory_mode(args, model, [settings["prompt"], settings.get("negative_prompt", "")], loras)
     pipe = load(model, vae=args.vae, prediction=args.prediction, dtype=args.dtype, refiner=args.refiner,
-                loras=loras, lora_dir=args.lora_dir, embeddings_dir=args.embeddings, low_memory=args.low_memory,
-                hypernet_dir=args.hypernet_dir)
+                loras=loras, lora_dir=args.lora_dir, embeddings_dir=args.embeddings, low_memory=memory == "low",
+                by_stage=memory == "by-stage", hypernet_dir=args.hypernet_dir)
     if args.vae_decoder:
         base = pipe.generator.base
         pipe.generator.tiny_decoder = _tiny_decoder(args.vae_decoder, base.latent_channels, base.factor).to(base.device)
@@ -299,6 +304,25 @@ def cmd_generate(args: argparse.Namespace) -> int:
         save_image(item.image, path, item.infotext)
         print(f"{path}  seed={item.seed}")
     return 0
+
+
+def _memory_mode(args, model: str | Path, prompts: list[str], loras: list) -> str:
+    """``--memory`` (``--low-memory`` is "low") with auto resolved: by-stage where the weights can stay in
+    .safetensors files and no LoRA has to be merged into them. A command runs once, so keeping a model
+    in memory after its stage saves nothing."""
+    if args.low_memory:
+        if args.memory not in ("auto", "low"):
+            raise SfumatoError(f"--low-memory contradicts --memory {args.memory}")
+        return "low"
+    if args.memory != "auto":
+        return args.memory
+    from .checkpoint.io import sniff_format
+
+    files = [Path(model), *([Path(args.refiner)] if args.refiner else [])]
+    single = all(f.is_file() and sniff_format(f) == "safetensors" for f in files)
+    mode = "by-stage" if single and not loras and not any("<lora:" in p for p in prompts) else "keep"
+    logging.getLogger(__name__).info("--memory auto: %s", mode)
+    return mode
 
 
 def _dry_validate(command: str, settings: dict, extra: dict) -> None:

@@ -5,7 +5,8 @@ single safetensors file is memory-mapped (``stream.MappedFile``) and converted t
 each source's pages released as soon as its converted copy exists: the peak is about one model copy,
 and no copy at all is made where the storage dtype is the wanted dtype. With ``low_memory`` the
 modules stay on ``meta`` and read their weights from the mapping unit by unit as they run (see
-``stream.stream_weights``). Every component loads with strict key matching; keys left over must be
+``stream.stream_weights``); with ``by_stage`` each whole component is read in for its stage (the UNet
+for sampling, the text encoders for a prompt, the VAE for a decode) and dropped after it. Every component loads with strict key matching; keys left over must be
 documented ignorables.
 """
 
@@ -47,6 +48,12 @@ class LoadedModel:
     path: Path
     storage_dtypes: dict[str, str] = field(default_factory=dict)
     low_memory: bool = False   # weights streamed from the file unit by unit (checkpoint.stream)
+    by_stage: bool = False     # each component's weights read from the file for its stage only
+
+    @property
+    def streamed(self) -> bool:
+        """Weights kept in the file between uses (low-memory or by-stage): nothing to patch in place."""
+        return self.low_memory or self.by_stage
 
     @property
     def family(self) -> str:
@@ -74,24 +81,29 @@ def load_model(
     device: str | torch.device = "cpu",
     use_ema: bool = False,
     low_memory: bool = False,
+    by_stage: bool = False,
 ) -> LoadedModel:
     """Load a checkpoint (and optionally a replacement VAE file) into ready-to-run modules.
     ``low_memory``: keep the weights in the (single safetensors) file and read each block in as it
-    runs; the peak is then about one UNet block plus activations instead of the whole model."""
+    runs; the peak is then about one UNet block plus activations instead of the whole model.
+    ``by_stage``: keep them in the file too, but read each component in whole for its stage (the
+    generation loop holds the UNet for a whole sampling pass): the peak is the largest component in
+    use plus its activations, at the cost of a conversion per stage."""
     path = Path(path)
     files: list[MappedFile] = []
     if path.is_file() and sniff_format(path) == "safetensors":
         sd, metadata, mapped = read_mapped(path)
         files.append(mapped)
-    elif low_memory:
-        raise CheckpointError(f"low_memory: needs a single .safetensors file to stream weights from, got {path}")
+    elif low_memory or by_stage:
+        option = "low_memory" if low_memory else "by_stage"
+        raise CheckpointError(f"{option}: needs a single .safetensors file to stream weights from, got {path}")
     else:
         sd, metadata = read_checkpoint(path)
     if low_memory:
         fix_malloc_mmap_threshold()
     vae_sd = read_vae_file(vae) if vae is not None else None
     return build_model(sd, metadata, path=path, vae_sd=vae_sd, prediction=prediction, dtype=dtype,
-                       device=device, use_ema=use_ema, low_memory=low_memory, files=files)
+                       device=device, use_ema=use_ema, low_memory=low_memory, by_stage=by_stage, files=files)
 
 
 def build_model(
@@ -105,11 +117,12 @@ def build_model(
     device: str | torch.device = "cpu",
     use_ema: bool = False,
     low_memory: bool = False,
+    by_stage: bool = False,
     files: list[MappedFile] | None = None,
 ) -> LoadedModel:
     """Modules from an original-layout state dict. ``device="meta"`` checks keys and shapes only.
     ``files``: the mappings `sd`'s tensors view, whose pages are released as tensors are converted;
-    ``low_memory``: the modules stream their weights from `sd` (see ``load_model``)."""
+    ``low_memory``, ``by_stage``: the modules stream their weights from `sd` (see ``load_model``)."""
     files = files or []
     spec = _fit_text_slots(detect_spec(sd, metadata), sd)
     if use_ema:
@@ -128,15 +141,17 @@ def build_model(
     storage = {name: _dtype_names(p) for name, p in parts.items()}
     meta = torch.device(device).type == "meta"
     low_memory = low_memory and not meta
+    by_stage = by_stage and not meta and not low_memory
+    streamed = low_memory or by_stage
 
     def build(make, name: str, what: str, units=lambda m: [m]) -> nn.Module:
-        if not low_memory:
+        if not streamed:
             return _build(make, parts[name], what, dtype, device, files)
         module = _build(make, parts[name], what, dtype, "meta", files)
         return stream_weights(module, parts[name], units(module), dtype=dtype, device=device, files=files)
 
-    unet = build(lambda: UNetModel(spec.unet), "unet", "UNet", unet_units)
-    if low_memory:  # its weights sit on `meta` between calls: state the compute dtype they would give
+    unet = build(lambda: UNetModel(spec.unet), "unet", "UNet", unet_units if low_memory else lambda m: [m])
+    if streamed:  # its weights sit on `meta` between calls: state the compute dtype they would give
         unet.dtype_override = resolve_compute_dtype(dtype, torch.device(device))
     vae_m = build(lambda: AutoencoderKL(spec.vae), "vae", "VAE")
     encoders = [build(lambda slot=slot: build_text_encoder(slot.config), f"text{i}", f"text encoder {i}")
@@ -147,7 +162,7 @@ def build_model(
         spec, source = resolve_prediction(spec, sd, metadata, prediction, None if meta else unet)
     ac = sd.get("alphas_cumprod")
     alphas_cumprod = ac.to(torch.float32).cpu() if ac is not None and not ac.is_meta else scaled_linear_alphas_cumprod(*spec.betas)
-    return LoadedModel(spec, unet, vae_m, encoders, alphas_cumprod, source, path, storage, low_memory)
+    return LoadedModel(spec, unet, vae_m, encoders, alphas_cumprod, source, path, storage, low_memory, by_stage)
 
 
 def split_state_dict(sd: Mapping[str, Tensor], spec: ModelSpec) -> tuple[dict[str, dict[str, Tensor]], list[str]]:

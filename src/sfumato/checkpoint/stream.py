@@ -187,6 +187,18 @@ def _unpin(s: _Stream) -> None:
     if not s.pinned:
         for unit in s.slots:
             s.unload(unit)
+        trim_heap()
+
+
+def trim_heap() -> bool:
+    """glibc: hand the heap's free pages back to the system (``malloc_trim``). Weights dropped at the
+    end of a stage were mostly allocated from the heap, which glibc shrinks only from its top: without
+    this their pages would stay in the resident set through the next stage. False without glibc."""
+    try:
+        malloc_trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return False
+    return bool(malloc_trim(0))
 
 
 def unet_units(unet: nn.Module) -> list[nn.Module]:

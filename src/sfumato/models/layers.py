@@ -45,7 +45,13 @@ def cast_weight(w: Tensor, like: Tensor) -> Tensor:
     if buf is None or buf.numel() < w.numel():
         buf = torch.empty(w.numel(), dtype=like.dtype, device=like.device)
         _SCRATCH.buffers = {**getattr(_SCRATCH, "buffers", {}), key: buf}
-    return buf[: w.numel()].view(w.shape).copy_(w)
+    return buf[: w.numel()].as_strided(w.shape, w.stride()).copy_(w)
+
+
+def release_scratch() -> None:
+    """Drop this thread's scratch buffers (`cast_weight`'s; the next large cast makes a new one): at the
+    end of a stage, so that the UNet's largest weight in fp32 does not sit through the VAE decode."""
+    _SCRATCH.buffers = {}
 
 
 def silu(x: Tensor) -> Tensor:
@@ -58,20 +64,58 @@ class Linear(nn.Linear):
         return F.linear(x, cast_weight(self.weight, x), cast(self.bias, x))
 
 
+MATMUL_CONV_MAX_ROWS = 1024  # output pixels (batch × height × width) up to which a CPU fp32 conv runs as unfold + matmul
+
+
 class Conv2d(nn.Conv2d):
     def forward(self, x: Tensor) -> Tensor:
-        return self._conv_forward(x, cast_weight(self.weight, x), cast(self.bias, x))
+        w, b = cast_weight(self.weight, x), cast(self.bias, x)
+        if self._as_matmul(x):
+            return conv_as_matmul(x, w, b, self.stride, self.padding)
+        return self._conv_forward(x, w, b)
+
+    def _as_matmul(self, x: Tensor) -> bool:
+        """Small feature maps (the 8×8 and 16×16 levels of a 512² UNet) on the CPU in fp32, inference only:
+        oneDNN re-lays out the whole weight for every call, which there costs as much as the arithmetic
+        (1280→1280 at 8×8: 133 GFLOP/s against 269 as a matrix product; at 64×64 the convolution wins)."""
+        if x.device.type != "cpu" or x.dtype != torch.float32 or x.ndim != 4 or torch.is_grad_enabled():
+            return False
+        if self.groups != 1 or self.dilation != (1, 1) or self.padding_mode != "zeros" or isinstance(self.padding, str):
+            return False
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        rows = x.shape[0] * ((x.shape[2] + 2 * ph - kh) // sh + 1) * ((x.shape[3] + 2 * pw - kw) // sw + 1)
+        return rows <= MATMUL_CONV_MAX_ROWS
 
     def as_linear(self, tokens: Tensor) -> Tensor:
         """A 1×1 convolution applied to tokens [..., C_in] (channels last): one matrix product."""
         return F.linear(tokens, cast_weight(self.weight.flatten(1), tokens), cast(self.bias, tokens))
 
 
+def conv_as_matmul(x: Tensor, w: Tensor, b: Tensor | None, stride: tuple[int, int],
+                   padding: tuple[int, int]) -> Tensor:
+    """``F.conv2d(x, w, b, stride, padding)`` (no groups or dilation) as one matrix product over the
+    unfolded input patches."""
+    n, _, h, wd = x.shape
+    kh, kw = w.shape[-2:]
+    cols = F.unfold(x, (kh, kw), padding=padding, stride=stride)  # [N, C·kh·kw, L], same (c, i, j) order as w
+    out = torch.matmul(w.flatten(1), cols)  # [N, O, L]
+    if b is not None:
+        out += b[:, None]
+    return out.view(n, w.shape[0], (h + 2 * padding[0] - kh) // stride[0] + 1, (wd + 2 * padding[1] - kw) // stride[1] + 1)
+
+
+UPSAMPLE_PHASES_MIN_PIXELS = 32 * 32  # below this input size the phase kernels cost more to build than they save
+
+
 def upsample_conv(x: Tensor, conv: Conv2d) -> Tensor:
     """``conv(interpolate(x, scale_factor=2, mode="nearest"))`` for a 3×3, stride-1, padding-1 conv,
     computed at x's resolution: each of the four output phases sees a 2×2 neighbourhood of x, with
     the 3×3 taps that land on the same source pixel summed. 16 instead of 36 multiply-adds per
-    input pixel and channel pair, and the 4× upsampled input is never built."""
+    input pixel and channel pair, and the 4× upsampled input is never built. Small inputs take the
+    plain route: building the phase kernels costs more than it saves there (1280 channels at 8×8:
+    0.20 s against 0.08 s)."""
+    if x.shape[-2] * x.shape[-1] < UPSAMPLE_PHASES_MIN_PIXELS:
+        return conv(F.interpolate(x, scale_factor=2, mode="nearest"))
     w, b = cast_weight(conv.weight, x), cast(conv.bias, x)
     kernels = [k for rows in _phase_taps(w, 2) for k in _phase_taps(rows, 3)]  # phases (0,0), (0,1), (1,0), (1,1)
     o = F.conv2d(x, torch.cat(kernels), None if b is None else b.repeat(4), padding=1)  # [B, 4·O, H+1, W+1]

@@ -7,7 +7,7 @@ tail of the schedule."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Callable
@@ -22,12 +22,13 @@ from ..adapters.embeddings import EmbeddingSet
 from ..adapters.tome import token_merging
 from ..checkpoint.load import LoadedModel
 from ..checkpoint.specs import PRESETS
-from ..checkpoint.stream import module_device, resident
+from ..checkpoint.stream import module_device, resident, trim_heap
 from ..diffusion.deepcache import deep_cache
 from ..diffusion.denoiser import Denoiser
 from ..diffusion.noise import ImageNoise
 from ..diffusion.samplers import StepRecord, get_sampler, sampler_sigmas
 from ..diffusion.schedule import DiscreteSchedule
+from ..models.layers import release_scratch
 from ..models.taesd import TinyDecoder
 from ..text.conditioner import Cond, Conditioner, SizeConditioning, build_schedule, match_lengths
 from . import masks, tiling
@@ -282,8 +283,11 @@ class Generator:
                                   "sdxl" if r.spec.is_sdxl else "sd", lambda: r.preview_factors,
                                   self.tiny_decoder.decode if self.tiny_decoder is not None else None))
 
-        with _accelerations(r.model.unet, p) as wrap:
+        # by-stage loading: the UNet is read in for this pass and dropped after it (not per step)
+        with _accelerations(r.model.unet, p) as wrap, resident(r.model.unet) if r.model.by_stage else nullcontext():
             x = get_sampler(p.sampler)(wrap(guided), x, sigmas, callback=on_step, noise_sampler=noise.noise_sampler())
+        release_scratch()   # the pass's working memory back to the system before the next stage
+        trim_heap()
         if latent_mask is not None and image_cond is None:
             x = init_latent * (1 - latent_mask) + latent_mask * x
         return x
