@@ -16,7 +16,8 @@ from sfumato.api import resolve_dtype
 from sfumato.checkpoint.convert_vae import diffusers_vae_to_ldm
 from sfumato.models import layers
 from sfumato.models.layers import Conv2d, bf16_is_fast, parse_cpuinfo, resolve_compute_dtype, upsample_conv
-from sfumato.models.unet import GEGLU, UNetConfig, UNetModel
+from sfumato.models import unet as unet_module
+from sfumato.models.unet import GEGLU, FeedForward, UNetConfig, UNetModel
 from sfumato.models.vae import AutoencoderKL, VAEConfig
 from sfumato.pipeline import tiling
 
@@ -113,6 +114,17 @@ def test_small_maps_take_the_matmul_route_and_give_the_same_unet(monkeypatch) ->
         got = ours(x, t, ctx)
     assert len(calls) > 10
     assert rel_err(got, want) <= 1e-5
+
+
+def test_feed_forward_in_chunks_equals_whole(monkeypatch) -> None:
+    torch.manual_seed(0)
+    ff, x = FeedForward(8), torch.randn(2, 37, 8)
+    with torch.no_grad():
+        want = ff.net(x)
+        monkeypatch.setattr(unet_module, "FF_CHUNK_TOKENS", 10)   # 74 rows: 8 chunks, the last of 4
+        got = ff(x)
+    assert got.shape == want.shape
+    assert rel_err(got, want) <= 1e-6
 
 
 def test_geglu_and_1x1_conv_as_matrix_products() -> None:

@@ -144,13 +144,23 @@ class GEGLU(nn.Module):
         return F.linear(x, w[:n], b[:n]) * F.gelu(F.linear(x, w[n:], b[n:]))
 
 
+FF_CHUNK_TOKENS = 2048  # without autograd the feed-forward runs on this many tokens at a time
+
+
 class FeedForward(nn.Module):
+    """GEGLU to 4× the width and back. Without autograd, in chunks of FF_CHUNK_TOKENS tokens: its
+    8× wide intermediates (168 MB at the 64×64 level of a 512² image with CFG) exist one chunk at a time."""
+
     def __init__(self, dim: int, mult: int = 4) -> None:
         super().__init__()
         self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(0.0), Linear(dim * mult, dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
+        rows = x.reshape(-1, x.shape[-1])
+        if torch.is_grad_enabled() or rows.shape[0] <= FF_CHUNK_TOKENS:
+            return self.net(x)
+        out = torch.cat([self.net(chunk) for chunk in rows.split(FF_CHUNK_TOKENS)])
+        return out.view(x.shape)
 
 
 class BasicTransformerBlock(nn.Module):
