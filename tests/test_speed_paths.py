@@ -75,17 +75,22 @@ def test_upsample_conv_equals_nearest_then_conv(size: tuple[int, int], channels_
     assert rel_err(got, want) <= 1e-5
 
 
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kernel,stride,padding,size", [
     (3, 1, 1, (8, 8)), (3, 2, 1, (9, 7)), (3, 2, 0, (9, 9)), (1, 1, 0, (5, 6)), (2, 1, 1, (4, 5)), ((3, 1), 1, (1, 0), (6, 6)),
 ])
-def test_conv_as_matmul_equals_conv2d(kernel, stride, padding, size) -> None:
+def test_conv_as_matmul_equals_conv2d(kernel, stride, padding, size, weight_dtype, bias, monkeypatch) -> None:
+    """Same weights, also stored in bf16 and cast a few output channels at a time (a 5-row chunk here)."""
     torch.manual_seed(0)
-    conv = Conv2d(5, 7, kernel, stride=stride, padding=padding)
+    conv = Conv2d(5, 7, kernel, stride=stride, padding=padding, bias=bias).to(weight_dtype)
+    monkeypatch.setattr(layers, "MATMUL_CONV_CAST_CHUNK", 5 * conv.weight[0].numel())
     x = torch.randn(3, 5, *size)
     with torch.no_grad():
-        want = F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding)
-        got = layers.conv_as_matmul(x, conv.weight, conv.bias, conv.stride, conv.padding)
-    assert got.shape == want.shape
+        b = None if conv.bias is None else conv.bias.float()
+        want = F.conv2d(x, conv.weight.float(), b, conv.stride, conv.padding)
+        got = layers.conv_as_matmul(x, conv.weight, b, conv.stride, conv.padding)
+    assert got.shape == want.shape and got.is_contiguous()
     assert rel_err(got, want) <= 1e-5
 
 

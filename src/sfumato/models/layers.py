@@ -69,10 +69,9 @@ MATMUL_CONV_MAX_ROWS = 1024  # output pixels (batch × height × width) up to wh
 
 class Conv2d(nn.Conv2d):
     def forward(self, x: Tensor) -> Tensor:
-        w, b = cast_weight(self.weight, x), cast(self.bias, x)
         if self._as_matmul(x):
-            return conv_as_matmul(x, w, b, self.stride, self.padding)
-        return self._conv_forward(x, w, b)
+            return conv_as_matmul(x, self.weight, cast(self.bias, x), self.stride, self.padding)
+        return self._conv_forward(x, cast_weight(self.weight, x), cast(self.bias, x))
 
     def _as_matmul(self, x: Tensor) -> bool:
         """Small feature maps (the 8×8 and 16×16 levels of a 512² UNet) on the CPU in fp32, inference only:
@@ -91,17 +90,36 @@ class Conv2d(nn.Conv2d):
         return F.linear(tokens, cast_weight(self.weight.flatten(1), tokens), cast(self.bias, tokens))
 
 
-def conv_as_matmul(x: Tensor, w: Tensor, b: Tensor | None, stride: tuple[int, int],
+MATMUL_CONV_CAST_CHUNK = 1 << 23  # weight elements cast to the compute dtype at a time (32 MB in fp32)
+
+
+def conv_as_matmul(x: Tensor, weight: Tensor, b: Tensor | None, stride: tuple[int, int],
                    padding: tuple[int, int]) -> Tensor:
-    """``F.conv2d(x, w, b, stride, padding)`` (no groups or dilation) as one matrix product over the
-    unfolded input patches."""
+    """``F.conv2d(x, weight, b, stride, padding)`` (no groups or dilation) as matrix products over the
+    unfolded input patches. A weight in another dtype than x is cast a block of output channels at a
+    time (the largest SD weights, 1280×2560×3×3 at the 8×8 level, would take 118 MB in fp32 at once)."""
     n, _, h, wd = x.shape
-    kh, kw = w.shape[-2:]
+    kh, kw = weight.shape[-2:]
+    size = (h + 2 * padding[0] - kh) // stride[0] + 1, (wd + 2 * padding[1] - kw) // stride[1] + 1
     cols = F.unfold(x, (kh, kw), padding=padding, stride=stride)  # [N, C·kh·kw, L], same (c, i, j) order as w
-    out = torch.matmul(w.flatten(1), cols)  # [N, O, L]
-    if b is not None:
-        out += b[:, None]
-    return out.view(n, w.shape[0], (h + 2 * padding[0] - kh) // stride[0] + 1, (wd + 2 * padding[1] - kw) // stride[1] + 1)
+    w = weight.flatten(1)
+    if w.dtype == x.dtype:
+        out = torch.matmul(w, cols)  # [N, O, L]
+        if b is not None:
+            out += b[:, None]
+        return out.view(n, w.shape[0], *size)
+    flat = cols.transpose(0, 1).reshape(w.shape[1], -1)  # [K, N·L]
+    prod = torch.empty(w.shape[0], flat.shape[1], dtype=x.dtype, device=x.device)
+    step = max(1, MATMUL_CONV_CAST_CHUNK // w.shape[1])
+    for o in range(0, w.shape[0], step):
+        torch.mm(cast_weight(w[o:o + step], x), flat, out=prod[o:o + step])
+    prod = prod.view(w.shape[0], n, -1).transpose(0, 1)  # [N, O, L], strided
+    out = torch.empty(n, w.shape[0], prod.shape[-1], dtype=x.dtype, device=x.device)
+    if b is None:
+        out.copy_(prod)
+    else:
+        torch.add(prod, b[:, None], out=out)
+    return out.view(n, w.shape[0], *size)
 
 
 UPSAMPLE_PHASES_MIN_PIXELS = 32 * 32  # below this input size the phase kernels cost more to build than they save
