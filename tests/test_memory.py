@@ -5,6 +5,7 @@ memory of full-size models is measured by bench/memory.py, not asserted here."""
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -239,6 +240,8 @@ def test_cli_memory_modes(tiny_model, tmp_path, monkeypatch) -> None:
         cli.main(["txt2img", *argv, *common])   # the LoRA run fails later (no such file): the mode is chosen first
         assert chosen == [want], argv
     assert cli.main(["txt2img", "a cat", "--model", str(tiny_model), "--low-memory", "--memory", "keep", *common]) == 2
+    args = SimpleNamespace(low_memory=False, memory="auto", compile=True, refiner=None)
+    assert cli._memory_mode(args, tiny_model, ["a cat"], []) == "keep"   # a compiled UNet stays in memory
 
 
 def test_low_memory_refusals(tmp_path, tiny_model, pipes) -> None:

@@ -4,6 +4,7 @@ derived from the weights goes stale when they are patched in place. Timings live
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -325,3 +326,29 @@ def test_auto_tiling_and_bad_arguments(monkeypatch) -> None:
         assert len(calls) == 1
         tiling.decode(ours, torch.randn(1, 4, 8, 16), stats_size=8, tiled=True)
         assert len(calls) == 2
+
+
+# -- torch.compile -----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_compiled_unet_gives_the_same_images(tiny_model) -> None:
+    """``compile=True`` runs the UNet through torch.compile (its compiled call is installed and used)
+    and changes the image by rounding at most; streamed weights refuse it."""
+    from torch._dynamo.utils import counters
+
+    import sfumato
+    from sfumato.pipeline.params import ParamError
+
+    eager, compiled = sfumato.load(tiny_model), sfumato.load(tiny_model, compile=True)
+    unet = compiled.model.unet
+    assert unet._compiled_call_impl is not None
+    settings = dict(width=64, height=64, steps=2, seed=3, watermark=False)
+    want = np.asarray(eager.txt2img("a red circle", **settings).images[0]).astype(int)
+    counters.clear()
+    got = np.asarray(compiled.txt2img("a red circle", **settings).images[0]).astype(int)
+    assert counters["stats"]["unique_graphs"] >= 1
+    assert np.abs(got - want).max() <= 1
+    for option in ("by_stage", "low_memory"):
+        with pytest.raises(ParamError, match="compile"):
+            sfumato.load(tiny_model, compile=True, **{option: True})

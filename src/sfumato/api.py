@@ -246,6 +246,7 @@ def load(
     hypernet_dir: str | Path | None = None,
     low_memory: bool = False,
     by_stage: bool = False,
+    compile: bool = False,
 ) -> Pipeline:
     """Load a checkpoint (None: the bundled model). ``loras`` are merged into the weights for good
     (``(path, weight)`` pairs); ``lora_dir`` serves ``<lora:name:w>`` tags in prompts; the textual
@@ -256,10 +257,14 @@ def load(
     rounding, and the tiled decode's tolerance above 256×256), a fraction of the memory, slower.
     ``by_stage``: the weights stay in the file too, each component read in whole for its stage only
     (the UNet while sampling, the text encoders while encoding, the VAE while decoding): the same
-    images, the peak of the largest component instead of all of them, one conversion per stage."""
+    images, the peak of the largest component instead of all of them, one conversion per stage.
+    ``compile``: run the UNet(s) under ``torch.compile`` (the first steps compile, for minutes on a
+    CPU; then see ``sfumato bench --compile`` for what it gains on this machine)."""
     for option, on in (("low_memory", low_memory), ("by_stage", by_stage)):
         if on and loras:
             raise ParamError("loras", f"merging LoRAs into the weights needs them in memory; not with {option}")
+        if on and compile:
+            raise ParamError("compile", f"a compiled UNet keeps its weights in memory; not with {option}")
     if path is None:  # the bundled shapes-world model that ships with the package
         from .train.bundled import BUNDLED_PATH
 
@@ -273,5 +278,9 @@ def load(
     if loras:   # merged for good: a run's prompt-tag LoRAs are removed down to these weights
         apply_loras(model, loras)
         bake_loras(model)
+    if compile:
+        for m in (model, refiner_model):
+            if m is not None:
+                m.unet.compile()
     embeddings = load_embeddings(embeddings_dir, model.spec) if embeddings_dir is not None else None
     return Pipeline(model, refiner_model, lora_dir, embeddings, hypernet_dir)

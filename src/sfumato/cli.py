@@ -46,6 +46,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                         "less memory, a conversion per stage); low: UNet blocks streamed one by one, tiled VAE "
                         "(least memory, slower); auto (default): by-stage for a .safetensors file without LoRAs")
     p.add_argument("--low-memory", action="store_true", help="the same as --memory low")
+    p.add_argument("--compile", action="store_true",
+                   help="run the UNet under torch.compile (keeps it in memory: --memory auto becomes keep)")
     p.add_argument("--from-png", metavar="FILE", help="take the settings from an image's infotext")
     p.add_argument("--no-watermark", action="store_true", help="do not add the invisible watermark")
     p.add_argument("-o", "--output", default="output.png",
@@ -269,7 +271,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     memory = _memory_mode(args, model, [settings["prompt"], settings.get("negative_prompt", "")], loras)
     pipe = load(model, vae=args.vae, prediction=args.prediction, dtype=args.dtype, refiner=args.refiner,
                 loras=loras, lora_dir=args.lora_dir, embeddings_dir=args.embeddings, low_memory=memory == "low",
-                by_stage=memory == "by-stage", hypernet_dir=args.hypernet_dir)
+                by_stage=memory == "by-stage", hypernet_dir=args.hypernet_dir, compile=args.compile)
     if args.vae_decoder:
         base = pipe.generator.base
         pipe.generator.tiny_decoder = _tiny_decoder(args.vae_decoder, base.latent_channels, base.factor).to(base.device)
@@ -316,6 +318,8 @@ def _memory_mode(args, model: str | Path, prompts: list[str], loras: list) -> st
         return "low"
     if args.memory != "auto":
         return args.memory
+    if args.compile:
+        return "keep"
     from .checkpoint.io import sniff_format
 
     files = [Path(model), *([Path(args.refiner)] if args.refiner else [])]

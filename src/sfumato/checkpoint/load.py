@@ -6,8 +6,8 @@ each source's pages released as soon as its converted copy exists: the peak is a
 and no copy at all is made where the storage dtype is the wanted dtype. With ``low_memory`` the
 modules stay on ``meta`` and read their weights from the mapping unit by unit as they run (see
 ``stream.stream_weights``); with ``by_stage`` each whole component is read in for its stage (the UNet
-for sampling, the text encoders for a prompt, the VAE for a decode) and dropped after it. Every component loads with strict key matching; keys left over must be
-documented ignorables.
+for sampling, the text encoders for a prompt, the VAE for a decode) and dropped after it. Every
+component loads with strict key matching; keys left over must be documented ignorables.
 """
 
 from __future__ import annotations
