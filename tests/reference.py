@@ -184,3 +184,22 @@ def tiny_hf_text(root, seed: int) -> dict:
     return {"text_encoder": materialize(lambda: CLIPTextModel(CLIPTextConfig(**TINY_HF_TEXT)), seed),
             "tokenizer": CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"),
                                        pad_token="<|endoftext|>", model_max_length=77)}
+
+
+def tiny_sd_folder(root, name: str, unet: dict, vae: dict, seed: int):
+    """A diffusers StableDiffusionPipeline of random tiny parts (UNet and VAE configs as given, the
+    tiny CLIP text parts, Euler), saved under ``root/name``: ``(folder, pipe)``. Seeds seed, +1, +2."""
+    from pathlib import Path
+
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    pipe = StableDiffusionPipeline(
+        vae=materialize(lambda: AutoencoderKL(**vae), seed),
+        **tiny_hf_text(root, seed + 1),
+        unet=materialize(lambda: UNet2DConditionModel(**unet), seed + 2),
+        scheduler=EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    folder = Path(root) / name
+    pipe.save_pretrained(folder)
+    return folder, pipe

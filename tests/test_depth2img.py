@@ -14,7 +14,7 @@ from PIL import Image
 from torch import nn
 
 import sfumato
-from reference import materialize, pixels_close, reference_tokens, scaled_linear_alphas_cumprod, tiny_hf_text
+from reference import pixels_close, reference_tokens, scaled_linear_alphas_cumprod, tiny_sd_folder
 from sfumato.cli import main
 from sfumato.pipeline.params import ParamError
 
@@ -32,19 +32,7 @@ TINY_VAE = dict(
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
-
-    root = tmp_path_factory.mktemp("depth")
-    pipe = StableDiffusionPipeline(
-        vae=materialize(lambda: AutoencoderKL(**TINY_VAE), 31),
-        **tiny_hf_text(root, 32),
-        unet=materialize(lambda: UNet2DConditionModel(**TINY_UNET), 33),
-        scheduler=EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    folder = root / "tiny-depth"
-    pipe.save_pretrained(folder)
-    return folder, pipe
+    return tiny_sd_folder(tmp_path_factory.mktemp("depth"), "tiny-depth", TINY_UNET, TINY_VAE, 31)
 
 
 @pytest.fixture(scope="module")

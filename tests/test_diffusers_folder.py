@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import sfumato
-from reference import materialize, pixels_close, reference_txt2img, tiny_hf_text
+from reference import pixels_close, reference_txt2img, tiny_sd_folder
 from sfumato.checkpoint.convert_text import hf_text_sd
 from sfumato.checkpoint.convert_unet import diffusers_unet_to_ldm, unet_config_from_diffusers
 from sfumato.checkpoint.convert_vae import diffusers_vae_to_ldm
@@ -31,19 +31,7 @@ TINY_VAE = dict(
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
-
-    root = tmp_path_factory.mktemp("tiny")
-    pipe = StableDiffusionPipeline(
-        vae=materialize(lambda: AutoencoderKL(**TINY_VAE), 11),
-        **tiny_hf_text(root, 12),
-        unet=materialize(lambda: UNet2DConditionModel(**TINY_UNET), 13),
-        scheduler=EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    folder = root / "tiny-sd"
-    pipe.save_pretrained(folder)
-    return folder, pipe
+    return tiny_sd_folder(tmp_path_factory.mktemp("tiny"), "tiny-sd", TINY_UNET, TINY_VAE, 11)
 
 
 def _single_file_equivalent(pipe, path):

@@ -218,6 +218,8 @@ def test_by_stage_generation_equals_normal_one_component_at_a_time(pipes, fp16_m
         staged.txt2img("<lora:x:1> a cat", width=64, height=64, steps=1)
     with pytest.raises(ParamError, match="by_stage"):
         sfumato.load(fp16_model, by_stage=True, loras=[(fp16_model, 1.0)])
+    with pytest.raises(ValueError, match="one of"):
+        load_model(fp16_model, by_stage=True, low_memory=True)
 
 
 def test_cli_memory_modes(tiny_model, tmp_path, monkeypatch) -> None:
@@ -241,7 +243,7 @@ def test_cli_memory_modes(tiny_model, tmp_path, monkeypatch) -> None:
         assert chosen == [want], argv
     assert cli.main(["txt2img", "a cat", "--model", str(tiny_model), "--low-memory", "--memory", "keep", *common]) == 2
     args = SimpleNamespace(low_memory=False, memory="auto", compile=True, refiner=None)
-    assert cli._memory_mode(args, tiny_model, ["a cat"], []) == "keep"   # a compiled UNet stays in memory
+    assert cli._memory_mode(args, tiny_model, "a cat", []) == "keep"   # a compiled UNet stays in memory
 
 
 def test_low_memory_refusals(tmp_path, tiny_model, pipes) -> None:

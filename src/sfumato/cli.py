@@ -268,7 +268,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     # validate the request before loading any model: a throwaway copy with placeholder sizes
     _dry_validate(args.command, settings, extra)
     loras = [_lora_arg(text) for text in args.lora]
-    memory = _memory_mode(args, model, [settings["prompt"], settings.get("negative_prompt", "")], loras)
+    memory = _memory_mode(args, model, settings["prompt"], loras)
     pipe = load(model, vae=args.vae, prediction=args.prediction, dtype=args.dtype, refiner=args.refiner,
                 loras=loras, lora_dir=args.lora_dir, embeddings_dir=args.embeddings, low_memory=memory == "low",
                 by_stage=memory == "by-stage", hypernet_dir=args.hypernet_dir, compile=args.compile)
@@ -308,7 +308,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _memory_mode(args, model: str | Path, prompts: list[str], loras: list) -> str:
+def _memory_mode(args, model: str | Path, prompt: str, loras: list) -> str:
     """``--memory`` (``--low-memory`` is "low") with auto resolved: by-stage where the weights can stay in
     .safetensors files and no LoRA has to be merged into them. A command runs once, so keeping a model
     in memory after its stage saves nothing."""
@@ -320,11 +320,12 @@ def _memory_mode(args, model: str | Path, prompts: list[str], loras: list) -> st
         return args.memory
     if args.compile:
         return "keep"
+    from .adapters.lora import parse_lora_prompt
     from .checkpoint.io import sniff_format
 
     files = [Path(model), *([Path(args.refiner)] if args.refiner else [])]
     single = all(f.is_file() and sniff_format(f) == "safetensors" for f in files)
-    mode = "by-stage" if single and not loras and not any("<lora:" in p for p in prompts) else "keep"
+    mode = "by-stage" if single and not loras and not parse_lora_prompt(prompt)[1] else "keep"
     logging.getLogger(__name__).info("--memory auto: %s", mode)
     return mode
 

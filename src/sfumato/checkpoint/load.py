@@ -89,6 +89,8 @@ def load_model(
     ``by_stage``: keep them in the file too, but read each component in whole for its stage (the
     generation loop holds the UNet for a whole sampling pass): the peak is the largest component in
     use plus its activations, at the cost of a conversion per stage."""
+    if low_memory and by_stage:
+        raise ValueError("low_memory and by_stage: choose one of them")
     path = Path(path)
     files: list[MappedFile] = []
     if path.is_file() and sniff_format(path) == "safetensors":
@@ -141,7 +143,7 @@ def build_model(
     storage = {name: _dtype_names(p) for name, p in parts.items()}
     meta = torch.device(device).type == "meta"
     low_memory = low_memory and not meta
-    by_stage = by_stage and not meta and not low_memory
+    by_stage = by_stage and not meta
     streamed = low_memory or by_stage
 
     def build(make, name: str, what: str, units=lambda m: [m]) -> nn.Module:

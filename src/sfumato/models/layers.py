@@ -81,9 +81,8 @@ class Conv2d(nn.Conv2d):
             return False
         if self.groups != 1 or self.dilation != (1, 1) or self.padding_mode != "zeros" or isinstance(self.padding, str):
             return False
-        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
-        rows = x.shape[0] * ((x.shape[2] + 2 * ph - kh) // sh + 1) * ((x.shape[3] + 2 * pw - kw) // sw + 1)
-        return rows <= MATMUL_CONV_MAX_ROWS
+        oh, ow = _conv_out_size(x, self.kernel_size, self.stride, self.padding)
+        return x.shape[0] * oh * ow <= MATMUL_CONV_MAX_ROWS
 
     def as_linear(self, tokens: Tensor) -> Tensor:
         """A 1×1 convolution applied to tokens [..., C_in] (channels last): one matrix product."""
@@ -98,9 +97,9 @@ def conv_as_matmul(x: Tensor, weight: Tensor, b: Tensor | None, stride: tuple[in
     """``F.conv2d(x, weight, b, stride, padding)`` (no groups or dilation) as matrix products over the
     unfolded input patches. A weight in another dtype than x is cast a block of output channels at a
     time (the largest SD weights, 1280×2560×3×3 at the 8×8 level, would take 118 MB in fp32 at once)."""
-    n, _, h, wd = x.shape
+    n = x.shape[0]
     kh, kw = weight.shape[-2:]
-    size = (h + 2 * padding[0] - kh) // stride[0] + 1, (wd + 2 * padding[1] - kw) // stride[1] + 1
+    size = _conv_out_size(x, (kh, kw), stride, padding)
     cols = F.unfold(x, (kh, kw), padding=padding, stride=stride)  # [N, C·kh·kw, L], same (c, i, j) order as w
     w = weight.flatten(1)
     if w.dtype == x.dtype:
@@ -120,6 +119,11 @@ def conv_as_matmul(x: Tensor, weight: Tensor, b: Tensor | None, stride: tuple[in
     else:
         torch.add(prod, b[:, None], out=out)
     return out.view(n, w.shape[0], *size)
+
+
+def _conv_out_size(x: Tensor, kernel: tuple[int, int], stride: tuple[int, int],
+                   padding: tuple[int, int]) -> tuple[int, int]:
+    return tuple((x.shape[2 + i] + 2 * padding[i] - kernel[i]) // stride[i] + 1 for i in range(2))
 
 
 UPSAMPLE_PHASES_MIN_PIXELS = 32 * 32  # below this input size the phase kernels cost more to build than they save
