@@ -265,3 +265,39 @@ def test_sha256_file(tmp_path):
     path.write_bytes(data)
     want = hashlib.sha256(data).hexdigest()
     assert sha256_file(path) == want and sha256_file(path, chunk=1000) == want
+
+
+def _shape_reference(obj, depth: int = 0) -> tuple[int, int]:
+    """(commas + opening brackets, deepest nesting) of json.dumps(obj), from the object itself."""
+    if isinstance(obj, (dict, list)):
+        items = list(obj.values()) if isinstance(obj, dict) else obj
+        values, deepest = 1 + max(len(items) - 1, 0), depth + 1
+        for item in items:
+            v, d = _shape_reference(item, depth + 1)
+            values, deepest = values + v, max(deepest, d)
+        return values, deepest
+    return 0, depth
+
+
+def test_json_shape_counts_outside_strings_across_chunks():
+    """The header pre-check (bounded before json.loads) agrees with the parsed structure on random
+    JSON full of quotes, backslashes and brackets inside strings, for any chunking."""
+    import json
+    import random
+
+    from sfumato.checkpoint.io import json_shape
+
+    rng = random.Random(0)
+
+    def gen(depth=0):
+        if depth > 5 or rng.random() < 0.3:
+            return rng.choice([1, 'a\\"[{', "\\\\", '"', "x,y", None, 2.5, "\\", "]]}}"])
+        if rng.random() < 0.5:
+            return [gen(depth + 1) for _ in range(rng.randrange(4))]
+        return {f"k{rng.random()}\\\"[": gen(depth + 1) for _ in range(rng.randrange(4))}
+
+    for _ in range(500):
+        obj = gen()
+        text = json.dumps(obj).encode()
+        for chunk in (1, 2, 3, 7, 1 << 20):
+            assert json_shape(text, chunk) == _shape_reference(obj), (text, chunk)

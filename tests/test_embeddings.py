@@ -330,8 +330,15 @@ def test_plain_images_and_previews_are_ignored(tmp_path):
     Image.new("RGB", (16, 16), (10, 200, 30)).save(tmp_path / "photo.png")
     write_png_text(tmp_path, V2).rename(tmp_path / "x.preview.png")
     (tmp_path / "notes.txt").write_text("hello")
-    (tmp_path / "empty.pt").write_bytes(b"")
     assert len(load_embeddings(tmp_path)) == 0 and load_embeddings(tmp_path).skipped == {}
+
+
+def test_an_empty_embedding_file_is_reported_not_ignored(tmp_path):
+    """A zero-byte .pt is a broken download, not "no embedding": it is skipped with the reason, so a
+    prompt that names it is told why instead of reading the name as plain words."""
+    (tmp_path / "empty.pt").write_bytes(b"")
+    found = load_embeddings(tmp_path)
+    assert len(found) == 0 and "is empty" in found.skipped["empty"]
 
 
 def test_malicious_pickle_is_refused(tmp_path):

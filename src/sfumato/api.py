@@ -4,6 +4,7 @@ object (:class:`GenerationParams`) and run the one generation loop."""
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
@@ -13,11 +14,12 @@ from PIL import Image
 
 from .checkpoint.io import sha256_file
 from .adapters.embeddings import EmbeddingSet, load_embeddings
-from .adapters.hypernetwork import (Hypernetwork, find_hypernetwork, hypernetworks_applied, load_hypernetwork,
+from .adapters.hypernetwork import (Hypernetwork, hypernetwork_folder, hypernetworks_applied, load_hypernetwork,
                                     parse_hypernet_prompt)
-from .adapters.lora import apply_loras, bake_loras, find_lora, parse_lora_prompt, remove_loras
+from .adapters.lora import apply_loras, bake_loras, lora_folder, parse_lora_prompt, remove_loras
+from .checkpoint.folders import ModelFolder
 from .checkpoint.load import LoadedModel, load_model
-from .errors import SfumatoError
+from .errors import CheckpointError, NameNotFoundError, SfumatoError
 from .pipeline.control import control_infotext
 from .pipeline.generate import Generator, ProgressCallback
 from .pipeline.infotext import generation_infotext
@@ -66,16 +68,17 @@ class GenerationResult:
 
 
 class Pipeline:
-    """A loaded model (and optional refiner). ``lora_dir`` is where ``<lora:name:w>`` prompt tags
-    are looked up; each run applies the prompt's LoRAs and removes them afterwards. ``hypernet_dir``
-    likewise serves ``<hypernet:name:strength>`` tags (hooked in for the run only)."""
+    """A loaded model (and optional refiner). ``lora_folder`` (``lora_dir``) is where ``<lora:name:w>``
+    prompt tags are looked up; each run applies the prompt's LoRAs and removes them afterwards.
+    ``hypernet_folder`` (``hypernet_dir``) likewise serves ``<hypernet:name:strength>`` tags (hooked
+    in for the run only). Names resolve only to files those folders list (``checkpoint.folders``)."""
 
     def __init__(self, model: LoadedModel, refiner: LoadedModel | None = None, lora_dir: str | Path | None = None,
                  embeddings: EmbeddingSet | None = None, hypernet_dir: str | Path | None = None):
         self.model = model
         self.refiner = refiner
-        self.lora_dir = Path(lora_dir) if lora_dir is not None else None
-        self.hypernet_dir = Path(hypernet_dir) if hypernet_dir is not None else None
+        self.lora_folder: ModelFolder | None = lora_folder(lora_dir) if lora_dir is not None else None
+        self.hypernet_folder: ModelFolder | None = hypernetwork_folder(hypernet_dir) if hypernet_dir is not None else None
         self.generator = Generator(model, refiner, embeddings)
 
     @property
@@ -157,6 +160,7 @@ class Pipeline:
         p.validated()
         if p.refiner is not None and self.refiner is None:
             raise ParamError("refiner", "a refiner was named but none is loaded")
+        self._check_refused_embeddings(p)
         prompt, tags = parse_lora_prompt(p.prompt)
         prompt, nets, hypernet_extra = self._hypernets(prompt)
         lora_hashes = None
@@ -164,15 +168,14 @@ class Pipeline:
             if self.model.streamed:
                 mode = "low-memory" if self.model.low_memory else "by-stage"
                 raise ParamError("prompt", f"it names LoRAs, which {mode} loading cannot apply (weights stay on disk)")
-            if self.lora_dir is None:
+            if self.lora_folder is None:
                 raise ParamError("prompt", "it names LoRAs but no LoRA folder is set (--lora-dir)")
+            files = [(_named_file(self.lora_folder, name), weight) for name, weight in tags]
             try:
-                files = [(find_lora(name, self.lora_dir), weight) for name, weight in tags]
                 apply_loras(self.model, files)
-            except ParamError:
-                raise
-            except SfumatoError as e:   # a missing or unusable file named in the prompt
-                raise ParamError("prompt", str(e)) from None
+            except SfumatoError as e:   # an unusable file named in the prompt
+                remove_loras(self.model)
+                raise _file_error("LoRA", ", ".join(name for name, _ in tags), e) from None
             lora_hashes = ", ".join(f"{name}: {sha256_file(path)[:12]}" for (name, _), (path, _) in zip(tags, files))
             try:
                 out = self._generate(replace(p, prompt=prompt), callback, nets)
@@ -197,17 +200,18 @@ class Pipeline:
     def _hypernets(self, prompt: str) -> tuple[str, list[tuple[Hypernetwork, float]], dict[str, object]]:
         """The prompt without its ``<hypernet:…>`` tags, the hypernetworks they name (loaded from
         ``hypernet_dir``) with their strengths, and A1111's infotext entries for them."""
-        try:
-            prompt, tags = parse_hypernet_prompt(prompt)
-            if not tags:
-                return prompt, [], {}
-            if self.hypernet_dir is None:
-                raise ParamError("prompt", "it names hypernetworks but no hypernetwork folder is set (--hypernet-dir)")
-            nets = [(load_hypernetwork(find_hypernetwork(name, self.hypernet_dir), name), w) for name, w in tags]
-        except ParamError:
-            raise
-        except SfumatoError as e:   # a malformed tag, or a missing or unusable file named in the prompt
-            raise ParamError("prompt", str(e)) from None
+        prompt, tags = parse_hypernet_prompt(prompt)
+        if not tags:
+            return prompt, [], {}
+        if self.hypernet_folder is None:
+            raise ParamError("prompt", "it names hypernetworks but no hypernetwork folder is set (--hypernet-dir)")
+        nets = []
+        for name, w in tags:
+            path = _named_file(self.hypernet_folder, name)
+            try:
+                nets.append((load_hypernetwork(path, name), w))
+            except SfumatoError as e:   # an unusable file named in the prompt
+                raise _file_error("hypernetwork", name, e) from None
         names, strengths = ", ".join(n for n, _ in tags), ", ".join(f"{w:g}" for _, w in tags)
         return prompt, nets, {"Hypernet": names, "Hypernet strength": strengths}
 
@@ -219,6 +223,17 @@ class Pipeline:
             return self.generator.run(p, callback)
 
 
+    def _check_refused_embeddings(self, p: GenerationParams) -> None:
+        """A prompt that names an embedding which was skipped (unreadable, unsafe, NaN, or made for
+        other text encoders) is an error saying why, not a silent use of the name as plain words."""
+        skipped = self.embeddings.skipped if self.embeddings is not None else {}
+        for where in ("prompt", "negative_prompt"):
+            text = getattr(p, where)
+            for name, reason in skipped.items():
+                if name and re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", text):
+                    raise ParamError(where, f"embedding {name!r} was not loaded: {reason}",
+                                     public=f"embedding {name!r} could not be loaded")
+
     def _ti_hashes(self, p: GenerationParams) -> str | None:
         """A1111's ``TI hashes``: the embeddings the prompts use, with 12 hex digits of their file's SHA-256."""
         if self.embeddings is None:
@@ -226,6 +241,21 @@ class Pipeline:
         names = dict.fromkeys(self.embeddings.names_in(p.prompt) + self.embeddings.names_in(p.negative_prompt))
         paths = {name: self.embeddings.embeddings[name].path for name in names}
         return ", ".join(f"{n}: {sha256_file(path)[:12]}" for n, path in paths.items() if path is not None) or None
+
+
+def _named_file(folder: ModelFolder, name: str) -> Path:
+    """The file a prompt tag names, resolved inside its folder; a ParamError naming the prompt otherwise."""
+    try:
+        return folder.path(name)
+    except NameNotFoundError as e:
+        raise ParamError("prompt", str(e)) from None
+
+
+def _file_error(kind: str, name: str, e: SfumatoError) -> ParamError:
+    """A file named in the prompt cannot be used: the whole message for the user at the keyboard; for a
+    remote client (``public``) the reason without paths or what the file holds."""
+    reason = e.public if isinstance(e, CheckpointError) else "it does not fit this model"
+    return ParamError("prompt", f"{kind} {name!r}: {e}", public=f"{kind} {name!r}: {reason}")
 
 
 def _name(path: Path) -> str:

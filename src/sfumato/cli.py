@@ -209,14 +209,9 @@ def _tiny_decoder(text: str, latent_channels: int, factor: int):
 
 
 def _open_image(path: str, field: str):
-    from PIL import Image, UnidentifiedImageError
+    from .safe_image import open_image
 
-    try:
-        image = Image.open(path)
-        image.load()
-        return image
-    except (OSError, UnidentifiedImageError) as e:
-        raise SfumatoError(f"{field}: cannot read image {path}: {e}") from None
+    return open_image(path, field)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -228,7 +223,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     settings: dict = {}
     if args.from_png:
-        text = read_image_parameters(args.from_png)
+        text = read_image_parameters(args.from_png, "--from-png")
         if text is None:
             raise SfumatoError(f"--from-png: {args.from_png} carries no generation parameters")
         settings.update(params_from_infotext(text))
@@ -275,9 +270,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.vae_decoder:
         base = pipe.generator.base
         pipe.generator.tiny_decoder = _tiny_decoder(args.vae_decoder, base.latent_channels, base.factor).to(base.device)
-    bar = tqdm(desc=args.command, unit="step", file=sys.stderr, leave=False)
+    bars: list = []   # made at the first step: a request refused before sampling leaves no bar behind
 
     def progress(rec) -> None:
+        if not bars:   # disable=None: no bar when stderr is not a terminal (logs, pipes)
+            bars.append(tqdm(desc=args.command, unit="step", file=sys.stderr, leave=False, disable=None))
+        bar = bars[0]
         if rec.index == 0:
             bar.reset(total=rec.total)
             bar.set_description(rec.stage)
@@ -301,7 +299,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         result = pipe.txt2img(prompt, negative, watermark=not args.no_watermark, callback=progress, **kwargs)
     else:
         result = method[args.command](prompt, init, negative, watermark=not args.no_watermark, callback=progress, **kwargs)
-    bar.close()
+    for bar in bars:
+        bar.close()
     for item, path in zip(result.items, batch_paths(output, len(result.items))):
         save_image(item.image, path, item.infotext)
         print(f"{path}  seed={item.seed}")
@@ -350,9 +349,7 @@ def _dry_validate(command: str, settings: dict, extra: dict) -> None:
 def cmd_png_info(args: argparse.Namespace) -> int:
     from .pipeline.infotext import read_image_parameters
 
-    if not Path(args.file).is_file():
-        raise SfumatoError(f"file: {args.file} not found")
-    text = read_image_parameters(args.file)
+    text = read_image_parameters(args.file, "file")
     if text is None:
         raise SfumatoError(f"file: {args.file} carries no generation parameters")
     print(text)
@@ -391,8 +388,23 @@ def main(argv: list[str] | None = None) -> int:
             return args.func(args) or 0
         return COMMANDS[args.command](args)
     except SfumatoError as e:
-        print(f"sfumato: error: {e}", file=sys.stderr)
+        print(f"sfumato: error: {_one_line(str(e))}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("sfumato: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 — a bug, not bad input: one line, the traceback on request
+        if args.verbose:
+            raise
+        print(f"sfumato: internal error: {type(e).__name__}: {_one_line(str(e))} "
+              "(rerun with -v for the traceback)", file=sys.stderr)
+        return 1
+
+
+def _one_line(text: str, limit: int = 2000) -> str:
+    """Messages are one line: line breaks folded, surrogates (undecodable argv bytes) escaped."""
+    line = " ".join(text.split("\n")).encode("utf-8", "backslashreplace").decode("utf-8")
+    return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
 if __name__ == "__main__":

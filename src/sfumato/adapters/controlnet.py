@@ -25,7 +25,7 @@ from ..checkpoint.convert_controlnet import (
     is_diffusers_controlnet, original_state_dict, shape_config,
 )
 from ..checkpoint.diffusers import find_weights
-from ..checkpoint.io import load_file
+from ..checkpoint.io import check_finite, load_file
 from ..errors import CheckpointError
 from ..models.controlnet import ControlNet, ControlNetConfig
 from ..models.unet import UNetConfig, UNetModel
@@ -60,6 +60,7 @@ def read_controlnet(path: str | Path) -> tuple[dict[str, Tensor], ControlNetConf
     if not path.exists():
         raise CheckpointError(f"ControlNet file not found: {path}")
     sd, _ = load_file(find_weights(path) if path.is_dir() else path)
+    check_finite(sd, f"the weights of ControlNet {path.name}")
     if not is_diffusers_controlnet(sd):
         if path.is_dir():
             raise CheckpointError(f"{path}: the weights are not a diffusers ControlNetModel")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
@@ -32,14 +33,17 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..checkpoint.io import load_file, save_file
+from ..checkpoint.io import check_finite, load_file, save_file
+from ..checkpoint.folders import ModelFolder
 from ..checkpoint.specs import ModelSpec, TextSlot
 from ..errors import SfumatoError
+from ..safe_image import open_image
 from ..text.prompt import CHUNK_LENGTH, COMMA_BACKTRACK, Chunk, chunk_prompt
 from ..text.tokenizer import get_tokenizer
 
 FILE_SUFFIXES = (".pt", ".bin", ".safetensors")
 IMAGE_SUFFIXES = (".png", ".webp")
+log = logging.getLogger(__name__)
 PNG_KEY = "sd-ti-embedding"
 SINGLE = "*"                 # the key of a one-encoder embedding's vectors
 DUAL = ("clip_l", "clip_g")  # SDXL: CLIP ViT-L (transformers layout) and OpenCLIP bigG
@@ -208,32 +212,30 @@ def _token_vectors(embedding: nn.Module, subs: list[tuple[int, int, Tensor]]) ->
 
 
 def load_embeddings(directory: str | Path, spec: ModelSpec | None = None) -> EmbeddingSet:
-    """Every embedding under ``directory`` (recursively). Files that cannot be read are ``skipped``
+    """Every embedding under ``directory`` (recursively). Files that cannot be read (empty ones too) are ``skipped``
     with the reason, as are names seen twice; with ``spec``, the set is bound to that model
-    (``EmbeddingSet.for_spec``). Other files, empty files, ``*.preview.png`` and links leading out of
+    (``EmbeddingSet.for_spec``). Other files, ``*.preview.png`` and links leading out of
     the folder are ignored."""
     directory = Path(directory)
     if not directory.is_dir():
         raise EmbeddingError(f"embeddings directory not found: {directory}")
     found: dict[str, Embedding] = {}
     skipped: dict[str, str] = {}
-    root = directory.resolve()
-    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
-        if not path.resolve().is_relative_to(root):   # a link leading out of the folder
-            continue
-        suffix = path.suffix.lower()
-        if suffix not in FILE_SUFFIXES + IMAGE_SUFFIXES or path.stat().st_size == 0:
-            continue
-        if suffix in IMAGE_SUFFIXES and path.stem.lower().endswith(".preview"):
+    folder = ModelFolder("embedding", directory, FILE_SUFFIXES + IMAGE_SUFFIXES, label="embeddings folder")
+    for entry in folder.entries():
+        path = entry.path
+        if path.suffix.lower() in IMAGE_SUFFIXES and path.stem.lower().endswith(".preview"):
             continue
         try:
             emb = read_embedding(path)
         except SfumatoError as e:
+            log.warning("embedding %s skipped: %s", entry.name, e)
             skipped[path.stem] = str(e)
             continue
         if emb is None:
             continue
         if emb.name in found:
+            log.warning("embedding %s skipped: its name %r is taken by %s", entry.name, emb.name, found[emb.name].path)
             skipped[emb.name] = f"{path} has the same name as {found[emb.name].path}, which is used"
             continue
         found[emb.name] = emb
@@ -280,22 +282,31 @@ def _vectors(tensors: Mapping[str, Tensor], path: Path) -> dict[str, Tensor]:
             raise EmbeddingError(f"{path.name}: {key} vectors have shape {list(t.shape)} and dtype "
                                  f"{str(t.dtype).removeprefix('torch.')}; expected float [n, dim]")
         out[key] = t.detach().to(torch.float32, copy=True).contiguous()
+    check_finite(out, f"the vectors of embedding {path.name}")
     if len({t.shape[0] for t in out.values()}) > 1:
         raise EmbeddingError(f"{path.name}: clip_l and clip_g have different numbers of vectors "
                              f"({out['clip_l'].shape[0]} and {out['clip_g'].shape[0]})")
     return out
 
 
-def _flatten(obj: Any, prefix: str = "") -> dict[str, Tensor]:
-    """Tensors in nested dicts keyed by their dotted path, as ``checkpoint.io.load_file`` gives them."""
+def _flatten(obj: Any, prefix: str = "", depth: int = 0) -> dict[str, Tensor]:
+    """Tensors in nested dicts keyed by their dotted path, as ``checkpoint.io.load_file`` gives them
+    (an embedding's data is at most a few levels deep)."""
     if isinstance(obj, Tensor):
         return {prefix: obj}
     if not isinstance(obj, dict):
         return {}
+    if depth > _MAX_DEPTH:
+        raise EmbeddingError(f"the embedding data nests deeper than {_MAX_DEPTH} levels")
     out: dict[str, Tensor] = {}
     for key, value in obj.items():
-        out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key), depth + 1))
     return out
+
+
+_MAX_DEPTH = 8
+_MAX_IMAGE_PIXELS = 4096 * 4096
+_MAX_PAYLOAD = 16 << 20      # bytes of embedding data an image may hold, decompressed
 
 
 def _decode_json(raw: bytes | str, path: Path) -> dict[str, Any]:
@@ -304,8 +315,9 @@ def _decode_json(raw: bytes | str, path: Path) -> dict[str, Any]:
 
     try:
         data = json.loads(raw, object_hook=tensor)
-    except (ValueError, TypeError) as e:
-        raise EmbeddingError(f"{path.name}: the embedding data in the image is not valid JSON ({e})") from None
+    except (ValueError, TypeError, RecursionError) as e:
+        raise EmbeddingError(f"{path.name}: the embedding data in the image is not valid JSON "
+                             f"({type(e).__name__})") from None
     if not isinstance(data, dict):
         raise EmbeddingError(f"{path.name}: the embedding data in the image is not a JSON object")
     return data
@@ -313,25 +325,31 @@ def _decode_json(raw: bytes | str, path: Path) -> dict[str, Any]:
 
 def _image_data(path: Path) -> dict[str, Any] | None:
     """A1111's embedding data from an image: the text chunk, else the pixel blocks; None if neither."""
-    from PIL import Image, UnidentifiedImageError
-
     try:
-        with Image.open(path) as image:
+        with open_image(path, path.name, max_pixels=_MAX_IMAGE_PIXELS, load=False) as image:
             text = getattr(image, "text", None) or image.info
             if PNG_KEY in text:
                 try:
                     raw = base64.b64decode(text[PNG_KEY], validate=True)
-                except (binascii.Error, ValueError):
+                except (binascii.Error, ValueError, TypeError):
                     raise EmbeddingError(f"{path.name}: its {PNG_KEY} text is not base64") from None
                 return _decode_json(raw, path)
             pixels = np.asarray(image.convert("RGB"))
-    except (OSError, UnidentifiedImageError) as e:
-        raise EmbeddingError(f"{path.name}: cannot read the image ({e})") from None
+    except EmbeddingError:
+        raise
+    except SfumatoError as e:
+        raise EmbeddingError(str(e)) from None
+    except Exception as e:  # noqa: BLE001 — untrusted bytes (a truncated image, an oversized chunk)
+        raise EmbeddingError(f"{path.name}: cannot read the image ({type(e).__name__})") from None
     payload = _pixel_payload(pixels)
     if payload is None:
         return None
     try:
-        return _decode_json(zlib.decompress(payload), path)
+        inflate = zlib.decompressobj()
+        data = inflate.decompress(payload, _MAX_PAYLOAD)
+        if inflate.unconsumed_tail:
+            raise EmbeddingError(f"{path.name}: the embedding data in its pixels inflates past {_MAX_PAYLOAD} bytes")
+        return _decode_json(data, path)
     except zlib.error:
         raise EmbeddingError(f"{path.name}: the image has no {PNG_KEY} text and its pixels hold no "
                              "readable embedding") from None

@@ -24,12 +24,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
-from ..checkpoint.io import load_object
+from ..checkpoint.io import check_finite, load_object
 from ..errors import SfumatoError
-from .folders import find_named_file
+from ..checkpoint.folders import ModelFolder
 
 HYPERNETWORK_EXTENSIONS = (".pt",)
 _NAMED_ACTIVATIONS: dict[str, type[nn.Module]] = {
@@ -129,27 +128,51 @@ def load_hypernetwork(path: str | Path, name: str | None = None) -> Hypernetwork
     data = load_object(path)
     if not isinstance(data, dict):
         raise SfumatoError(f"{path.name}: not a hypernetwork (a {type(data).__name__}, not a dict)")
-    widths = [k for k in data if isinstance(k, int)]
+    widths = [k for k in data if isinstance(k, int) and not isinstance(k, bool)]
     if not widths:
         raise SfumatoError(f"{path.name}: not a hypernetwork (no integer width keys)")
     structure = list(data.get("layer_structure") or (1, 2, 1))
     dropout = data.get("dropout_structure") or _dropout_structure(
         structure, bool(data.get("use_dropout", False)), bool(data.get("last_layer_dropout", False)))
+    states = {w: data[w] for w in widths}
+    _check_sizes(path, states, structure, dropout)
     net = Hypernetwork(widths, name=name or path.stem, structure=structure,
                        activation=data.get("activation_func"), layer_norm=bool(data.get("is_layer_norm", False)),
                        dropout=dropout, activate_output=bool(data.get("activate_output", True)))
     for w in widths:
-        states = data[w]
-        if not isinstance(states, (list, tuple)) or len(states) != 2:
-            raise SfumatoError(f"{path.name}: width {w} must hold two state dicts (k and v)")
-        for module, state, which in zip(net.pair(w), states, "kv"):
+        for module, state, which in zip(net.pair(w), states[w], "kv"):
+            check_finite(state, f"the weights of hypernetwork {path.name}")
             try:
-                module.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()})
+                module.load_state_dict(state)
             except RuntimeError as e:
                 detail = " ".join(line.strip() for line in str(e).splitlines()[1:3])
                 raise SfumatoError(f"{path.name}: width {w}'s {which} MLP does not fit the file's settings: "
                                    f"{detail}") from None
     return net.eval().requires_grad_(False)
+
+
+def _check_sizes(path: Path, states: dict[int, Any], structure: list, dropout: Any) -> None:
+    """The settings of an untrusted file are checked before any module is built from them: sane
+    widths and layer multipliers, two state dicts of tensors per width, and no more parameters than
+    the file's tensors hold (a crafted ``layer_structure`` must not allocate gigabytes)."""
+    if not 2 <= len(structure) <= 16 or not all(isinstance(m, (int, float)) and not isinstance(m, bool)
+                                                  and 0 < m <= 64 for m in structure):
+        raise SfumatoError(f"{path.name}: not a hypernetwork (layer_structure must be 2–16 multipliers in (0, 64])")
+    if not isinstance(dropout, (list, tuple)) or not all(isinstance(d, (int, float)) for d in dropout):
+        raise SfumatoError(f"{path.name}: not a hypernetwork (malformed dropout_structure)")
+    held = 0
+    for w, pair in states.items():
+        if not 1 <= w <= 16384:
+            raise SfumatoError(f"{path.name}: not a hypernetwork (width {w} out of range)")
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2 or not all(
+                isinstance(sd, dict) and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in sd.items())
+                for sd in pair):
+            raise SfumatoError(f"{path.name}: width {w} must hold two state dicts (k and v) of tensors")
+        held += sum(v.numel() for sd in pair for v in sd.values())
+    dims = {w: [int(w * m) for m in structure] for w in states}
+    needed = sum(2 * sum(a * b + b for a, b in zip(d, d[1:])) for d in dims.values())
+    if needed > held:
+        raise SfumatoError(f"{path.name}: its settings describe {needed} parameters but it holds {held}")
 
 
 @contextmanager
@@ -213,6 +236,12 @@ def parse_hypernet_prompt(prompt: str) -> tuple[str, list[tuple[str, float]]]:
 
 
 def find_hypernetwork(name: str, directory: str | Path) -> Path:
-    """The hypernetwork file called ``name`` (with or without ``.pt``) in ``directory`` or its
-    sub-folders. Names that leave the folder are refused; a missing or ambiguous name is an error."""
-    return find_named_file("hypernetwork", name, directory, HYPERNETWORK_EXTENSIONS)
+    """The hypernetwork file ``name`` means inside ``directory`` (see ``checkpoint.folders``: with or without
+    extension, optionally in a sub-folder, a bare name found in sub-folders); links leading out of the
+    folder and names that leave it are refused, a missing or ambiguous name is an error."""
+    return hypernetwork_folder(directory).path(name)
+
+
+def hypernetwork_folder(directory: str | Path, label: str = "hypernetwork folder") -> ModelFolder:
+    """The hypernetwork files in ``directory``, as prompt tags name them."""
+    return ModelFolder("hypernetwork", directory, HYPERNETWORK_EXTENSIONS, label=label)

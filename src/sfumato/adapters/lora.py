@@ -26,11 +26,11 @@ import torch
 from torch import Tensor, nn
 
 from ..checkpoint.convert_unet import ldm_unet_to_diffusers
-from ..checkpoint.io import load_file
+from ..checkpoint.io import check_finite, load_file
 from ..checkpoint.load import LoadedModel
 from ..checkpoint.specs import UNET_PREFIX
 from ..errors import SfumatoError
-from .folders import find_named_file
+from ..checkpoint.folders import ModelFolder
 
 log = logging.getLogger(__name__)
 
@@ -308,6 +308,7 @@ def _read(source: LoraSource, index: int) -> tuple[str, Mapping[str, Tensor], di
     if not path.is_file():
         raise SfumatoError(f"LoRA file not found: {path}")
     sd, metadata = load_file(path)
+    check_finite(sd, f"the weights of LoRA {path.name}")
     return path.stem, sd, metadata
 
 
@@ -493,6 +494,12 @@ def parse_lora_prompt(prompt: str) -> tuple[str, list[tuple[str, LoraWeight]]]:
 
 
 def find_lora(name: str, directory: str | Path) -> Path:
-    """The LoRA file called `name` (with or without extension, optionally in a sub-folder) inside
-    `directory`; searched by file name in sub-folders too. Names that leave the folder are refused."""
-    return find_named_file("LoRA", name, directory, LORA_EXTENSIONS)
+    """The LoRA file ``name`` means inside ``directory`` (see ``checkpoint.folders``: with or without
+    extension, optionally in a sub-folder, a bare name found in sub-folders); links leading out of the
+    folder and names that leave it are refused, a missing or ambiguous name is an error."""
+    return lora_folder(directory).path(name)
+
+
+def lora_folder(directory: str | Path, label: str = "LoRA folder") -> ModelFolder:
+    """The LoRA files in ``directory``, as prompt tags name them."""
+    return ModelFolder("LoRA", directory, LORA_EXTENSIONS, label=label)

@@ -31,9 +31,8 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from ..checkpoint.detect import detect_spec, is_ignorable
-from ..checkpoint.io import load_file, read_metadata, save_file, sha256_file, sniff_format
+from ..checkpoint.io import SAFETENSORS_DTYPES, check_finite, load_file, read_metadata, save_file, sha256_file, sniff_format
 from ..checkpoint.specs import SPEC_METADATA_KEY, VAE_PREFIX
-from ..checkpoint.stream import SAFETENSORS_DTYPES
 from ..errors import CheckpointError, SfumatoError
 
 MergeMode = Literal["weighted", "add-difference"]
@@ -220,6 +219,7 @@ class _Reader:
     """One input: shapes/dtypes of its tensors up front (meta tensors for safetensors), tensors on demand."""
 
     def __init__(self, path: Path, label: str, stack: ExitStack):
+        self.what = f"the weights of {label} ({path.name})"
         try:
             if sniff_format(path) == "safetensors":
                 self.metadata = read_metadata(path)   # also checks the header against the file size
@@ -242,4 +242,6 @@ class _Reader:
         return torch.empty(view.get_shape(), dtype=dtype, device="meta")
 
     def get(self, key: str) -> Tensor:
-        return self._file.get_tensor(key) if self._file is not None else self._tensors[key]
+        t = self._file.get_tensor(key) if self._file is not None else self._tensors[key]
+        check_finite({key: t}, self.what)   # NaN/inf would spread through every merged weight
+        return t

@@ -29,9 +29,9 @@ from ..models.vae import AutoencoderKL
 from ..diffusion.schedule import scaled_linear_alphas_cumprod
 from .convert_vae import normalize_vae_state_dict
 from .detect import detect_spec, is_ignorable, prediction_marker, resolve_prediction
-from .io import load_file, sniff_format
-from .stream import (MappedFile, fix_malloc_mmap_threshold, materialize, read_mapped, resident, stream_weights,
-                     unet_units)
+from .io import check_finite, load_file, sniff_format
+from .stream import (MappedFile, fix_malloc_mmap_threshold, materialize, read_mapped, release, resident,
+                     stream_weights, unet_units)
 from .specs import UNET_PREFIX, VAE_PREFIX, ModelSpec, TextSlot
 
 log = logging.getLogger(__name__)
@@ -140,6 +140,9 @@ def build_model(
             f"{path.name}: {len(unexpected)} keys belong to no component of a {spec.family} model, "
             f"e.g. {', '.join(unexpected[:5])}"
         )
+    names = {"unet": "UNet", "vae": "VAE", **{f"text{i}": f"text encoder {i}" for i in range(len(spec.text))}}
+    for name, part in parts.items():   # NaN/inf weights would make black images: refused here, by name
+        check_finite(part, f"the {names.get(name, name)} weights of {path.name}", lambda t: release(t, files))
     storage = {name: _dtype_names(p) for name, p in parts.items()}
     meta = torch.device(device).type == "meta"
     low_memory = low_memory and not meta
@@ -194,6 +197,7 @@ def read_vae_file(path: str | Path) -> dict[str, Tensor]:
     if any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in sd):
         sd = diffusers_vae_to_ldm(sd)
     sd = {k: v for k, v in sd.items() if not k.startswith("loss.") and k != "model_ema.decay"}
+    check_finite(sd, f"the weights of VAE {Path(path).name}")
     return normalize_vae_state_dict(sd)
 
 

@@ -27,13 +27,8 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import CheckpointError
-from .io import _metadata, _read_header
+from .io import SAFETENSORS_DTYPES, _metadata, _read_header
 
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
 _PAGE = mmap.PAGESIZE
 _M_MMAP_THRESHOLD = -3   # glibc's mallopt parameter
 log = logging.getLogger(__name__)

@@ -14,6 +14,7 @@ then groups of residual blocks (conv-ReLU-conv-ReLU-conv, added to the input, Re
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -104,9 +105,10 @@ def config_from_state_dict(sd: dict[str, Tensor]) -> TinyDecoderConfig:
 def load_tiny_decoder(path: str) -> TinyDecoder:
     """A TAESD decoder from ``taesd_decoder.safetensors`` (TAESD keys) or a diffusers
     ``AutoencoderTiny`` ``diffusion_pytorch_model.safetensors`` (converted)."""
-    from ..checkpoint.io import load_file
+    from ..checkpoint.io import check_finite, load_file
 
     sd, _ = load_file(path)
+    check_finite(sd, f"the weights of tiny decoder {os.path.basename(path)}")
     if any(k.startswith("decoder.layers.") for k in sd):
         sd = convert_diffusers_decoder(sd)
     if "1.weight" not in sd:

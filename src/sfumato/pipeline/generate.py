@@ -28,6 +28,7 @@ from ..diffusion.denoiser import Denoiser
 from ..diffusion.noise import ImageNoise
 from ..diffusion.samplers import StepRecord, get_sampler, sampler_sigmas
 from ..diffusion.schedule import DiscreteSchedule
+from ..errors import NonFiniteOutputError
 from ..models.layers import release_scratch
 from ..models.taesd import TinyDecoder
 from ..text.conditioner import Cond, Conditioner, SizeConditioning, build_schedule, match_lengths
@@ -133,6 +134,9 @@ class _ModelRunner:
         with resident(vae):
             images = torch.cat([tiling.decode(vae, zi.to(self.device), tiled, tile=tile, stats_size=stats).float().cpu()
                                 for zi in z.split(1)])
+        if not torch.isfinite(images).all():
+            raise NonFiniteOutputError(f"the VAE of {self.model.path.name} produced NaN or infinite values when "
+                                       "decoding; try another dtype (fp32) or VAE")
         images = ((images.clamp(-1, 1) + 1) / 2 * 255).round().to(torch.uint8)
         return images.permute(0, 2, 3, 1)
 
@@ -192,6 +196,9 @@ class _Guided:
             x0 = self._rescale(x, sigma, x0, torch.einsum("bn,nchw->bchw", w / w.sum(1, keepdim=True), c))
         if self.latent_mask is not None and self.image_cond is None:
             x0 = self.init_latent * (1 - self.latent_mask) + self.latent_mask * x0
+        if not torch.isfinite(x0).all():   # NaN/inf would end as a black image passed off as a result
+            raise NonFiniteOutputError(f"the UNet of {self.runner.model.path.name} produced NaN or infinite values "
+                                       f"at step {step + 1} (σ = {float(sigma[0]):.4g}); try another dtype (fp32)")
         return x0
 
     def _rescale(self, x: Tensor, sigma: Tensor, x0_cfg: Tensor, x0_cond: Tensor) -> Tensor:

@@ -4,15 +4,12 @@ AUTOMATIC1111 puts it (a PNG ``parameters`` text chunk; EXIF ``UserComment`` for
 
 from __future__ import annotations
 
-import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
 
 from PIL import Image, PngImagePlugin
 from torch import Tensor
 
+from ..checkpoint.io import atomic_path
 from ..errors import SfumatoError
 from .infotext import user_comment_exif
 
@@ -42,7 +39,9 @@ def save_image(image: Image.Image, path: str | Path, parameters: str | None = No
         if fmt == "JPEG" and len(options["exif"]) > _JPEG_MARKER_MAX:
             raise SfumatoError(f"output: the infotext is too long for JPEG's EXIF segment "
                                f"({len(options['exif'])} bytes, at most {_JPEG_MARKER_MAX}); save as PNG or WebP")
-    return _atomic_write(path, lambda f: image.save(f, format=fmt, **options))
+    with atomic_path(path) as tmp:
+        image.save(tmp, format=fmt, **options)
+    return path
 
 
 def save_png(image: Image.Image, path: str | Path, parameters: str | None = None) -> Path:
@@ -50,22 +49,9 @@ def save_png(image: Image.Image, path: str | Path, parameters: str | None = None
     info = PngImagePlugin.PngInfo()
     if parameters is not None:
         info.add_text("parameters", parameters)
-    return _atomic_write(Path(path), lambda f: image.save(f, format="PNG", pnginfo=info))
-
-
-def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> Path:
-    """Write through a temporary file in the same folder, then rename over ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=info)
+    return Path(path)
 
 
 def batch_paths(output: str | Path, n: int) -> list[Path]:

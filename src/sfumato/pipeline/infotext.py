@@ -23,10 +23,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from PIL import ExifTags, Image
+from PIL import ExifTags
 
 from .. import __version__
 from ..diffusion.samplers import SAMPLER_DISPLAY, resolve_sampler
+from ..errors import SfumatoError
 from .params import GenerationParams
 
 # A1111's scheduler labels by its scheduler names (its own vocabulary: "normal" is "Normal").
@@ -292,14 +293,23 @@ def _hires_scale(s: Mapping[str, str]) -> float | None:
 
 # -- in image files ---------------------------------------------------------------------------
 
-def read_image_parameters(path: str | Path) -> str | None:
-    """The infotext stored in an image: the PNG ``parameters`` chunk, else EXIF ``UserComment``."""
-    with Image.open(path) as image:
-        text = getattr(image, "text", {}).get("parameters")   # PNG: all text chunks, even after IDAT
-        if text is not None:
-            return text
-        comment = image.getexif().get_ifd(_EXIF_IFD).get(_USER_COMMENT)
-    return decode_user_comment(comment) if isinstance(comment, bytes) and comment else None
+def read_image_parameters(path: str | Path, field: str = "image") -> str | None:
+    """The infotext stored in an image: the PNG ``parameters`` chunk, else EXIF ``UserComment``. A file
+    that is missing, no image, a decompression bomb or corrupt is a SfumatoError naming ``field``."""
+    from ..safe_image import open_image
+
+    with open_image(path, field, load=False) as image:
+        try:
+            text = getattr(image, "text", {}).get("parameters")   # PNG: all text chunks, even after IDAT
+            if text is not None:
+                return text
+            comment = image.getexif().get_ifd(_EXIF_IFD).get(_USER_COMMENT)
+        except Exception as e:  # noqa: BLE001 — untrusted bytes: corrupt chunks, oversized text
+            raise SfumatoError(f"{field}: cannot read the text of {path} ({type(e).__name__})") from None
+    try:
+        return decode_user_comment(comment) if isinstance(comment, bytes) and comment else None
+    except (UnicodeDecodeError, ValueError):
+        raise SfumatoError(f"{field}: {path} holds an unreadable EXIF UserComment") from None
 
 
 def user_comment_exif(text: str) -> bytes:

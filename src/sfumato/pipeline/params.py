@@ -5,6 +5,7 @@ Validation happens before any model work, and every error names the offending fi
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,21 +14,19 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ..errors import ParamError as ParamError  # re-exported: raised by validation
 from ..errors import SfumatoError
 
 MAX_SEED = 2**32 - 1
+MAX_PROMPT_LENGTH = 65536   # characters; the server allows fewer (server.security.Limits)
+MAX_AND_PARTS = 64          # composable-diffusion parts of one prompt: each is a UNet evaluation per step
+MAX_EMPHASIS = 1e4          # an emphasis or AND weight beyond this only overflows the conditioning
+MAX_HIRES_TOTAL_STEPS = 10000
+LCM_MAX_STEPS = 50          # diffusion.schedule.lcm_sigmas' distillation schedule
 MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")
 UPSCALERS = ("latent", "lanczos")
 RNGS = ("cpu", "nv")
 CONTROL_PREPROCESSORS = ("none", "canny", "threshold", "scribble", "depth")  # adapters.controlnet.PREPROCESSORS
-
-
-class ParamError(SfumatoError, ValueError):
-    """A request field is invalid; ``field`` names it."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field, self.message = field, message
 
 
 @dataclass
@@ -127,10 +126,9 @@ class GenerationParams:
         from ..diffusion.samplers import resolve_sampler
         from ..diffusion.schedule import SCHEDULERS
 
-        for name in ("prompt", "negative_prompt"):
-            if not isinstance(getattr(self, name), str):
-                raise ParamError(name, "must be a string")
         _int_range("steps", self.steps, 1, 1000)
+        for name in ("prompt", "negative_prompt"):
+            check_prompt(name, getattr(self, name), self.steps)
         _int_range("batch_size", self.batch_size, 1, 64)
         _int_range("clip_skip", self.clip_skip, 1, 12)
         for name in ("width", "height"):
@@ -174,6 +172,14 @@ class GenerationParams:
             for name, value in (("width", self.hires_width), ("height", self.hires_height)):
                 if value % 8:
                     raise ParamError("hires_scale", f"hires {name} {value} is not a multiple of 8")
+        if self.sampler == "lcm" and self.scheduler == "normal":
+            for name, steps in (("steps", self.steps), ("hires_steps", self.hires_total_steps)):
+                if steps > LCM_MAX_STEPS:
+                    raise ParamError(name, f"LCM with its own schedule takes 1 to {LCM_MAX_STEPS} steps, got {steps}"
+                                     + (" (the hires pass runs steps / hires_denoise)" if name == "hires_steps" else ""))
+        if self.hires_total_steps > MAX_HIRES_TOTAL_STEPS:
+            raise ParamError("hires_denoise", f"the hires pass would schedule {self.hires_total_steps} steps "
+                                              f"(steps / denoise); at most {MAX_HIRES_TOTAL_STEPS}")
         _float_range("refiner_switch", self.refiner_switch, 0, 1)
         if self.depth_map is not None and not isinstance(self.depth_map, Image.Image):
             raise ParamError("depth_map", f"must be a PIL image, got {type(self.depth_map).__name__}")
@@ -196,12 +202,63 @@ class GenerationParams:
         return self
 
     @property
+    def hires_total_steps(self) -> int:
+        """The length of the schedule the hires pass takes its steps from (A1111: steps / denoise);
+        0 without a hires pass."""
+        if self.hires_scale <= 1 or self.hires_denoise <= 0:
+            return 0
+        return int((self.hires_steps or self.steps) / min(self.hires_denoise, 0.999))
+
+    @property
     def hires_width(self) -> int:
         return int(self.width * self.hires_scale)
 
     @property
     def hires_height(self) -> int:
         return int(self.height * self.hires_scale)
+
+
+def check_prompt(name: str, text: object, steps: int = 1) -> None:
+    """A prompt the pipeline can take, checked before any work: a string of valid Unicode (no lone
+    surrogates, which no image file can store), within ``MAX_PROMPT_LENGTH`` characters and
+    ``MAX_AND_PARTS`` AND-parts, its ``<lora:…>`` / ``<hypernet:…>`` tags well-formed, its emphasis
+    weights finite (5000 nested brackets give 1.1^5000)."""
+    from ..adapters.hypernetwork import parse_hypernet_prompt
+    from ..adapters.lora import parse_lora_prompt
+    from ..text.prompt import parse_attention, prompt_schedule, split_and
+
+    if not isinstance(text, str):
+        raise ParamError(name, f"must be a string, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ParamError(name, f"is not valid text: character {e.start} is an unpaired surrogate "
+                               f"({text[e.start]!r}); was it decoded with the wrong encoding?") from None
+    if len(text) > MAX_PROMPT_LENGTH:
+        raise ParamError(name, f"is {len(text)} characters long; at most {MAX_PROMPT_LENGTH}")
+    try:
+        text, _ = parse_lora_prompt(text)
+        text, _ = parse_hypernet_prompt(text)
+    except SfumatoError as e:
+        raise ParamError(name, str(e)) from None
+    for _, variant in prompt_schedule(text, steps):
+        parts = split_and(variant)
+        if len(parts) > MAX_AND_PARTS:
+            raise ParamError(name, f"has {len(parts)} AND-parts; at most {MAX_AND_PARTS}")
+        for part, weight in parts:
+            weights = [w for _, w in parse_attention(part)] + [weight]
+            bad = next((w for w in weights if not math.isfinite(w) or abs(w) > MAX_EMPHASIS), None)
+            if bad is not None:
+                raise ParamError(name, f"an emphasis or AND weight is {bad:g}; weights must be finite and at most "
+                                       f"{MAX_EMPHASIS:g} in size (too many nested brackets?)")
+
+
+def prompt_workload(text: str, steps: int) -> int:
+    """Characters the text encoders read for ``text`` over ``steps`` steps: every distinct prompt of
+    its schedule (prompt editing, alternation), every AND-part. Bounds what one request costs."""
+    from ..text.prompt import prompt_schedule, split_and
+
+    return sum(len(part) for _, variant in prompt_schedule(text, steps) for part, _ in split_and(variant))
 
 
 def _int_range(name: str, value: object, lo: int, hi: int) -> None:

@@ -13,7 +13,6 @@ import base64
 import io
 import json
 import math
-import re
 import time
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Literal
@@ -28,10 +27,12 @@ from ..diffusion.schedule import SCHEDULERS
 from ..pipeline.generate import Progress
 from ..pipeline.infotext import SCHEDULER_DISPLAY, decode_user_comment, generation_infotext, parse_infotext
 from ..pipeline.masks import outpaint_canvas
-from ..pipeline.params import MASKED_CONTENT, GenerationParams, ParamError
+from ..adapters.hypernetwork import parse_hypernet_prompt
+from ..adapters.lora import parse_lora_prompt
+from ..pipeline.params import MASKED_CONTENT, GenerationParams, ParamError, check_prompt, prompt_workload
 from ..pipeline.watermark import add_watermark
 from .jobs import Job, Stopped
-from .security import ApiError, Catalog, Entry, Limits, check_name, decode_image
+from .security import A1111_FIELDS, ApiError, Catalog, Entry, Limits, decode_image
 
 # -- requests -----------------------------------------------------------------------------------
 
@@ -39,7 +40,7 @@ from .security import ApiError, Catalog, Entry, Limits, check_name, decode_image
 class _Processing(BaseModel):
     """Fields common to txt2img and img2img (A1111's StableDiffusionProcessing + API extras)."""
 
-    model_config = ConfigDict(protected_namespaces=())
+    model_config = ConfigDict(protected_namespaces=(), allow_inf_nan=False)
 
     prompt: str = ""
     negative_prompt: str | None = None
@@ -133,6 +134,8 @@ class Img2ImgJob(Img2ImgRequest):
 
 
 class PngInfoRequest(BaseModel):
+    model_config = ConfigDict(allow_inf_nan=False)
+
     image: str
 
 
@@ -173,17 +176,8 @@ _HIRES_INERT: dict[str, tuple[Callable[[Any], bool], str]] = {
     "hr_scheduler": (lambda v: v in (None, "", "Use same scheduler"), "the hires pass uses the same scheduler"),
 }
 
-# GenerationParams fields → the A1111 field a client sent (errors name what the client knows)
-_A1111_FIELD = {
-    "sampler": "sampler_name", "strength": "denoising_strength", "hires_scale": "hr_scale",
-    "hires_steps": "hr_second_pass_steps", "hires_denoise": "denoising_strength", "hires_upscaler": "hr_upscaler",
-    "masked_content": "inpainting_fill", "only_masked": "inpaint_full_res",
-    "only_masked_padding": "inpaint_full_res_padding", "init_image": "init_images",
-    "clip_skip": "override_settings.CLIP_stop_at_last_layers", "rng": "override_settings.randn_source",
-}
 UPSCALERS = {"latent": "latent", "lanczos": "lanczos"}   # A1111 hires upscaler name (any case) → ours
 RNG_SOURCES = {"CPU": "cpu", "NV": "nv"}
-_LORA_TAG = re.compile(r"<(?:lora|lyco):([^:>]*)(?::[^>]*)?>", re.IGNORECASE)
 
 
 # -- settings shared by all requests (A1111's "options") -----------------------------------------
@@ -218,7 +212,7 @@ def apply_options(values: dict[str, Any], defaults: Defaults, catalog: Catalog, 
                 raise ApiError(422, f"must be an integer in [1, 12], got {value!r}", field)
             out.clip_skip = value
         elif key == "randn_source":
-            if value not in RNG_SOURCES:
+            if not isinstance(value, str) or value not in RNG_SOURCES:
                 raise ApiError(422, f"must be one of {', '.join(RNG_SOURCES)}, got {value!r}", field)
             out.rng = RNG_SOURCES[value]
     return out
@@ -243,6 +237,7 @@ class Work:
     parameters: dict[str, Any]      # the request as A1111 echoes it
     checkpoint: Entry
     vae: Entry | None
+    fields: tuple[str, str] = ("sd_model_checkpoint", "sd_vae")   # the fields that chose them
 
 
 def build_work(req: Txt2ImgRequest | Img2ImgRequest, defaults: Defaults, catalog: Catalog, limits: Limits) -> Work:
@@ -251,14 +246,17 @@ def build_work(req: Txt2ImgRequest | Img2ImgRequest, defaults: Defaults, catalog
     for name, (ok, why) in _INERT.items():
         if name in type(req).model_fields and not ok(getattr(req, name)):
             raise ApiError(422, why, name)
+    _check_prompts(req, limits)
     options = apply_options(req.override_settings or {}, defaults, catalog, "override_settings.")
-    if not req.disable_extra_networks:
-        for field in ("prompt", "negative_prompt"):
-            _check_lora_tags(getattr(req, field) or "", field, catalog)
+    prompt = req.prompt
+    if req.disable_extra_networks:   # as in A1111: the tags are taken out of the prompt, nothing is applied
+        prompt = _without_tags(prompt)
+    else:
+        _check_tags(prompt, catalog)
     if req.denoising_strength is not None and not 0 <= req.denoising_strength <= 1:
         raise ApiError(422, f"must be in [0, 1], got {req.denoising_strength}", "denoising_strength")
     settings: dict[str, Any] = dict(
-        prompt=req.prompt, negative_prompt=req.negative_prompt or "", steps=req.steps, cfg_scale=req.cfg_scale,
+        prompt=prompt, negative_prompt=req.negative_prompt or "", steps=req.steps, cfg_scale=req.cfg_scale,
         sampler=req.sampler_name or req.sampler_index or "Euler", scheduler=scheduler_name(req.scheduler),
         seed=req.seed, width=req.width, height=req.height, batch_size=req.batch_size, clip_skip=options.clip_skip,
         subseed=req.subseed, subseed_strength=req.subseed_strength, rng=options.rng,
@@ -271,13 +269,16 @@ def build_work(req: Txt2ImgRequest | Img2ImgRequest, defaults: Defaults, catalog
     try:
         params = GenerationParams(**settings).validated()
     except ParamError as e:
-        field = _A1111_FIELD.get(e.field, e.field)
-        raise ApiError(422, str(e).split(": ", 1)[-1], field) from None
+        field = A1111_FIELDS.get(e.field, e.field)
+        raise ApiError(422, e.public.split(": ", 1)[-1], field) from None
     parameters = req.model_dump()
     if img2img and not req.include_init_images:
         parameters.update(init_images=None, mask=None)
+    overridden = set(req.override_settings or {})
+    fields = tuple(f"override_settings.{name}" if name in overridden else name
+                   for name in ("sd_model_checkpoint", "sd_vae"))
     return Work("img2img" if img2img else "txt2img", params, req.n_iter, req.send_images, parameters,
-                options.checkpoint, options.vae)
+                options.checkpoint, options.vae, fields)
 
 
 def scheduler_name(value: str | None) -> str | None:
@@ -291,10 +292,35 @@ def scheduler_name(value: str | None) -> str | None:
     return value
 
 
-def _check_lora_tags(prompt: str, field: str, catalog: Catalog) -> None:
-    for name in _LORA_TAG.findall(prompt):
-        check_name(name, field)
-        catalog.find("lora", name, field)   # resolved inside the LoRA folder, or a 4xx naming the field
+def _check_prompts(req: Txt2ImgRequest | Img2ImgRequest, limits: Limits) -> None:
+    """The server's bounds on what the text encoders are asked to read, before anything else."""
+    steps = req.steps if isinstance(req.steps, int) and 1 <= req.steps <= limits.max_steps else 1
+    for field in ("prompt", "negative_prompt"):
+        text = getattr(req, field) or ""
+        if len(text) > limits.max_prompt_length:
+            raise ApiError(422, f"{len(text)} characters; at most {limits.max_prompt_length}", field)
+        try:
+            check_prompt(field, text, steps)
+            work = prompt_workload(text, steps)
+        except ParamError as e:
+            raise ApiError(422, e.message, field) from None
+        if work > limits.max_prompt_workload:
+            raise ApiError(422, f"the prompt's schedule and AND-parts come to {work} characters for the text encoder "
+                                f"to read; at most {limits.max_prompt_workload}", field)
+
+
+def _without_tags(prompt: str) -> str:
+    return parse_hypernet_prompt(parse_lora_prompt(prompt)[0])[0]
+
+
+def _check_tags(prompt: str, catalog: Catalog) -> None:
+    """Every LoRA and hypernetwork the prompt names is one the catalog lists (a 4xx naming the
+    prompt otherwise); the pipeline resolves the names through the same folders."""
+    text, loras = parse_lora_prompt(prompt)
+    _, nets = parse_hypernet_prompt(text)
+    for kind, tags in (("lora", loras), ("hypernetwork", nets)):
+        for name, _ in tags:
+            catalog.find(kind, name, "prompt")
 
 
 def _hires_settings(req: Txt2ImgRequest) -> dict[str, Any]:
@@ -370,6 +396,11 @@ def _outpaint_canvas(req: Img2ImgRequest, init: Image.Image, limits: Limits) -> 
         if value < 0 or value % 8:
             raise ApiError(422, f"must be a non-negative multiple of 8, got {value}", f"outpaint_{side}")
     w, h = init.width + sides["left"] + sides["right"], init.height + sides["up"] + sides["down"]
+    for name, size, limit, side in (("width", w, limits.max_width, "left"), ("height", h, limits.max_height, "up")):
+        if size > limit:   # checked before the canvas is built: its size is the result's size
+            field = next((f"outpaint_{k}" for k in ((side, "right") if side == "left" else (side, "down"))
+                          if sides[k]), f"outpaint_{side}")
+            raise ApiError(422, f"the outpainted canvas would be {w}x{h}; its {name} must be at most {limit}", field)
     if w * h > limits.max_image_pixels:
         raise ApiError(422, f"the outpainted canvas {w}x{h} exceeds {limits.max_image_pixels} pixels", "outpaint_left")
     return outpaint_canvas(init, **sides)

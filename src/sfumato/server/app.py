@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Annotated, Any, Union
 
 from fastapi import Body, FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
@@ -28,11 +29,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..api import Pipeline, load
-from ..checkpoint.io import sha256_file
+from ..checkpoint.io import check_file, sha256_file
+from ..checkpoint.load import read_vae_file
+from ..errors import SfumatoError
 from . import a1111
 from .a1111 import Defaults, Img2ImgJob, Img2ImgRequest, PngInfoRequest, Txt2ImgJob, Txt2ImgRequest, Work
 from .jobs import Job, JobQueue, QueueFull, wait
-from .security import SUBFOLDERS, ApiError, Catalog, Entry, Guard, Limits, decode_image
+from .security import LOOPBACK_HOSTS, ApiError, Catalog, Entry, Guard, Limits, decode_image, machine_hosts
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -50,30 +53,61 @@ class ServerConfig:
     watermark: bool = True
     device: str = "cpu"
     dtype: str = "auto"
+    # Host names answered with listen=True: None = this machine's names and addresses without
+    # api_auth (no DNS rebinding), any with it; ("*",) = any
+    allowed_hosts: tuple[str, ...] | None = None
+    host: str | None = None              # the address bound (one of the names answered)
 
 
 class ModelHost:
     """The loaded pipeline. Used by the worker thread only (and once before it starts)."""
 
-    def __init__(self, config: ServerConfig, pipeline: Pipeline, entry: Entry):
-        self.config = config
+    def __init__(self, config: ServerConfig, pipeline: Pipeline, entry: Entry, catalog: Catalog):
+        self.config, self.catalog = config, catalog
         self.pipe: Pipeline | None = pipeline
         self.key: tuple[Entry, Entry | None] | None = (entry, None)
         self.sha256: dict[Path, str] = {}
 
-    def get(self, checkpoint: Entry, vae: Entry | None) -> Pipeline:
+    def get(self, checkpoint: Entry, vae: Entry | None, fields: tuple[str, str] = ("sd_model_checkpoint", "sd_vae")
+            ) -> Pipeline:
+        """The pipeline of ``checkpoint`` (+ ``vae``), loaded if it is not the current one; a file that
+        cannot be loaded is a 422 naming ``fields`` (checkpoint's, VAE's), without paths or contents."""
         if self.key != (checkpoint, vae):
+            try:   # a file that cannot load is refused before the model in use is given up
+                check_file(checkpoint.path, "the weights")
+                if vae is not None:
+                    read_vae_file(vae.path)
+            except SfumatoError as e:
+                raise _load_error(e, checkpoint, vae, fields) from None
             self.pipe = self.key = None
             gc.collect()
-            self.pipe = load(checkpoint.path, vae=vae.path if vae else None, dtype=self.config.dtype,
-                             device=self.config.device, embeddings_dir=_embeddings_dir(self.config))
+            try:
+                self.pipe = load(checkpoint.path, vae=vae.path if vae else None, dtype=self.config.dtype,
+                                 device=self.config.device, embeddings_dir=_embeddings_dir(self.catalog))
+            except SfumatoError as e:
+                raise _load_error(e, checkpoint, vae, fields) from None
             self.key = (checkpoint, vae)
-        if self.config.models_dir:   # <lora:name:w> tags (already resolved by the catalog) load from here
-            self.pipe.lora_dir = Path(self.config.models_dir) / SUBFOLDERS["lora"]
+        # prompt tags resolve through the catalog's folders: the names it lists are the files that load
+        self.pipe.lora_folder = self.catalog.folder("lora")
+        self.pipe.hypernet_folder = self.catalog.folder("hypernetwork")
         if checkpoint.path.is_file() and checkpoint.path not in self.sha256:
             self.sha256[checkpoint.path] = sha256_file(checkpoint.path)
             self.pipe.__dict__.setdefault("model_hash", self.sha256[checkpoint.path][:10])   # its cached_property
         return self.pipe
+
+
+def _load_error(e: SfumatoError, checkpoint: Entry, vae: Entry | None, fields: tuple[str, str]) -> ApiError:
+    """Which file failed (the VAE is read again on its own to tell), said without paths or contents."""
+    log.warning("cannot load %s (VAE %s): %s", checkpoint.name, vae.name if vae else "-", e)
+    blame, field = checkpoint, fields[0]
+    if vae is not None:
+        try:
+            read_vae_file(vae.path)
+            blame = checkpoint
+        except SfumatoError:
+            blame, field = vae, fields[1]
+    kind = "VAE" if blame is vae else "checkpoint"
+    return ApiError(422, f"{kind} {blame.name!r} cannot be loaded: {e.public}", field)
 
 
 @dataclass
@@ -90,7 +124,7 @@ class State:
 
     def submit(self, work: Work, origin: str) -> Job:
         def task(job: Job) -> dict[str, Any]:
-            pipe = self.host.get(work.checkpoint, work.vae)
+            pipe = self.host.get(work.checkpoint, work.vae, work.fields)
             return a1111.run_work(work, job, pipe, self.config.watermark)
 
         try:
@@ -111,9 +145,9 @@ class State:
         }
 
 
-def _embeddings_dir(config: ServerConfig) -> Path | None:
-    folder = Path(config.models_dir) / SUBFOLDERS["embedding"] if config.models_dir else None
-    return folder if folder is not None and folder.is_dir() else None
+def _embeddings_dir(catalog: Catalog) -> Path | None:
+    folder = catalog.folder("embedding")
+    return folder.root if folder is not None and folder.root.is_dir() else None
 
 
 def create_app(config: ServerConfig, pipeline: Pipeline | None = None) -> FastAPI:
@@ -123,8 +157,8 @@ def create_app(config: ServerConfig, pipeline: Pipeline | None = None) -> FastAP
     catalog = Catalog(Path(config.model) if config.model else BUNDLED_PATH, config.models_dir)
     default = catalog.default
     if pipeline is None:
-        pipeline = load(default.path, dtype=config.dtype, device=config.device, embeddings_dir=_embeddings_dir(config))
-    host = ModelHost(config, pipeline, default)
+        pipeline = load(default.path, dtype=config.dtype, device=config.device, embeddings_dir=_embeddings_dir(catalog))
+    host = ModelHost(config, pipeline, default, catalog)
     host.get(default, None)
     state = State(config, catalog, host, JobQueue(config.max_queue), Defaults(default))
 
@@ -144,8 +178,16 @@ def create_app(config: ServerConfig, pipeline: Pipeline | None = None) -> FastAP
     _add_job_routes(app, state)
     app.mount("/", StaticFiles(directory=STATIC, html=True), name="ui")
     app.add_middleware(Guard, credentials=config.api_auth, loopback_only=not config.listen,
-                       max_body=config.limits.max_body)
+                       max_body=config.limits.max_body, allowed_hosts=_allowed_hosts(config))
     return app
+
+
+def _allowed_hosts(config: ServerConfig) -> frozenset[str] | None:
+    if config.allowed_hosts is not None:
+        return None if "*" in config.allowed_hosts else frozenset(config.allowed_hosts) | LOOPBACK_HOSTS
+    if config.listen and config.api_auth is None:
+        return machine_hosts(config.host or "")
+    return None
 
 
 # -- errors ---------------------------------------------------------------------------------------
@@ -187,11 +229,12 @@ def _job_response(job: Job) -> dict[str, Any]:
 def _add_a1111_routes(app: FastAPI, state: State) -> None:
     v1 = "/sdapi/v1"
 
-    async def generate(req: Txt2ImgRequest | Img2ImgRequest) -> dict[str, Any]:
-        work = a1111.build_work(req, state.defaults, state.catalog, state.config.limits)
+    async def generate(req: Txt2ImgRequest | Img2ImgRequest, request: Request) -> dict[str, Any]:
+        # decoding images and building canvases is CPU work: off the event loop
+        work = await run_in_threadpool(a1111.build_work, req, state.defaults, state.catalog, state.config.limits)
         job = state.submit(work, "a1111")
         try:
-            await wait(job)
+            await wait(job, request, lambda: state.queue.cancel(job))
         finally:
             state.queue.forget(job)
         result = _job_response(job)
@@ -200,12 +243,12 @@ def _add_a1111_routes(app: FastAPI, state: State) -> None:
         return result
 
     @app.post(f"{v1}/txt2img", tags=["A1111"])
-    async def txt2img(req: Txt2ImgRequest) -> dict[str, Any]:
-        return await generate(req)
+    async def txt2img(req: Txt2ImgRequest, request: Request) -> dict[str, Any]:
+        return await generate(req, request)
 
     @app.post(f"{v1}/img2img", tags=["A1111"])
-    async def img2img(req: Img2ImgRequest) -> dict[str, Any]:
-        return await generate(req)
+    async def img2img(req: Img2ImgRequest, request: Request) -> dict[str, Any]:
+        return await generate(req, request)
 
     @app.get(f"{v1}/progress", tags=["A1111"])
     def progress(skip_current_image: bool = False) -> dict[str, Any]:
@@ -303,6 +346,10 @@ def _add_a1111_routes(app: FastAPI, state: State) -> None:
     def loras() -> list[dict[str, Any]]:
         return [{"name": e.stem, "alias": e.stem, "path": e.name, "metadata": {}}
                 for e in state.catalog.entries("lora")]
+
+    @app.get(f"{v1}/hypernetworks", tags=["A1111"])
+    def hypernetworks() -> list[dict[str, Any]]:
+        return [{"name": e.stem, "path": e.name} for e in state.catalog.entries("hypernetwork")]
 
     @app.get(f"{v1}/embeddings", tags=["A1111"])
     def embeddings() -> dict[str, Any]:

@@ -19,9 +19,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="checkpoint to load first: a path, or a name inside --models-dir "
                                    "(default: the bundled model)")
     p.add_argument("--models-dir", help="folder of checkpoints that clients may switch to by name; "
-                                        "its VAE/, Lora/ and embeddings/ subfolders hold those")
+                                        "its VAE/, Lora/, embeddings/ and hypernetworks/ subfolders hold those")
     p.add_argument("--listen", action="store_true", help="accept connections from other machines")
     p.add_argument("--api-auth", metavar="USER:PASS", help="require HTTP Basic auth on every route")
+    p.add_argument("--allowed-hosts", metavar="NAMES",
+                   help="with --listen: the Host names answered, comma-separated ('*': any). Default without "
+                        "--api-auth: this machine's names and addresses (no DNS rebinding); with it: any")
     p.add_argument("--max-queue", type=int, default=16, help="jobs that may wait; more get 429")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, …")
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"))
@@ -50,11 +53,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if models_dir is not None and not models_dir.is_dir():
         raise SfumatoError(f"--models-dir: {models_dir} is not a folder")
     model = _model_path(args.model, models_dir) if args.model else None
+    allowed = tuple(h.strip() for h in args.allowed_hosts.split(",") if h.strip()) if args.allowed_hosts else None
+    if allowed is not None and not args.listen:
+        raise SfumatoError("--allowed-hosts: only with --listen (a loopback server answers loopback names only)")
     if args.listen and credentials is None:
-        log.warning("serving other machines without --api-auth: anyone who can reach port %d can use it", args.port)
+        log.warning("serving other machines without --api-auth: anyone who can reach port %d can use it%s",
+                    args.port, "" if allowed == ("*",) else
+                    " (only under this machine's names: --allowed-hosts adds others)" if allowed is None else "")
     config = ServerConfig(model=model, models_dir=models_dir, listen=args.listen, api_auth=credentials,
                           max_queue=args.max_queue, watermark=not args.no_watermark, device=args.device,
-                          dtype=args.dtype)
+                          dtype=args.dtype, allowed_hosts=allowed, host=host)
     app = create_app(config)
     uvicorn.run(app, host=host, port=args.port, log_level="info", proxy_headers=False, server_header=False)
     return 0

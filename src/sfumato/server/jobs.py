@@ -20,8 +20,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..pipeline.params import ParamError
-from .security import ApiError
+from ..errors import NonFiniteOutputError, ParamError, SfumatoError
+from .security import A1111_FIELDS, ApiError
 
 log = logging.getLogger(__name__)
 
@@ -261,7 +261,14 @@ def _error_of(e: Exception) -> ApiError:
     if isinstance(e, ApiError):
         return e
     if isinstance(e, ParamError):
-        return ApiError(422, str(e).split(": ", 1)[-1], e.field)
+        log.info("job refused: %s", e)
+        return ApiError(422, e.public.split(": ", 1)[-1], A1111_FIELDS.get(e.field, e.field))
+    if isinstance(e, NonFiniteOutputError):
+        log.warning("job failed: %s", e)
+        return ApiError(422, e.public, "sd_model_checkpoint", error="non_finite_output")
+    if isinstance(e, SfumatoError):
+        log.warning("job failed: %s", e)
+        return ApiError(422, e.public)
     if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
         log.error("job ran out of memory: %s", e)
         return ApiError(507, "out of memory: try a smaller size or batch", error="out_of_memory")
@@ -269,8 +276,10 @@ def _error_of(e: Exception) -> ApiError:
     return ApiError(500, f"the job failed ({type(e).__name__}); see the server log")
 
 
-async def wait(job: Job) -> Job:
-    """Await a job's end from the event loop without holding a thread."""
+async def wait(job: Job, request: Any = None, on_disconnect: Callable[[], Any] | None = None) -> Job:
+    """Await a job's end from the event loop without holding a thread. With ``request`` (a Starlette
+    request whose body has been read), a client that hangs up first triggers ``on_disconnect``
+    (cancelling its job), and the job's end is still awaited."""
     loop = asyncio.get_running_loop()
     future = loop.create_future()
 
@@ -281,5 +290,25 @@ async def wait(job: Job) -> Job:
             pass
 
     job.on_done(wake)
-    await future
+    if request is None:
+        await future
+        return job
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({future, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if watcher in done and not future.done():
+            log.info("client disconnected: cancelling job %s", job.id)
+            if on_disconnect is not None:
+                on_disconnect()
+            await future
+    finally:
+        watcher.cancel()
     return job
+
+
+async def _disconnected(request: Any) -> None:
+    """Returns once the client has hung up (the request's body has already been read)."""
+    while True:
+        message = await request.receive()
+        if message.get("type") == "http.disconnect":
+            return

@@ -15,14 +15,17 @@ import binascii
 import hmac
 import io
 import json
-import os
 import re
+import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, UnidentifiedImageError
+
+from ..checkpoint.folders import FolderEntry, ModelFolder, plain_name, strip_title_hash
+from ..errors import NameNotFoundError
 
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -39,8 +42,13 @@ class ApiError(Exception):
         self.error = error or _REASONS.get(status, "error")
 
     def body(self) -> dict[str, Any]:
-        return {"error": self.error, "field": self.field,
-                "detail": f"{self.field}: {self.detail}" if self.field else self.detail}
+        detail = f"{self.field}: {self.detail}" if self.field else self.detail
+        # a message may quote what the client sent: no lone surrogates in a JSON body (UTF-8)
+        return {"error": self.error, "field": _printable(self.field), "detail": _printable(detail)}
+
+
+def _printable(text: str | None) -> str | None:
+    return None if text is None else text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 _REASONS = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 409: "conflict",
@@ -60,18 +68,33 @@ class Limits:
     max_batch_size: int = 8
     max_n_iter: int = 32
     max_total_pixels: int = 1 << 24          # width·height·(hires scale)²·batch_size·n_iter
+    max_prompt_length: int = 16384           # characters of a prompt or negative prompt
+    max_prompt_workload: int = 262144        # characters over its schedule and AND-parts (prompt_workload)
 
+
+# GenerationParams fields → the A1111 field a client sent (errors name what the client knows)
+A1111_FIELDS = {
+    "sampler": "sampler_name", "strength": "denoising_strength", "hires_scale": "hr_scale",
+    "hires_steps": "hr_second_pass_steps", "hires_denoise": "denoising_strength", "hires_upscaler": "hr_upscaler",
+    "masked_content": "inpainting_fill", "only_masked": "inpaint_full_res",
+    "only_masked_padding": "inpaint_full_res_padding", "init_image": "init_images",
+    "clip_skip": "override_settings.CLIP_stop_at_last_layers", "rng": "override_settings.randn_source",
+}
 
 # -- the request guard ------------------------------------------------------------------------
 
 class Guard:
     """Pure ASGI middleware: Host, auth, CSRF and body-size checks for every HTTP request."""
 
-    def __init__(self, app, *, credentials: tuple[str, str] | None, loopback_only: bool, max_body: int):
+    def __init__(self, app, *, credentials: tuple[str, str] | None, loopback_only: bool, max_body: int,
+                 allowed_hosts: Iterable[str] | None = None):
         self.app = app
         self.credentials = (credentials[0].encode(), credentials[1].encode()) if credentials else None
         self.loopback_only = loopback_only
         self.max_body = max_body
+        # ``Host`` names answered (DNS rebinding): loopback only, the given ones, or None for any
+        self.allowed_hosts = LOOPBACK_HOSTS if loopback_only else \
+            frozenset(h.lower() for h in allowed_hosts) if allowed_hosts is not None else None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] not in ("http", "websocket"):
@@ -92,8 +115,11 @@ class Guard:
         await self.app(scope, receive, _with_headers(send))
 
     def _check_host(self, headers: dict[str, str]) -> None:
-        if self.loopback_only and host_name(headers.get("host", "")) not in LOOPBACK_HOSTS:
+        if self.allowed_hosts is None or host_name(headers.get("host", "")) in self.allowed_hosts:
+            return
+        if self.loopback_only:
             raise ApiError(421, "this server answers loopback host names only (start it with --listen)", "host")
+        raise ApiError(421, "this server does not answer that host name (see --allowed-hosts)", "host")
 
     def _check_auth(self, headers: dict[str, str]) -> None:
         if self.credentials is None:
@@ -177,6 +203,19 @@ def _has_body(headers: dict[str, str]) -> bool:
     return headers.get("content-length", "0") not in ("", "0") or "transfer-encoding" in headers
 
 
+def machine_hosts(*extra: str) -> frozenset[str]:
+    """This machine's names and addresses as clients may write them in ``Host``: loopback, the host
+    name, its fully qualified name, the addresses they resolve to, and ``extra`` (the bound address)."""
+    names = set(LOOPBACK_HOSTS) | {h.lower() for h in extra if h and h not in ("0.0.0.0", "::")}
+    for name in {socket.gethostname(), socket.getfqdn()}:
+        names.add(name.lower())
+        try:
+            names.update(info[4][0].lower() for info in socket.getaddrinfo(name, None))
+        except OSError:
+            pass
+    return frozenset(names)
+
+
 def host_name(host: str) -> str:
     """``Host`` header → lower-case name without port (``[::1]:7860`` → ``::1``)."""
     host = host.strip().lower()
@@ -245,120 +284,79 @@ def decode_image(data: str, field: str, limits: Limits) -> Image.Image:
 
 # -- names resolved inside their folders -------------------------------------------------------
 
-KINDS = ("checkpoint", "vae", "lora", "embedding")
-SUBFOLDERS = {"vae": "VAE", "lora": "Lora", "embedding": "embeddings"}
+KINDS = ("checkpoint", "vae", "lora", "embedding", "hypernetwork")
+SUBFOLDERS = {"vae": "VAE", "lora": "Lora", "embedding": "embeddings", "hypernetwork": "hypernetworks"}
 SUFFIXES = {
     "checkpoint": (".safetensors", ".ckpt"),
     "vae": (".safetensors", ".ckpt", ".pt"),
     "lora": (".safetensors", ".pt", ".ckpt"),
     "embedding": (".safetensors", ".pt", ".bin"),
+    "hypernetwork": (".pt",),
 }
+LABELS = {"checkpoint": "models folder", "vae": "VAE folder", "lora": "Lora folder", "embedding": "embeddings folder",
+          "hypernetwork": "hypernetworks folder"}
+Entry = FolderEntry
 
 
 def check_name(name: object, field: str) -> str:
     """A name as clients send it: relative, ``/``-separated, no ``..``, no NUL, no drive."""
-    if not isinstance(name, str) or not name.strip():
-        raise ApiError(422, "expected a non-empty name", field)
-    if "\0" in name or "\\" in name or name.startswith("/") or re.match(r"^[A-Za-z]:", name):
-        raise ApiError(422, f"{name!r} is not a name inside the models folder", field)
-    if any(part in ("..", ".") for part in name.split("/")):
-        raise ApiError(422, f"{name!r} is not a name inside the models folder", field)
+    if plain_name(name) is None:
+        if not isinstance(name, str) or not name.strip():
+            raise ApiError(422, "expected a non-empty name", field)
+        raise ApiError(422, f"{name[:200]!r} is not a name inside the models folder", field)
     return name
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One file the server may load. ``name`` is relative to its folder (posix separators)."""
-
-    kind: str
-    name: str
-    path: Path
-
-    @property
-    def stem(self) -> str:
-        return self.name.rsplit("/", 1)[-1].rsplit(".", 1)[0] if not self.path.is_dir() else self.name
-
-    @property
-    def model_name(self) -> str:
-        """A1111's ``model_name``: the relative name, folders joined by ``_``, without extension."""
-        base = self.name.rsplit(".", 1)[0] if not self.path.is_dir() else self.name
-        return base.replace("/", "_")
 
 
 class Catalog:
     """The models a server may load: its default model, and files inside ``models_dir``.
 
     Checkpoints (files, and diffusers folders holding ``model_index.json``) live in the folder
-    itself; VAEs, LoRAs and embeddings in its ``VAE``, ``Lora`` and ``embeddings`` subfolders.
-    Symbolic links are followed only while they stay inside the folder.
+    itself; VAEs, LoRAs, embeddings and hypernetworks in its ``VAE``, ``Lora``, ``embeddings`` and
+    ``hypernetworks`` subfolders. Each kind is a ``checkpoint.folders.ModelFolder``: the one resolver
+    the pipeline uses too, so a name the catalog answers is the file that loads.
     """
 
     def __init__(self, default: Path, models_dir: Path | None = None):
-        self.default = Entry("checkpoint", default.name, default.resolve())
         self.models_dir = models_dir.resolve() if models_dir is not None else None
-        self._entries: dict[str, list[Entry]] = {}
-        self.refresh()
-        # the default model as listed: its entry in the models folder when it lies there
-        self.default = next(e for e in self._entries["checkpoint"] if e.path.resolve() == self.default.path)
-
-    def refresh(self) -> None:
-        found: dict[str, list[Entry]] = {kind: [] for kind in KINDS}
-        if self.models_dir is not None and self.models_dir.is_dir():
+        self.folders: dict[str, ModelFolder] = {}
+        if self.models_dir is not None:
             for kind in KINDS:
                 root = self.models_dir / SUBFOLDERS[kind] if kind in SUBFOLDERS else self.models_dir
-                skip = set(SUBFOLDERS.values()) if kind == "checkpoint" else set()
-                found[kind] = sorted(_scan(root, self.models_dir, SUFFIXES[kind], kind, skip), key=lambda e: e.name)
-        if not any(e.path.resolve() == self.default.path.resolve() for e in found["checkpoint"]):
-            found["checkpoint"].insert(0, self.default)
-        self._entries = found
+                self.folders[kind] = ModelFolder(kind, root, SUFFIXES[kind], label=LABELS[kind],
+                                                 skip=SUBFOLDERS.values() if kind == "checkpoint" else (),
+                                                 diffusers=kind == "checkpoint")
+        default = Path(default)
+        inside = self.folders.get("checkpoint")
+        listed = [e for e in inside.entries() if e.path.resolve() == default.resolve()] if inside else []
+        # the operator's own choice may lie anywhere; listed under its folder name when it lies there
+        self.default = listed[0] if listed else FolderEntry("checkpoint", default.name, default.resolve())
+
+    def folder(self, kind: str) -> ModelFolder | None:
+        return self.folders.get(kind)
+
+    def refresh(self) -> None:
+        for folder in self.folders.values():
+            folder.entries(refresh=True)
 
     def entries(self, kind: str) -> list[Entry]:
-        return list(self._entries[kind])
+        folder = self.folders.get(kind)
+        found = folder.entries() if folder is not None else []
+        if kind == "checkpoint" and not any(e.path.resolve() == self.default.path.resolve() for e in found):
+            found.insert(0, self.default)
+        return found
 
-    def find(self, kind: str, name: str, field: str) -> Entry:
+    def find(self, kind: str, name: object, field: str) -> Entry:
         """The entry called ``name`` (its relative name, with or without extension, A1111's
         model name, or a title ``name [hash]``); 422 naming ``field`` if there is none."""
         check_name(name, field)
-        key = re.sub(r"\s*\[[0-9a-fA-F]{8,64}\]$", "", name.strip())
-        for attempt in range(2):
-            for entry in self._entries[kind]:
-                if key in (entry.name, entry.stem, entry.model_name) or key == entry.name.rsplit(".", 1)[0]:
-                    return self._inside(entry, field)
-            if attempt == 0:
-                self.refresh()
-        valid = ", ".join(e.name for e in self._entries[kind]) or "none"
-        raise ApiError(422, f"unknown {kind} {name!r}; available: {valid}", field)
-
-    def _inside(self, entry: Entry, field: str) -> Entry:
-        """Re-check at use time that the file still resolves inside its folder."""
-        if entry == self.default:          # the operator's own choice may lie anywhere
-            return entry
-        resolved = entry.path.resolve()
-        if self.models_dir is None or not resolved.is_relative_to(self.models_dir) or not resolved.exists():
-            raise ApiError(422, f"{entry.name!r} no longer resolves inside the models folder", field)
-        return entry
-
-
-def _scan(root: Path, top: Path, suffixes: Iterable[str], kind: str, skip: set[str]) -> list[Entry]:
-    if not root.is_dir():
-        return []
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        here = Path(dirpath)
-        if here == root:
-            dirnames[:] = [d for d in dirnames if d not in skip]
-        if kind == "checkpoint" and "model_index.json" in filenames and here != root:
-            dirnames[:] = []
-            out.extend(_entry(kind, here, root, top))
-            continue
-        for filename in filenames:
-            if filename.lower().endswith(tuple(suffixes)) and not filename.startswith("."):
-                out.extend(_entry(kind, here / filename, root, top))
-    return out
-
-
-def _entry(kind: str, path: Path, root: Path, top: Path) -> list[Entry]:
-    resolved = path.resolve()
-    if not resolved.is_relative_to(top) or not resolved.exists():
-        return []                                   # a link leading out of the models folder
-    return [Entry(kind, path.relative_to(root).as_posix(), path)]
+        folder = self.folders.get(kind)
+        if kind == "checkpoint" and self.default not in (folder.entries() if folder is not None else []):
+            key = strip_title_hash(name)
+            if key in (self.default.name, self.default.base, self.default.model_name):
+                return self.default
+        if folder is None:
+            raise ApiError(422, f"unknown {kind} {name!r}: the server has no models folder (--models-dir)", field)
+        try:
+            return folder.find(name)
+        except NameNotFoundError as e:
+            raise ApiError(422, str(e), field) from None

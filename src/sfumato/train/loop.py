@@ -21,7 +21,6 @@ import copy
 import json
 import math
 import os
-import secrets
 import sys
 import time
 from dataclasses import dataclass
@@ -31,6 +30,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+
+from ..checkpoint.io import atomic_path, load_object
+from ..errors import SfumatoError
 
 CHECKPOINT = "checkpoint.pt"
 _MASK64 = (1 << 64) - 1
@@ -219,28 +221,26 @@ def _save_checkpoint(path: Path, task: nn.Module, opt, ema: EMA | None, step: in
 
 def atomic_torch_save(obj: object, path: Path) -> None:
     """torch.save to a temp file in the same folder, fsync, then rename over ``path``."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def _resume(path: Path, task: nn.Module, opt, ema: EMA | None) -> int:
+    """The step a run stopped at, its state restored from ``path`` (through the allow-list); a state
+    file that cannot be read or does not fit this run is a one-line SfumatoError."""
     if not path.exists():
         return 0
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    task.load_state_dict(state["model"])
-    opt.load_state_dict(state["optimizer"])
-    if ema is not None:
-        ema.load_state_dict(state["ema"])
-    torch.set_rng_state(state["rng"])
-    return int(state["step"])
+    state = load_object(path)
+    try:
+        task.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        torch.set_rng_state(state["rng"])
+        return int(state["step"])
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
+        raise SfumatoError(f"cannot resume from {path}: the saved state does not fit this run "
+                           f"({type(e).__name__}); remove it to start over") from None
 
 
 def _truncate_log(path: Path, step: int) -> None:

@@ -46,6 +46,7 @@ from ..checkpoint.io import load_file, save_file
 from ..checkpoint.load import LoadedModel
 from ..checkpoint.specs import UNET_PREFIX
 from ..errors import SfumatoError
+from ..safe_image import open_image
 from ..text.conditioner import Conditioner
 from ..text.tokenizer import get_tokenizer
 from .judge import MIN_OBJECT, _components
@@ -162,7 +163,7 @@ def read_images(directory: str | Path, default_caption: str | None = None, size:
         text = text_file.read_text().strip() if text_file.is_file() else default_caption
         if text is None:
             raise SfumatoError(f"images: {path.name} has no caption file {text_file.name} (or pass --caption)")
-        with Image.open(path) as im:
+        with open_image(path, "images") as im:
             im = im.convert("RGB")
             if size is not None and im.size != (size, size):
                 im = im.resize((size, size), Image.Resampling.LANCZOS)

@@ -13,12 +13,12 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import safetensors.torch
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..checkpoint.io import save_file
+from ..checkpoint.io import load_file, save_file
+from ..errors import SfumatoError
 from ..checkpoint.specs import ModelSpec
 from ..models.clip import CLIPTextModel
 from ..models.vae import AutoencoderKL
@@ -98,9 +98,8 @@ def latent_cache(recipe: Recipe, out: Path, vae: AutoencoderKL):
         save_file({"moments": moments.contiguous()}, path, meta)
     if world > 1:
         dist.barrier()
-    with safetensors.safe_open(path, "pt") as f:
-        meta = f.metadata()
-        moments = f.get_tensor("moments")
+    tensors, meta = load_file(path)
+    moments = tensors["moments"]
     return moments, json.loads(meta["captions"]), float(meta["scale_factor"])
 
 
@@ -126,5 +125,12 @@ def _save_rank0(module: nn.Module, path: Path) -> None:
 
 
 def _load(module: nn.Module, path: Path) -> nn.Module:
-    module.load_state_dict(safetensors.torch.load_file(path))
+    """A stage's weights from its run folder, through the checked loader; a file that does not fit
+    the stage is a one-line SfumatoError."""
+    sd, _ = load_file(path)
+    try:
+        module.load_state_dict(sd)
+    except RuntimeError as e:
+        raise SfumatoError(f"{path} does not hold this stage's weights ({str(e).splitlines()[0][:200]}); "
+                           "remove it to train the stage again") from None
     return module.eval().requires_grad_(False)
