@@ -14,7 +14,8 @@ from PIL import Image
 
 from sfumato.adapters.tome import bipartite_merge, destination_mask, token_merging, transformer_levels
 from sfumato.diffusion.deepcache import DeepCache, deep_cache
-from sfumato.models.taesd import TinyDecoder, convert_diffusers_decoder, load_tiny_decoder
+from sfumato.checkpoint.taesd import convert_diffusers_decoder, load_tiny_decoder
+from sfumato.models.taesd import TinyDecoder
 from sfumato.models.unet import UNetConfig, UNetModel
 from sfumato.pipeline.params import GenerationParams, ParamError
 

@@ -325,12 +325,12 @@ def test_7_corrupt_training_resume_state_is_one_line(tmp_path, capsys):
 
 
 def test_7_internal_errors_say_how_to_see_the_traceback(monkeypatch, capsys):
-    import sfumato.cli as cli
+    import sfumato.commands.info as info
 
     def broken(args):
         raise KeyError("boom")
 
-    monkeypatch.setitem(cli.COMMANDS, "info", broken)
+    monkeypatch.setattr(info, "cmd_info", broken)
     assert main(["info", "x"]) == 1
     err = capsys.readouterr().err
     assert "rerun with -v" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

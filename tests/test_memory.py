@@ -225,6 +225,7 @@ def test_by_stage_generation_equals_normal_one_component_at_a_time(pipes, fp16_m
 def test_cli_memory_modes(tiny_model, tmp_path, monkeypatch) -> None:
     """auto is by-stage for a .safetensors file without LoRAs, keep otherwise; contradictions exit 2."""
     from sfumato import api, cli
+    from sfumato.commands import generate
 
     chosen = []
     real = api.load
@@ -243,7 +244,7 @@ def test_cli_memory_modes(tiny_model, tmp_path, monkeypatch) -> None:
         assert chosen == [want], argv
     assert cli.main(["txt2img", "a cat", "--model", str(tiny_model), "--low-memory", "--memory", "keep", *common]) == 2
     args = SimpleNamespace(low_memory=False, memory="auto", compile=True, refiner=None)
-    assert cli._memory_mode(args, tiny_model, "a cat", []) == "keep"   # a compiled UNet stays in memory
+    assert generate._memory_mode(args, tiny_model, "a cat", []) == "keep"   # a compiled UNet stays in memory
 
 
 def test_low_memory_refusals(tmp_path, tiny_model, pipes) -> None:

@@ -16,8 +16,10 @@ from sfumato.adapters.lora import apply_loras
 from sfumato.checkpoint.io import load_file
 from sfumato.checkpoint.specs import SPEC_METADATA_KEY
 from sfumato.text.conditioner import Conditioner
+from sfumato.train import diamond as D
+from sfumato.train import lora_module as L
 from sfumato.train import personalize as P
-from sfumato.train.personalize_cli import add_commands
+from sfumato.commands.personalize import add_commands
 from sfumato.train.concepts import (EXTRA, PAIR, TEAL, colour_concept_images, colour_eval_prompts, pair_concept_images,
                                    pair_eval_prompts, pair_present, pair_rate, render_teal, teal_present)
 from sfumato.train.judge import MIN_OBJECT, detect
@@ -27,7 +29,7 @@ from sfumato.train.shapes import COLOURS, PALETTE, SHAPES, Obj, Scene, render
 @pytest.fixture(scope="module")
 def items():
     torch.set_num_threads(2)
-    return P.concept_images(4, seed=0)
+    return D.concept_images(4, seed=0)
 
 
 def fresh():
@@ -36,7 +38,7 @@ def fresh():
 
 @pytest.fixture(scope="module")
 def data(items):
-    return P._Data(fresh(), items)
+    return P.TrainingData(fresh(), items)
 
 
 def fixed_loss(pipe, data, conditioner=None) -> float:
@@ -60,19 +62,19 @@ def test_concept_measure_on_drawn_scenes():
     rng = np.random.default_rng(0)
     for size in (0.3, 0.45, 0.7):
         for colour, bg in (("red", "black"), ("white", "blue"), ("yellow", "green")):
-            assert P.concept_present(P.render_diamond(colour, bg, 0.5, 0.45, size, rng=rng))
+            assert D.concept_present(D.render_diamond(colour, bg, 0.5, 0.45, size, rng=rng))
     for shape in ("circle", "square", "triangle"):
         for size in (0.3, 0.5, 0.62):
-            assert not P.concept_present(render(Scene((Obj(shape, "red", 0.5, 0.5, size),), "black"), rng=rng))
+            assert not D.concept_present(render(Scene((Obj(shape, "red", 0.5, 0.5, size),), "black"), rng=rng))
     two = render(Scene((Obj("circle", "blue", 0.25, 0.5, 0.3), Obj("square", "green", 0.75, 0.5, 0.3)), "white"))
-    assert not P.concept_present(two)
-    assert not P.concept_present(np.full((64, 64, 3), 200, np.uint8))
+    assert not D.concept_present(two)
+    assert not D.concept_present(np.full((64, 64, 3), 200, np.uint8))
     # generated images: soft edges, noisy backgrounds off the palette colour
-    noisy = P.render_diamond("orange", "blue", 0.5, 0.5, 0.5).astype(np.float32) + rng.normal(0, 4, (64, 64, 3)) + 6
-    assert P.concept_present(np.clip(noisy, 0, 255).astype(np.uint8))
+    noisy = D.render_diamond("orange", "blue", 0.5, 0.5, 0.5).astype(np.float32) + rng.normal(0, 4, (64, 64, 3)) + 6
+    assert D.concept_present(np.clip(noisy, 0, 255).astype(np.uint8))
     noisy = render(Scene((Obj("circle", "orange", 0.5, 0.5, 0.5),), "blue")).astype(np.float32) + rng.normal(0, 4, (64, 64, 3))
-    assert not P.concept_present(np.clip(noisy, 0, 255).astype(np.uint8))
-    assert all(P.concept_present(im) and P.TOKEN in text for im, text in P.concept_images(8, seed=3))
+    assert not D.concept_present(np.clip(noisy, 0, 255).astype(np.uint8))
+    assert all(D.concept_present(im) and P.TOKEN in text for im, text in D.concept_images(8, seed=3))
 
 
 def _generated_like(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -144,7 +146,7 @@ def test_lora_lowers_loss_and_loads_with_no_unmatched_keys(items, data, tmp_path
 
 def test_lora_merged_equals_training_time_hooks(items, tmp_path):
     pipe = fresh()
-    lora = P.LoRA(P.lora_targets(pipe.model), rank=2, alpha=1.0)
+    lora = L.LoRA(L.lora_targets(pipe.model), rank=2, alpha=1.0)
     with torch.no_grad():
         for up in lora.up:
             up.normal_(std=0.1)
@@ -238,7 +240,7 @@ def test_cli_adds_the_four_commands_and_reads_captions(items, tmp_path):
     assert (args.method, args.rank, args.alpha) == ("lora", 8, 4.0)
     args = parser.parse_args(["train", "ti", "--images", "d", "--out", "e.safetensors", "--token", "sks"])
     assert args.token == "sks" and args.func.__name__ == "cmd_personalize"
-    folder = P.write_images(tmp_path / "imgs", items)
+    folder = D.write_images(tmp_path / "imgs", items)
     (folder / "000.txt").unlink()
     with pytest.raises(sfumato.errors.SfumatoError, match="000.png"):
         P.read_images(folder)
@@ -313,5 +315,5 @@ def test_lora_and_dreambooth_teach_the_bundled_model_a_new_shape(method, tmp_pat
     counts generations where the detector finds a diamond-like shape, see ``concept_rate``). The demo's
     default settings (LoRA rank 4, 300 steps; DreamBooth 200 steps with prior preservation). Measured
     before on the shared CPU: 20 of 20 for both, base model 0 of 20."""
-    report = P.demo(method, tmp_path, images=16, eval_n=20)
+    report = D.demo(method, tmp_path, images=16, eval_n=20)
     assert report["base_concept_rate"] <= 0.2 and report["concept_rate"] >= 0.8, report

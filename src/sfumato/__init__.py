@@ -6,7 +6,7 @@
 >>> result.images[0].save("out.png")
 """
 
-__version__ = "0.1.0"
+from .version import __version__
 
 
 def load(path=None, *, vae=None, prediction=None, dtype=None, device="cpu", refiner=None, loras=None, lora_dir=None,

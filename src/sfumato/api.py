@@ -4,6 +4,7 @@ object (:class:`GenerationParams`) and run the one generation loop."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 import re
 from dataclasses import dataclass, field, replace
 from functools import cached_property
@@ -14,16 +15,18 @@ from PIL import Image
 
 from .checkpoint.io import sha256_file
 from .adapters.embeddings import EmbeddingSet, load_embeddings
-from .adapters.hypernetwork import (Hypernetwork, hypernetwork_folder, hypernetworks_applied, load_hypernetwork,
-                                    parse_hypernet_prompt)
-from .adapters.lora import apply_loras, bake_loras, lora_folder, parse_lora_prompt, remove_loras
+from .adapters.hypernetwork import Hypernetwork, hypernetwork_folder, load_hypernetwork, parse_hypernet_prompt
+from .adapters.lora import apply_loras, bake_loras, lora_folder, parse_lora_prompt
 from .checkpoint.folders import ModelFolder
 from .checkpoint.load import LoadedModel, load_model
-from .errors import CheckpointError, NameNotFoundError, SfumatoError
+from .errors import NameNotFoundError, SfumatoError
 from .pipeline.control import control_infotext
+from .pipeline import patches as patch
+from .pipeline.engine import Engine
 from .pipeline.generate import Generator, ProgressCallback
+from .pipeline.patches import Patch
 from .pipeline.infotext import generation_infotext
-from .pipeline.masks import outpaint_canvas
+from .pipeline.masks import check_outpaint, outpaint_canvas
 from .pipeline.params import ControlSpec as ControlSpec  # re-exported: txt2img(..., control=[ControlSpec(...)])
 from .pipeline.params import GenerationParams, ParamError
 from .pipeline.watermark import add_watermark
@@ -61,6 +64,7 @@ class GenerationResult:
     images: list[Image.Image]
     params: GenerationParams                      # the request, seeds resolved
     items: list[ImageResult] = field(default_factory=list)
+    latents: torch.Tensor | None = field(default=None, repr=False)   # the final latents, before decoding
 
     @property
     def seeds(self) -> list[int]:
@@ -80,6 +84,31 @@ class Pipeline:
         self.lora_folder: ModelFolder | None = lora_folder(lora_dir) if lora_dir is not None else None
         self.hypernet_folder: ModelFolder | None = hypernetwork_folder(hypernet_dir) if hypernet_dir is not None else None
         self.generator = Generator(model, refiner, embeddings)
+
+    @property
+    def engine(self) -> Engine:
+        """The base model's engine: its conditioner, schedule, denoiser, VAE encode and decode."""
+        return self.generator.base
+
+    @property
+    def tiny_decoder(self):
+        """A TAESD-compatible decoder used for the final images and the previews (None: the VAE)."""
+        return self.generator.tiny_decoder
+
+    @tiny_decoder.setter
+    def tiny_decoder(self, decoder) -> None:
+        if decoder is not None:
+            if decoder.cfg.latent_channels != self.engine.latent_channels:
+                raise ParamError("vae_decoder", f"it decodes {decoder.cfg.latent_channels}-channel latents, "
+                                                f"the model makes {self.engine.latent_channels}")
+            if decoder.factor != self.engine.factor:
+                raise ParamError("vae_decoder", f"it upsamples x{decoder.factor}, the model's VAE x{self.engine.factor}")
+            decoder = decoder.to(self.engine.device)
+        self.generator.tiny_decoder = decoder
+
+    def plan(self, p: GenerationParams):
+        """The stages the request would run (``pipeline.plan``), without running anything."""
+        return self.generator.plan(p)
 
     @property
     def embeddings(self) -> EmbeddingSet | None:
@@ -106,11 +135,12 @@ class Pipeline:
     # -- the workflows: thin builders of one request ----------------------------------------
 
     def txt2img(self, prompt: str, negative_prompt: str = "", *, watermark: bool = True,
-                callback: ProgressCallback | None = None, **settings) -> GenerationResult:
+                callback: ProgressCallback | None = None, patches: Sequence[Patch] = (), **settings) -> GenerationResult:
         size = self.model.spec.resolution
         settings.setdefault("width", size)
         settings.setdefault("height", size)
-        return self.run(self.params(prompt=prompt, negative_prompt=negative_prompt, **settings), callback, watermark)
+        p = self.params(prompt=prompt, negative_prompt=negative_prompt, **settings)
+        return self.run(p, callback, watermark, patches)
 
     def img2img(self, prompt: str, init_image: Image.Image, negative_prompt: str = "", *, watermark: bool = True,
                 callback: ProgressCallback | None = None, **settings) -> GenerationResult:
@@ -126,11 +156,7 @@ class Pipeline:
     def outpaint(self, prompt: str, init_image: Image.Image, negative_prompt: str = "", *, left: int = 0,
                  right: int = 0, up: int = 0, down: int = 0, **settings) -> GenerationResult:
         """Grow the canvas by the given pixels and generate the new border, keeping the original."""
-        for name, value in (("left", left), ("right", right), ("up", up), ("down", down)):
-            if not isinstance(value, int) or value < 0 or value % 8:
-                raise ParamError(name, f"must be a non-negative multiple of 8, got {value!r}")
-        if not (left or right or up or down):
-            raise ParamError("left", "outpainting needs at least one of left/right/up/down")
+        check_outpaint(left, right, up, down)
         canvas, mask = outpaint_canvas(init_image, left, right, up, down)
         settings.setdefault("strength", 1.0)
         settings.setdefault("mask_blur", 0)
@@ -140,7 +166,7 @@ class Pipeline:
                 watermark: bool = True, callback: ProgressCallback | None = None, **settings) -> GenerationResult:
         """x4 upscaler models: ``image`` to 4x its size, the low-res image noised to ``noise_level``
         (0 … the model's maximum, 350 for SD's) as the model takes it; width/height: the output size."""
-        factor = self.generator.base.factor
+        factor = self.engine.factor
         settings.setdefault("width", image.width * factor)
         settings.setdefault("height", image.height * factor)
         p = self.params(prompt=prompt, negative_prompt=negative_prompt, init_image=image, noise_level=noise_level,
@@ -155,14 +181,15 @@ class Pipeline:
             settings.setdefault("refiner", _name(self.refiner.path))
         return GenerationParams(**settings).validated()
 
-    def run(self, p: GenerationParams, callback: ProgressCallback | None = None,
-            watermark: bool = True) -> GenerationResult:
+    def run(self, p: GenerationParams, callback: ProgressCallback | None = None, watermark: bool = True,
+            patches: Sequence[Patch] = ()) -> GenerationResult:
+        """Run the request: its prompt's LoRAs and hypernetworks, and ``patches`` (e.g. attention-map
+        hooks), attached for the run only; images watermarked unless ``watermark`` is False."""
         p.validated()
-        if p.refiner is not None and self.refiner is None:
-            raise ParamError("refiner", "a refiner was named but none is loaded")
         self._check_refused_embeddings(p)
         prompt, tags = parse_lora_prompt(p.prompt)
         prompt, nets, hypernet_extra = self._hypernets(prompt)
+        run_patches = list(patches)
         lora_hashes = None
         if tags:
             if self.model.streamed:
@@ -171,18 +198,11 @@ class Pipeline:
             if self.lora_folder is None:
                 raise ParamError("prompt", "it names LoRAs but no LoRA folder is set (--lora-dir)")
             files = [(_named_file(self.lora_folder, name), weight) for name, weight in tags]
-            try:
-                apply_loras(self.model, files)
-            except SfumatoError as e:   # an unusable file named in the prompt
-                remove_loras(self.model)
-                raise _file_error("LoRA", ", ".join(name for name, _ in tags), e) from None
+            run_patches.append(patch.loras(self.model, files, [name for name, _ in tags]))
             lora_hashes = ", ".join(f"{name}: {sha256_file(path)[:12]}" for (name, _), (path, _) in zip(tags, files))
-            try:
-                out = self._generate(replace(p, prompt=prompt), callback, nets)
-            finally:
-                remove_loras(self.model)
-        else:
-            out = self._generate(replace(p, prompt=prompt), callback, nets)
+        if nets:
+            run_patches.append(patch.hypernetworks(self.model, nets))
+        out = self.generator.run(replace(p, prompt=prompt), callback, run_patches)
         extra = {**hypernet_extra, "Lora hashes": lora_hashes, "TI hashes": self._ti_hashes(p),
                  **control_infotext(p.control),
                  "Noise level": p.noise_level}   # x4 upscaler
@@ -195,7 +215,7 @@ class Pipeline:
                                        model_name=self.model_name, model_hash=self.model_hash,
                                        extra=extra)
             items.append(ImageResult(image, seed, text))
-        return GenerationResult([item.image for item in items], p, items)
+        return GenerationResult([item.image for item in items], p, items, out.latents)
 
     def _hypernets(self, prompt: str) -> tuple[str, list[tuple[Hypernetwork, float]], dict[str, object]]:
         """The prompt without its ``<hypernet:…>`` tags, the hypernetworks they name (loaded from
@@ -211,17 +231,9 @@ class Pipeline:
             try:
                 nets.append((load_hypernetwork(path, name), w))
             except SfumatoError as e:   # an unusable file named in the prompt
-                raise _file_error("hypernetwork", name, e) from None
+                raise patch.file_error("hypernetwork", name, e) from None
         names, strengths = ", ".join(n for n, _ in tags), ", ".join(f"{w:g}" for _, w in tags)
         return prompt, nets, {"Hypernet": names, "Hypernet strength": strengths}
-
-    def _generate(self, p: GenerationParams, callback: ProgressCallback | None,
-                  nets: list[tuple[Hypernetwork, float]]):
-        if not nets:
-            return self.generator.run(p, callback)
-        with hypernetworks_applied(self.model.unet, nets):
-            return self.generator.run(p, callback)
-
 
     def _check_refused_embeddings(self, p: GenerationParams) -> None:
         """A prompt that names an embedding which was skipped (unreadable, unsafe, NaN, or made for
@@ -249,13 +261,6 @@ def _named_file(folder: ModelFolder, name: str) -> Path:
         return folder.path(name)
     except NameNotFoundError as e:
         raise ParamError("prompt", str(e)) from None
-
-
-def _file_error(kind: str, name: str, e: SfumatoError) -> ParamError:
-    """A file named in the prompt cannot be used: the whole message for the user at the keyboard; for a
-    remote client (``public``) the reason without paths or what the file holds."""
-    reason = e.public if isinstance(e, CheckpointError) else "it does not fit this model"
-    return ParamError("prompt", f"{kind} {name!r}: {e}", public=f"{kind} {name!r}: {reason}")
 
 
 def _name(path: Path) -> str:
@@ -296,7 +301,7 @@ def load(
         if on and compile:
             raise ParamError("compile", f"a compiled UNet keeps its weights in memory; not with {option}")
     if path is None:  # the bundled shapes-world model that ships with the package
-        from .train.bundled import BUNDLED_PATH
+        from .data import BUNDLED_PATH
 
         path = BUNDLED_PATH
     torch_dtype = resolve_dtype(dtype, device)

@@ -20,7 +20,6 @@ is steadier on a shared machine). Prints a table and the machine, writes ``--jso
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -48,7 +47,6 @@ from sfumato.pipeline.tiling import tiled_decode
 
 TEXT_PREFIX = "cond_stage_model.transformer."
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-PARTS = ("unet", "vae", "tiling", "text", "load", "memory")
 
 
 # -- the machine ---------------------------------------------------------------------------------
@@ -458,26 +456,19 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """``python -m sfumato.bench --child SPEC`` (a measurement in a fresh process), else ``sfumato bench``."""
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) > 1 and argv[0] == "--child":
-        return child(json.loads(argv[1]))
-    try:
-        import diffusers  # noqa: F401  (the peer measured against; a test-only dependency)
-    except ImportError:
-        sys.exit("sfumato bench measures against diffusers: pip install -e '.[dev]' first")
-    ap = argparse.ArgumentParser(prog="sfumato bench", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="1 warm-up + 2 repeats (default 1 + 5)")
-    ap.add_argument("--json", type=Path, help="write the results here")
-    ap.add_argument("--only", default=",".join(PARTS), help=f"comma-separated subset of {', '.join(PARTS)}")
-    ap.add_argument("--sdxl", action="store_true", help="also an SDXL-size UNet step at 1024² in bf16 (~6 GB)")
-    ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
-    ap.add_argument("--compile", action="store_true", help="also time the UNet under torch.compile")
-    args = ap.parse_args(argv)
-    args.warmup, args.repeats = 1, 2 if args.quick else 5
-    parts = set(args.only.split(","))
-    if parts - set(PARTS):
-        ap.error(f"--only: unknown part(s) {', '.join(sorted(parts - set(PARTS)))}")
+        child(json.loads(argv[1]))
+        return 0
+    from .commands import main as command
+
+    return command(["bench", *argv])
+
+
+def run(args, parts: set[str]) -> None:
+    """The measurements ``parts`` with ``args`` (``commands.bench``'s options), printed as a table."""
     if args.threads:
         torch.set_num_threads(args.threads)
     results: dict = {"machine": machine(), "quality": {}}

@@ -59,6 +59,14 @@ class NonFiniteOutputError(SfumatoError):
     """A model produced NaN or infinite values (instead of an all-black image passed off as a result)."""
 
 
+class EmbeddingError(SfumatoError):
+    """An embedding file cannot be read, or does not fit the model."""
+
+
+class MergeError(SfumatoError):
+    """Checkpoints cannot be merged (different families, shape mismatches) or a setting is invalid."""
+
+
 class NameNotFoundError(SfumatoError):
     """A name given for a file (LoRA, VAE, checkpoint, …) is not one the folder lists. Said the same
     way whether nothing is there or something outside the folder is: existence outside never shows."""

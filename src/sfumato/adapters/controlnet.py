@@ -29,7 +29,7 @@ from ..checkpoint.io import check_finite, load_file
 from ..errors import CheckpointError
 from ..models.controlnet import ControlNet, ControlNetConfig
 from ..models.unet import UNetConfig, UNetModel
-from ..pipeline.params import ParamError
+from ..errors import ParamError
 
 log = logging.getLogger(__name__)
 

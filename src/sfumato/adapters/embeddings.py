@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from ..checkpoint.io import check_finite, load_file, save_file
 from ..checkpoint.folders import ModelFolder
 from ..checkpoint.specs import ModelSpec, TextSlot
+from ..errors import EmbeddingError as EmbeddingError  # re-exported
 from ..errors import SfumatoError
 from ..safe_image import open_image
 from ..text.prompt import CHUNK_LENGTH, COMMA_BACKTRACK, Chunk, chunk_prompt
@@ -48,10 +49,6 @@ PNG_KEY = "sd-ti-embedding"
 SINGLE = "*"                 # the key of a one-encoder embedding's vectors
 DUAL = ("clip_l", "clip_g")  # SDXL: CLIP ViT-L (transformers layout) and OpenCLIP bigG
 PLACEHOLDER_ID = 0           # the id standing in for an embedding vector before substitution
-
-
-class EmbeddingError(SfumatoError):
-    """An embedding file cannot be read, or does not fit the model."""
 
 
 @dataclass(frozen=True)

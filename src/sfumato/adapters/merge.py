@@ -33,7 +33,8 @@ from torch import Tensor
 from ..checkpoint.detect import detect_spec, is_ignorable
 from ..checkpoint.io import SAFETENSORS_DTYPES, check_finite, load_file, read_metadata, save_file, sha256_file, sniff_format
 from ..checkpoint.specs import SPEC_METADATA_KEY, VAE_PREFIX
-from ..errors import CheckpointError, SfumatoError
+from ..errors import CheckpointError
+from ..errors import MergeError as MergeError  # re-exported
 
 MergeMode = Literal["weighted", "add-difference"]
 MODES: tuple[str, ...] = ("weighted", "add-difference")
@@ -44,10 +45,6 @@ LOAD_METADATA = (SPEC_METADATA_KEY, "sfumato.prediction", "modelspec.prediction_
                  "ss_v_parameterization")
 LABELS = ("A", "B", "C")
 HASH_LENGTH = 10  # A1111's short model hash
-
-class MergeError(SfumatoError):
-    """The inputs cannot be merged (different families, shape mismatches) or a setting is invalid."""
-
 
 @dataclass
 class MergePlan:

@@ -44,7 +44,7 @@ MAX_HEADER_DEPTH = 4         # {name: {"shape": [..]}} is 3 deep
 MAX_TENSORS = 100_000        # tensors a file may hold (an SDXL checkpoint with an EMA copy holds ~5000)
 MAX_DIMS = 8
 MAX_PICKLE_DEPTH = 32        # containers inside containers in a pickle (a state dict: 1–4)
-_CHECK_LEGACY_BYTES = 256 << 20
+CHECK_LEGACY_BYTES = 256 << 20
 MAX_PICKLE_NODES = 200_000   # objects visited when walking an unpickled object, shared references counted again
 _NOT_CHECKPOINTS = (
     (b"version https://git-lfs", "a Git LFS pointer, not the weights (fetch them with `git lfs pull`)"),
@@ -146,27 +146,6 @@ def load_file(path: str | Path, *, device: str = "cpu") -> tuple[dict[str, torch
     if isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     return _flatten(obj, path), {}
-
-
-def check_file(path: str | Path, what: str = "the weights") -> None:
-    """Everything ``load_file`` checks (format, structure, allow-list, bounds) and finite values, without
-    keeping anything: safetensors through a memory map whose pages are released as they are checked,
-    zip pickles memory-mapped. A server runs it before unloading a model to load another one, so a
-    file that cannot load never costs the model in use. A legacy (pre-zip) pickle cannot be mapped:
-    it is read whole only up to ``_CHECK_LEGACY_BYTES`` (real models in that format are larger, and
-    reading one twice would double the memory), else only sniffed."""
-    path = Path(path)
-    if path.is_dir():
-        return
-    fmt = sniff_format(path)
-    if fmt == "safetensors":
-        from .stream import MappedFile
-
-        mapped = MappedFile(path)
-        check_finite(mapped.tensors, f"{what} of {path.name}", mapped.release)
-    elif fmt == "torch-zip" or path.stat().st_size <= _CHECK_LEGACY_BYTES:
-        tensors, _ = load_file(path)
-        check_finite(tensors, f"{what} of {path.name}")
 
 
 def load_object(path: str | Path, *, device: str = "cpu") -> Any:

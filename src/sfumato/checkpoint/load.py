@@ -29,7 +29,7 @@ from ..models.vae import AutoencoderKL
 from ..diffusion.schedule import scaled_linear_alphas_cumprod
 from .convert_vae import normalize_vae_state_dict
 from .detect import detect_spec, is_ignorable, prediction_marker, resolve_prediction
-from .io import check_finite, load_file, sniff_format
+from .io import CHECK_LEGACY_BYTES, check_finite, load_file, sniff_format
 from .stream import (MappedFile, fix_malloc_mmap_threshold, materialize, read_mapped, release, resident,
                      stream_weights, unet_units)
 from .specs import UNET_PREFIX, VAE_PREFIX, ModelSpec, TextSlot
@@ -58,6 +58,25 @@ class LoadedModel:
     @property
     def family(self) -> str:
         return self.spec.family
+
+
+def check_file(path: str | Path, what: str = "the weights") -> None:
+    """Everything ``load_file`` checks (format, structure, allow-list, bounds) and finite values, without
+    keeping anything: safetensors through a memory map whose pages are released as they are checked,
+    zip pickles memory-mapped. A server runs it before unloading a model to load another one, so a
+    file that cannot load never costs the model in use. A legacy (pre-zip) pickle cannot be mapped:
+    it is read whole only up to ``CHECK_LEGACY_BYTES`` (real models in that format are larger, and
+    reading one twice would double the memory), else only sniffed."""
+    path = Path(path)
+    if path.is_dir():
+        return
+    fmt = sniff_format(path)
+    if fmt == "safetensors":
+        mapped = MappedFile(path)
+        check_finite(mapped.tensors, f"{what} of {path.name}", mapped.release)
+    elif fmt == "torch-zip" or path.stat().st_size <= CHECK_LEGACY_BYTES:
+        tensors, _ = load_file(path)
+        check_finite(tensors, f"{what} of {path.name}")
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:

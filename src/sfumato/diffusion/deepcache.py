@@ -35,7 +35,8 @@ class DeepCache:
     """The cache of one sampling run. ``full_passes`` / ``cached_passes`` count the UNet calls of
     each kind."""
 
-    def __init__(self, unet: UNetModel, interval: int, branch: int | None = None):
+    def __init__(self, unet: UNetModel, interval: int, branch: int | None = None,
+                 evaluation: Callable[[], int] | None = None):
         n = len(unet.output_blocks)
         branch = n - 2 if branch is None else branch
         if interval < 1:
@@ -47,6 +48,7 @@ class DeepCache:
         self._slot = 0                # UNet call position within the evaluation
         self._cache: dict[int, Tensor] = {}
         self.full_passes = self.cached_passes = 0
+        self._source = evaluation     # the run's step clock: its evaluation count replaces ``wrap``
 
     def wrap(self, denoise: Callable[[Tensor, Tensor], Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
         """``denoise(x, σ)`` that marks each call as one evaluation (the cache's step counter)."""
@@ -61,6 +63,8 @@ class DeepCache:
     def forward(self, x: Tensor, timesteps: Tensor, context: Tensor, y: Tensor | None = None,
                 control: Sequence[Tensor] | None = None) -> Tensor:
         """``UNetModel.forward`` with the cache: a full pass on every ``interval``-th evaluation."""
+        if self._source is not None and self._source() != self.evaluation:   # a new evaluation began
+            self.evaluation, self._slot = self._source(), 0
         if self.evaluation < 0:
             raise RuntimeError("DeepCache: the UNet was called outside an evaluation of the wrapped denoiser")
         slot, self._slot = self._slot, self._slot + 1
@@ -93,10 +97,12 @@ class DeepCache:
 
 
 @contextmanager
-def deep_cache(unet: UNetModel, interval: int, branch: int | None = None) -> Iterator[DeepCache]:
+def deep_cache(unet: UNetModel, interval: int, branch: int | None = None,
+               evaluation: Callable[[], int] | None = None) -> Iterator[DeepCache]:
     """Within the ``with`` block, ``unet(...)`` runs through a new :class:`DeepCache` (yielded);
-    the UNet's own forward is restored after."""
-    cache = DeepCache(unet, interval, branch)
+    the UNet's own forward is restored after. ``evaluation``: where the evaluation count comes from
+    (the run loop's step clock); without it, mark evaluations with :meth:`DeepCache.wrap`."""
+    cache = DeepCache(unet, interval, branch, evaluation)
     unet.forward = MethodType(lambda _self, *args, **kwargs: cache.forward(*args, **kwargs), unet)
     try:
         yield cache

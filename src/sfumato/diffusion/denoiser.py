@@ -4,6 +4,9 @@ A discrete-time SD UNet predicts either the noise ε (SD 1.x, SD 2.x base, SDXL)
 v (SD 2.x 768-v). Both are turned into an x̂0 estimate with k-diffusion's scalings (σ_data = 1):
 
     c_in = 1/√(σ²+1)   ε-model: x̂0 = x − σ·ε            v-model: x̂0 = x/(σ²+1) − σ/√(σ²+1)·v
+
+The same object gives the training loss (``Denoiser.loss``), with the model's own target, so
+training and inference cannot disagree on the prediction type.
 """
 
 from __future__ import annotations
@@ -40,3 +43,19 @@ class Denoiser:
         if self.prediction == "eps":
             return x - out * s
         return x / (s**2 + 1) - out * s * c_in
+
+    def loss(self, x0: Tensor, noise: Tensor, sigma: Tensor, cond: object) -> Tensor:
+        """Per-sample training loss at noise levels ``sigma`` [B]: the mean squared error of the raw
+        output against the model's own target — ε (the noise) for an ε-model, v = (x0·c_skip − x)/c_out
+        for a v-model, as k-diffusion's DiscreteEpsDDPMDenoiser / DiscreteVDDPMDenoiser compute it
+        (x = x0 + σ·noise, fed as x·c_in at the timestep of σ)."""
+        s = sigma.to(torch.float32).reshape(-1, *([1] * (x0.ndim - 1)))
+        c_in = 1 / (s**2 + 1) ** 0.5
+        noised = x0 + noise * s
+        out = self.model((noised * c_in).to(x0.dtype), self.schedule.sigma_to_t(sigma.to(torch.float32)), cond).float()
+        if self.prediction == "eps":
+            target = noise
+        else:
+            c_skip, c_out = 1 / (s**2 + 1), -s * c_in
+            target = (x0 - c_skip * noised) / c_out
+        return (out - target.float()).pow(2).flatten(1).mean(1)

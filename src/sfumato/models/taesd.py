@@ -5,7 +5,7 @@ and nearest-neighbour ×2 upsampling; it is far cheaper than the full VAE decode
 for previews and drafts. The module's keys equal those of ``taesd_decoder.safetensors`` /
 ``taesd_decoder.pth`` (a flat sequence: ``1.weight``, ``3.conv.0.weight``, …); diffusers'
 ``AutoencoderTiny`` stores the same layers as ``decoder.layers.{i − 1}`` and converts at the
-import boundary (:func:`convert_diffusers_decoder`).
+import boundary (``checkpoint.taesd.convert_diffusers_decoder``).
 
 Layout (defaults = TAESD / TAESDXL): tanh clamp of the latents to ±3, conv to 64 channels + ReLU,
 then groups of residual blocks (conv-ReLU-conv-ReLU-conv, added to the input, ReLU) separated by
@@ -14,7 +14,6 @@ then groups of residual blocks (conv-ReLU-conv-ReLU-conv, added to the input, Re
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -74,45 +73,3 @@ class TinyDecoder(nn.Sequential):
         w = next(self.parameters())
         rgb = self(latents.to(w.device, w.dtype)).float().clamp(0, 1)
         return (rgb * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
-
-
-def convert_diffusers_decoder(sd: dict[str, Tensor]) -> dict[str, Tensor]:
-    """diffusers ``AutoencoderTiny`` keys (``decoder.layers.i.…``, encoder keys ignored) → TAESD's."""
-    out = {}
-    for key, value in sd.items():
-        if key.startswith("decoder.layers."):
-            index, rest = key.removeprefix("decoder.layers.").split(".", 1)
-            out[f"{int(index) + 1}.{rest}"] = value
-    return out
-
-
-def config_from_state_dict(sd: dict[str, Tensor]) -> TinyDecoderConfig:
-    """The layout of a TAESD-style decoder from its tensors (residual blocks counted between the
-    bias-free upsampling convolutions)."""
-    first = sd["1.weight"]
-    indices = sorted({int(k.split(".")[0]) for k in sd})
-    blocks, count = [], 0
-    for i in indices[1:]:
-        if f"{i}.conv.0.weight" in sd:
-            count += 1
-        elif f"{i}.bias" not in sd:        # an upsampling conv closes a group
-            blocks.append(count)
-            count = 0
-    blocks.append(count)
-    return TinyDecoderConfig(latent_channels=first.shape[1], channels=first.shape[0], blocks=tuple(blocks))
-
-
-def load_tiny_decoder(path: str) -> TinyDecoder:
-    """A TAESD decoder from ``taesd_decoder.safetensors`` (TAESD keys) or a diffusers
-    ``AutoencoderTiny`` ``diffusion_pytorch_model.safetensors`` (converted)."""
-    from ..checkpoint.io import check_finite, load_file
-
-    sd, _ = load_file(path)
-    check_finite(sd, f"the weights of tiny decoder {os.path.basename(path)}")
-    if any(k.startswith("decoder.layers.") for k in sd):
-        sd = convert_diffusers_decoder(sd)
-    if "1.weight" not in sd:
-        raise ValueError(f"{path}: not a TAESD decoder (no '1.weight' or 'decoder.layers.0.weight')")
-    decoder = TinyDecoder(config_from_state_dict(sd))
-    decoder.load_state_dict(sd, strict=True)
-    return decoder.eval()

@@ -193,24 +193,31 @@ def collect_attention(pipe: Pipeline, batch_size: int = 1) -> Iterator[Attention
     each) add to the returned maps. The hooks are removed on exit, also after an error."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    unet = pipe.model.unet
     maps = AttentionMaps(batch_size, pipe.embeddings)
+    with attention_hooks(pipe.model.unet, maps):
+        yield maps
+
+
+@contextmanager
+def attention_hooks(unet: nn.Module, maps: AttentionMaps) -> Iterator[None]:
+    """``maps`` collects from ``unet``'s cross-attention within the block (a patch of the run loop)."""
     blocks = [m for m in unet.modules() if isinstance(m, BasicTransformerBlock)]
     handles = [unet.register_forward_pre_hook(maps._unet_start, with_kwargs=True),
                unet.register_forward_hook(maps._unet_end, with_kwargs=True)]
     try:
         handles += [b.attn2.register_forward_hook(maps._cross_attention, with_kwargs=True) for b in blocks]
-        yield maps
+        yield
     finally:
         for handle in handles:
             handle.remove()
 
 
 def generate_with_maps(pipe: Pipeline, prompt: str, **settings) -> tuple[GenerationResult, list[dict[str, np.ndarray]]]:
-    """``pipe.txt2img(prompt, **settings)`` and, per image of the batch, its ``word_maps``."""
+    """``pipe.txt2img(prompt, **settings)`` and, per image of the batch, its ``word_maps``: the hooks
+    are a patch of that run (attached by the run loop, removed after it)."""
     n = settings.get("batch_size", 1)
-    with collect_attention(pipe, n if isinstance(n, int) and n >= 1 else 1) as maps:  # bad n: txt2img's ParamError
-        result = pipe.txt2img(prompt, **settings)
+    maps = AttentionMaps(n if isinstance(n, int) and n >= 1 else 1, pipe.embeddings)   # bad n: txt2img's ParamError
+    result = pipe.txt2img(prompt, patches=[lambda: attention_hooks(pipe.model.unet, maps)], **settings)
     size = (result.images[0].height, result.images[0].width)
     return result, [maps.word_maps(prompt, size, i) for i in range(len(result.images))]
 

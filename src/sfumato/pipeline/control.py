@@ -25,10 +25,12 @@ from ..diffusion.denoiser import Denoiser
 from ..errors import CheckpointError
 from ..models.controlnet import ControlNet
 from .infotext import format_value
-from .params import ControlSpec, ParamError
+from ..errors import ParamError
+from .params import ControlSpec
 
 if TYPE_CHECKING:
-    from .generate import _ModelRunner
+    from .engine import Engine
+    from .guidance import StepClock
 
 # (left, top, right, bottom) in the init image's pixels, and the init image's (width, height)
 Crop = tuple[tuple[int, int, int, int], tuple[int, int]]
@@ -41,7 +43,7 @@ class ControlNets:
     def __init__(self) -> None:
         self._loaded: dict[tuple, ControlNet] = {}
 
-    def get(self, specs: Sequence[ControlSpec], runner: _ModelRunner) -> list[ControlNet]:
+    def get(self, specs: Sequence[ControlSpec], runner: Engine) -> list[ControlNet]:
         if not specs:
             return []
         base = runner.spec.unet
@@ -105,23 +107,18 @@ def control_units(specs: Sequence[ControlSpec], models: Sequence[ControlNet], wi
 
 
 class ControlledDenoiser:
-    """D(x, σ, cond) of `runner` with the units' residuals in its UNet. The step fraction is σ's
-    position in this run's schedule `sigmas` (the nearest σ, i of N steps → i/N), so a unit with
+    """D(x, σ, cond) of ``engine`` with the units' residuals in its UNet. The step fraction comes from
+    the pass's step clock (σ's position in the stage's schedule, i of N steps → i/N), so a unit with
     span [start, end] steers the steps A1111 would steer."""
 
-    def __init__(self, runner: _ModelRunner, units: Sequence[ControlUnit], sigmas: Tensor):
-        self.runner = runner
-        self.sigmas = sigmas
-        self.unet = controlled_unet(runner.model.unet, units)
-
-    def fraction(self, sigma: Tensor) -> float:
-        step = int((self.sigmas - float(sigma[0])).abs().argmin())
-        return step / max(len(self.sigmas) - 1, 1)
+    def __init__(self, engine: Engine, units: Sequence[ControlUnit], clock: StepClock):
+        self.engine, self.clock = engine, clock
+        self.unet = controlled_unet(engine.model.unet, units)
 
     def __call__(self, x: Tensor, sigma: Tensor, cond: object) -> Tensor:
-        unet = partial(self.unet, fraction=self.fraction(sigma))
-        r = self.runner
-        return Denoiser(partial(r._unet_fn, unet=unet), r.schedule, r.spec.prediction)(x, sigma, cond)
+        unet = partial(self.unet, fraction=self.clock.fraction)
+        e = self.engine
+        return Denoiser(partial(e.unet_call, unet=unet), e.schedule, e.spec.prediction)(x, sigma, cond)
 
 
 def control_infotext(specs: Sequence[ControlSpec]) -> dict[str, str]:

@@ -1,4 +1,4 @@
-"""Images out: PIL conversion, and atomic PNG/JPEG/WebP writes that carry the infotext where
+"""Images in and out: the one PIL ⇄ tensor conversion, and atomic PNG/JPEG/WebP writes that carry the infotext where
 AUTOMATIC1111 puts it (a PNG ``parameters`` text chunk; EXIF ``UserComment`` for JPEG and WebP;
 ``infotext.read_image_parameters`` reads it back)."""
 
@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+import torch
 from PIL import Image, PngImagePlugin
 from torch import Tensor
 
@@ -20,6 +22,12 @@ _JPEG_MARKER_MAX = 65533   # payload bytes of one JPEG APP1 segment
 def to_pil(images: Tensor) -> list[Image.Image]:
     """uint8 [B, H, W, 3] → PIL images."""
     return [Image.fromarray(img.numpy()) for img in images]
+
+
+def to_tensor(images: list[Image.Image]) -> Tensor:
+    """PIL images → [-1, 1] float tensor [B, 3, H, W]."""
+    arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images]) / 127.5 - 1
+    return torch.from_numpy(arr).permute(0, 3, 1, 2)
 
 
 def save_image(image: Image.Image, path: str | Path, parameters: str | None = None, *, quality: int = 95) -> Path:

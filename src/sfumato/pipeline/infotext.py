@@ -25,9 +25,9 @@ from typing import Any
 
 from PIL import ExifTags
 
-from .. import __version__
+from ..version import __version__
 from ..diffusion.samplers import SAMPLER_DISPLAY, resolve_sampler
-from ..errors import SfumatoError
+from ..errors import ParamError, SfumatoError
 from .params import GenerationParams
 
 # A1111's scheduler labels by its scheduler names (its own vocabulary: "normal" is "Normal").
@@ -126,7 +126,9 @@ def infotext_settings(
         "Variation seed": (p.subseed if subseed is None else subseed) if variation else None,
         "Variation seed strength": p.subseed_strength if variation else None,
         "Denoising strength": denoising,
+        "Seed resize from": f"{p.seed_resize_from_w}x{p.seed_resize_from_h}" if p.seed_resize_from else None,
         "Clip skip": p.clip_skip if p.clip_skip > 1 else None,
+        "ENSD": p.eta_noise_seed_delta or None,
         "RNG": RNG_DISPLAY.get(p.rng, p.rng),   # A1111 omits only its own default, GPU
         # A1111's extra generation parameters, in the order its processing adds them
         "Mask blur": p.mask_blur if inpaint and p.mask_blur > 0 else None,
@@ -209,6 +211,17 @@ def _unquote(value: str) -> str:
 
 
 def params_from_infotext(text: str) -> dict[str, Any]:
+    """``_params_from_infotext``; a value that is not what its key needs (text read from an image
+    anyone may have written) is a ParamError, never an untyped exception."""
+    try:
+        return _params_from_infotext(text)
+    except (ValueError, ZeroDivisionError, KeyError, OverflowError) as e:
+        if isinstance(e, ParamError):
+            raise
+        raise ParamError("infotext", f"a setting has a value it cannot have ({type(e).__name__})") from None
+
+
+def _params_from_infotext(text: str) -> dict[str, Any]:
     """The infotext's settings as :class:`GenerationParams` keyword arguments.
 
     Sampler and scheduler labels become internal names (an old combined label such as
@@ -237,10 +250,16 @@ def params_from_infotext(text: str) -> dict[str, Any]:
         "Refiner switch at": ("refiner_switch", float),
         "Token merging ratio": ("tome_ratio", float),
         "DeepCache interval": ("deepcache_interval", int),
+        "ENSD": ("eta_noise_seed_delta", int),
     }
     for key, (name, kind) in conversions.items():
         if key in s:
-            out[name] = kind(s[key])
+            try:
+                out[name] = kind(s[key])
+            except ValueError:
+                raise ParamError(name, f"the infotext's {key!r} is {s[key][:40]!r}, not a number") from None
+    if "Seed resize from-1" in s:   # "Seed resize from: WxH", split as Size is
+        out["seed_resize_from_w"], out["seed_resize_from_h"] = int(s["Seed resize from-1"]), int(s["Seed resize from-2"])
     if "Sampler" in s:
         out["sampler"], out["scheduler"] = _sampler_and_scheduler(s["Sampler"], s.get("Schedule type"))
     if "RNG" in s:

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from ..errors import ParamError
+
 
 def gaussian_blur(mask: np.ndarray, sigma: float) -> np.ndarray:
     """Separable Gaussian blur of a float mask, kernel size 2·⌊2.5σ + 0.5⌋ + 1 (as A1111 sizes it)."""
@@ -92,6 +94,16 @@ def fill_masked(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
         weight = np.maximum(weight, missing.astype(np.float32))
     result = np.where(keep[..., None] > 0, img, out)
     return np.clip(result, 0, 255).astype(np.uint8)
+
+
+def check_outpaint(left: object, right: object, up: object, down: object) -> None:
+    """Outpainting's sides: pixels to add, each a non-negative multiple of 8, at least one of them
+    non-zero; a ParamError naming the side (``left``, ``right``, ``up``, ``down``) otherwise."""
+    for name, value in (("left", left), ("right", right), ("up", up), ("down", down)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0 or value % 8:
+            raise ParamError(name, f"must be a non-negative multiple of 8, got {value!r}")
+    if not (left or right or up or down):
+        raise ParamError("left", "outpainting needs at least one of left/right/up/down")
 
 
 def outpaint_canvas(image: Image.Image, left: int, right: int, up: int, down: int) -> tuple[Image.Image, Image.Image]:

@@ -115,6 +115,11 @@ class GenerationParams:
     # training-free accelerations (opt-in): ToMe token merging, DeepCache (1 = every step in full)
     tome_ratio: float = 0.0
     deepcache_interval: int = 1
+    # A1111's "Resize seed from width/height" (the seed's noise drawn at that size, centred; 0: off)
+    seed_resize_from_w: int = 0
+    seed_resize_from_h: int = 0
+    # A1111's "Eta noise seed delta" (ENSD): ancestral/SDE noise after the first draw from seed + delta
+    eta_noise_seed_delta: int = 0
 
     @property
     def is_img2img(self) -> bool:
@@ -138,6 +143,7 @@ class GenerationParams:
                 raise ParamError(name, f"must be a multiple of 8, got {value}")
         _float_range("cfg_scale", self.cfg_scale, 0, 100)
         _float_range("guidance_rescale", self.guidance_rescale, 0, 1)
+        self._check_types()
         try:
             sampler, default_scheduler = resolve_sampler(self.sampler)
         except ValueError as e:
@@ -187,6 +193,9 @@ class GenerationParams:
             _int_range("noise_level", self.noise_level, 0, 999)
             if self.init_image is None:
                 raise ParamError("noise_level", "upscaling needs the low-res image (init_image)")
+        for name in ("seed_resize_from_w", "seed_resize_from_h"):
+            _int_range(name, getattr(self, name), -1, 8192)
+        _int_range("eta_noise_seed_delta", self.eta_noise_seed_delta, 0, MAX_SEED)
         _float_range("tome_ratio", self.tome_ratio, 0, 0.75)
         _int_range("deepcache_interval", self.deepcache_interval, 1, 100)
         if not isinstance(self.control, (list, tuple)):
@@ -201,6 +210,20 @@ class GenerationParams:
             self.subseed = random.randint(0, MAX_SEED - 64) if self.subseed_strength > 0 else -1
         return self
 
+    def _check_types(self) -> None:
+        """Fields whose type alone can be wrong (a string for an image, a number for a name)."""
+        for name in ("init_image", "mask", "depth_map"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, Image.Image):
+                raise ParamError(name, f"must be a PIL image, got {type(value).__name__}")
+        for name, optional in (("sampler", False), ("scheduler", True), ("rng", False), ("masked_content", False),
+                               ("hires_upscaler", False), ("refiner", True)):
+            value = getattr(self, name)
+            if not (isinstance(value, str) or optional and value is None):
+                raise ParamError(name, f"must be a name (a string), got {value!r}")
+        if not isinstance(self.only_masked, bool):
+            raise ParamError("only_masked", f"must be true or false, got {self.only_masked!r}")
+
     @property
     def hires_total_steps(self) -> int:
         """The length of the schedule the hires pass takes its steps from (A1111: steps / denoise);
@@ -208,6 +231,12 @@ class GenerationParams:
         if self.hires_scale <= 1 or self.hires_denoise <= 0:
             return 0
         return int((self.hires_steps or self.steps) / min(self.hires_denoise, 0.999))
+
+    @property
+    def seed_resize_from(self) -> tuple[int, int] | None:
+        """(height, width) the seeds' noise is drawn at, or None (off unless both are positive)."""
+        h, w = self.seed_resize_from_h, self.seed_resize_from_w
+        return (h, w) if h > 0 and w > 0 else None
 
     @property
     def hires_width(self) -> int:

@@ -20,13 +20,14 @@ from typing import Any, Callable, Literal
 from PIL import ExifTags, Image, ImageOps, PngImagePlugin
 from pydantic import BaseModel, ConfigDict, Field
 
-from .. import __version__
+from ..version import __version__
 from ..api import ImageResult, Pipeline
 from ..diffusion.samplers import SAMPLER_ALIASES, SAMPLER_DISPLAY
 from ..diffusion.schedule import SCHEDULERS
 from ..pipeline.generate import Progress
+from ..pipeline.images import to_pil
 from ..pipeline.infotext import SCHEDULER_DISPLAY, decode_user_comment, generation_infotext, parse_infotext
-from ..pipeline.masks import outpaint_canvas
+from ..pipeline.masks import check_outpaint, outpaint_canvas
 from ..adapters.hypernetwork import parse_hypernet_prompt
 from ..adapters.lora import parse_lora_prompt
 from ..pipeline.params import MASKED_CONTENT, GenerationParams, ParamError, check_prompt, prompt_workload
@@ -148,8 +149,6 @@ _INERT: dict[str, tuple[Callable[[Any], bool], str]] = {
     "styles": (_absent, "prompt styles are not supported"),
     "restore_faces": (_absent, "face restoration is not supported"),
     "tiling": (_absent, "tiling is not supported"),
-    "seed_resize_from_h": (lambda v: v in (None, -1, 0), "seed resize is not supported"),
-    "seed_resize_from_w": (lambda v: v in (None, -1, 0), "seed resize is not supported"),
     "eta": (lambda v: v in (None, 1), "only the samplers' default eta is supported"),
     "s_min_uncond": (_absent, "not supported"),
     "s_churn": (_absent, "not supported"),
@@ -190,9 +189,10 @@ class Defaults:
     vae: Entry | None = None
     clip_skip: int = 1
     rng: str = "cpu"
+    ensd: int = 0
 
 
-SETTABLE_OPTIONS = ("sd_model_checkpoint", "sd_vae", "CLIP_stop_at_last_layers", "randn_source")
+SETTABLE_OPTIONS = ("sd_model_checkpoint", "sd_vae", "CLIP_stop_at_last_layers", "randn_source", "eta_noise_seed_delta")
 
 
 def apply_options(values: dict[str, Any], defaults: Defaults, catalog: Catalog, prefix: str = "") -> Defaults:
@@ -211,6 +211,10 @@ def apply_options(values: dict[str, Any], defaults: Defaults, catalog: Catalog, 
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 12:
                 raise ApiError(422, f"must be an integer in [1, 12], got {value!r}", field)
             out.clip_skip = value
+        elif key == "eta_noise_seed_delta":
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**32:
+                raise ApiError(422, f"must be an integer in [0, 2^32), got {value!r}", field)
+            out.ensd = value
         elif key == "randn_source":
             if not isinstance(value, str) or value not in RNG_SOURCES:
                 raise ApiError(422, f"must be one of {', '.join(RNG_SOURCES)}, got {value!r}", field)
@@ -260,6 +264,9 @@ def build_work(req: Txt2ImgRequest | Img2ImgRequest, defaults: Defaults, catalog
         sampler=req.sampler_name or req.sampler_index or "Euler", scheduler=scheduler_name(req.scheduler),
         seed=req.seed, width=req.width, height=req.height, batch_size=req.batch_size, clip_skip=options.clip_skip,
         subseed=req.subseed, subseed_strength=req.subseed_strength, rng=options.rng,
+        seed_resize_from_w=req.seed_resize_from_w if req.seed_resize_from_w is not None else 0,
+        seed_resize_from_h=req.seed_resize_from_h if req.seed_resize_from_h is not None else 0,
+        eta_noise_seed_delta=options.ensd,
     )
     if img2img:
         settings.update(_img2img_settings(req, limits))
@@ -392,9 +399,10 @@ def _img2img_settings(req: Img2ImgRequest, limits: Limits) -> dict[str, Any]:
 
 def _outpaint_canvas(req: Img2ImgRequest, init: Image.Image, limits: Limits) -> tuple[Image.Image, Image.Image]:
     sides = dict(left=req.outpaint_left, right=req.outpaint_right, up=req.outpaint_up, down=req.outpaint_down)
-    for side, value in sides.items():
-        if value < 0 or value % 8:
-            raise ApiError(422, f"must be a non-negative multiple of 8, got {value}", f"outpaint_{side}")
+    try:
+        check_outpaint(**sides)
+    except ParamError as e:
+        raise ApiError(422, e.message, f"outpaint_{e.field}") from None
     w, h = init.width + sides["left"] + sides["right"], init.height + sides["up"] + sides["down"]
     for name, size, limit, side in (("width", w, limits.max_width, "left"), ("height", h, limits.max_height, "up")):
         if size > limit:   # checked before the canvas is built: its size is the result's size
@@ -462,10 +470,8 @@ def run_work(work: Work, job: Job, pipe: Pipeline, watermark: bool) -> dict[str,
 
 
 def _partial(pipe: Pipeline, p: GenerationParams, progress: Progress, watermark: bool) -> list[ImageResult]:
-    pixels = pipe.generator.base.decode(progress.denoised)
     out = []
-    for i, array in enumerate(pixels):
-        image = Image.fromarray(array.numpy())
+    for i, image in enumerate(to_pil(pipe.engine.decode(progress.denoised))):
         seed = p.seed + i
         subseed = p.subseed + i if p.subseed_strength > 0 else None
         text = generation_infotext(replace(p, seed=seed), seed=seed, subseed=subseed,
@@ -499,7 +505,8 @@ def info(work: Work, pipe: Pipeline, items: list[ImageResult], started: float) -
         "restore_faces": False, "face_restoration_model": None,
         "sd_model_name": pipe.model_name, "sd_model_hash": pipe.model_hash,
         "sd_vae_name": work.vae.stem if work.vae else None, "sd_vae_hash": None,
-        "seed_resize_from_w": -1, "seed_resize_from_h": -1,
+        "seed_resize_from_w": p.seed_resize_from_w if p.seed_resize_from else -1,
+        "seed_resize_from_h": p.seed_resize_from_h if p.seed_resize_from else -1,
         "denoising_strength": p.strength if p.is_img2img else (p.hires_denoise if hires else None),
         "extra_generation_params": {}, "index_of_first_image": 0,
         "infotexts": [item.infotext for item in items], "styles": [],

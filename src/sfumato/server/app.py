@@ -27,10 +27,10 @@ from PIL import Image
 from pydantic import Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .. import __version__
+from ..version import __version__
 from ..api import Pipeline, load
-from ..checkpoint.io import check_file, sha256_file
-from ..checkpoint.load import read_vae_file
+from ..checkpoint.io import sha256_file
+from ..checkpoint.load import check_file, read_vae_file
 from ..errors import SfumatoError
 from . import a1111
 from .a1111 import Defaults, Img2ImgJob, Img2ImgRequest, PngInfoRequest, Txt2ImgJob, Txt2ImgRequest, Work
@@ -73,19 +73,20 @@ class ModelHost:
         """The pipeline of ``checkpoint`` (+ ``vae``), loaded if it is not the current one; a file that
         cannot be loaded is a 422 naming ``fields`` (checkpoint's, VAE's), without paths or contents."""
         if self.key != (checkpoint, vae):
-            try:   # a file that cannot load is refused before the model in use is given up
-                check_file(checkpoint.path, "the weights")
-                if vae is not None:
-                    read_vae_file(vae.path)
-            except SfumatoError as e:
-                raise _load_error(e, checkpoint, vae, fields) from None
+            # a file that cannot load is refused before the model in use is given up
+            for entry, field, check in ((checkpoint, fields[0], check_file), (vae, fields[1], read_vae_file)):
+                if entry is not None:
+                    try:
+                        check(entry.path)
+                    except SfumatoError as e:
+                        raise _load_error(e, entry, "VAE" if entry is vae else "checkpoint", field) from None
             self.pipe = self.key = None
             gc.collect()
             try:
                 self.pipe = load(checkpoint.path, vae=vae.path if vae else None, dtype=self.config.dtype,
                                  device=self.config.device, embeddings_dir=_embeddings_dir(self.catalog))
-            except SfumatoError as e:
-                raise _load_error(e, checkpoint, vae, fields) from None
+            except SfumatoError as e:   # the files were readable: the pair does not fit (a VAE of another family)
+                raise _load_error(e, vae or checkpoint, "VAE" if vae else "checkpoint", fields[1 if vae else 0]) from None
             self.key = (checkpoint, vae)
         # prompt tags resolve through the catalog's folders: the names it lists are the files that load
         self.pipe.lora_folder = self.catalog.folder("lora")
@@ -96,18 +97,10 @@ class ModelHost:
         return self.pipe
 
 
-def _load_error(e: SfumatoError, checkpoint: Entry, vae: Entry | None, fields: tuple[str, str]) -> ApiError:
-    """Which file failed (the VAE is read again on its own to tell), said without paths or contents."""
-    log.warning("cannot load %s (VAE %s): %s", checkpoint.name, vae.name if vae else "-", e)
-    blame, field = checkpoint, fields[0]
-    if vae is not None:
-        try:
-            read_vae_file(vae.path)
-            blame = checkpoint
-        except SfumatoError:
-            blame, field = vae, fields[1]
-    kind = "VAE" if blame is vae else "checkpoint"
-    return ApiError(422, f"{kind} {blame.name!r} cannot be loaded: {e.public}", field)
+def _load_error(e: SfumatoError, entry: Entry, kind: str, field: str) -> ApiError:
+    """A model file that cannot be loaded, said without paths or contents (the log has them)."""
+    log.warning("cannot load %s %s: %s", kind, entry.name, e)
+    return ApiError(422, f"{kind} {entry.name!r} cannot be loaded: {e.public}", field)
 
 
 @dataclass
@@ -152,7 +145,7 @@ def _embeddings_dir(catalog: Catalog) -> Path | None:
 
 def create_app(config: ServerConfig, pipeline: Pipeline | None = None) -> FastAPI:
     """The server for ``config``. ``pipeline``: the default model already loaded (else loaded here)."""
-    from ..train.bundled import BUNDLED_PATH
+    from ..data import BUNDLED_PATH
 
     catalog = Catalog(Path(config.model) if config.model else BUNDLED_PATH, config.models_dir)
     default = catalog.default
@@ -299,6 +292,7 @@ def _add_a1111_routes(app: FastAPI, state: State) -> None:
             "sd_vae": d.vae.name if d.vae else "Automatic",
             "CLIP_stop_at_last_layers": d.clip_skip,
             "randn_source": {v: k for k, v in a1111.RNG_SOURCES.items()}[d.rng],
+            "eta_noise_seed_delta": d.ensd,
             "samples_format": "png",
             "live_previews_enable": True,
             "show_progress_every_n_steps": 1,

@@ -74,6 +74,7 @@ class Limits:
 
 # GenerationParams fields → the A1111 field a client sent (errors name what the client knows)
 A1111_FIELDS = {
+    "eta_noise_seed_delta": "override_settings.eta_noise_seed_delta",
     "sampler": "sampler_name", "strength": "denoising_strength", "hires_scale": "hr_scale",
     "hires_steps": "hr_second_pass_steps", "hires_denoise": "denoising_strength", "hires_upscaler": "hr_upscaler",
     "masked_content": "inpainting_fill", "only_masked": "inpaint_full_res",

@@ -30,7 +30,7 @@ BUNDLED_SPEC = ModelSpec(
     (TextSlot("cond_stage_model.transformer.", TextEncoderConfig("hf", width=64, layers=4, heads=4)),),
     resolution=64,
 )
-BUNDLED_PATH = Path(__file__).resolve().parents[1] / "data" / "bundled.safetensors"
+from ..data import BUNDLED_PATH as BUNDLED_PATH  # re-exported: the file train shapes --export writes
 
 
 def bundled_state_dict(spec: ModelSpec, unet: nn.Module, vae: nn.Module, text_encoder: nn.Module,

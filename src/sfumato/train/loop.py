@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -34,6 +36,7 @@ from torch import Tensor, nn
 from ..checkpoint.io import atomic_path, load_object
 from ..errors import SfumatoError
 
+log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
 _MASK64 = (1 << 64) - 1
 
@@ -54,6 +57,7 @@ class LoopConfig:
     ema_decay: float | None = None
     log_every: int = 10
     progress: bool = True
+    bf16: bool = False           # compute the loss under bf16 autocast (weights and optimizer stay fp32)
 
 
 @dataclass(frozen=True)
@@ -150,32 +154,37 @@ def learning_rate(cfg: LoopConfig, step: int) -> float:
     return lr
 
 
-def train(task: Task, cfg: LoopConfig, out_dir: str | Path, name: str) -> tuple[nn.Module, EMA | None]:
-    """Run (or resume) ``cfg.steps`` steps of ``task``; returns the task and its EMA (if any).
+def train(task: Task, cfg: LoopConfig, out_dir: str | Path | None, name: str,
+          on_step: Callable[[int, float], None] | None = None) -> tuple[nn.Module, EMA | None]:
+    """Run (or resume) ``cfg.steps`` steps of ``task``; returns the task and its EMA (if any). The one
+    training loop: the bundled model's stages and every personalization trainer run through it.
 
     ``out_dir`` holds ``checkpoint.pt`` and the loss log ``{name}.jsonl`` (one JSON object per
-    ``log_every`` steps: step, loss averaged over ranks, lr, seconds since the run started).
+    ``log_every`` steps: step, loss averaged over ranks, lr, seconds since the run started); None
+    keeps the run in memory (no checkpoints, no resume). ``on_step(step, loss)`` sees every step's loss.
     """
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir) if out_dir is not None else None
     rank, world = distributed()
-    if rank == 0:
+    if rank == 0 and out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(mix(cfg.seed, 0xC0FFEE))
     params = [p for p in task.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     ema = EMA(task, cfg.ema_decay) if cfg.ema_decay is not None else None
-    start = _resume(out_dir / CHECKPOINT, task, opt, ema)
-    log_path = out_dir / f"{name}.jsonl"
-    if rank == 0:
+    start = _resume(out_dir / CHECKPOINT, task, opt, ema) if out_dir is not None else 0
+    log_path = out_dir / f"{name}.jsonl" if out_dir is not None else None
+    if rank == 0 and log_path is not None:
         _truncate_log(log_path, start)
     model: nn.Module = nn.parallel.DistributedDataParallel(task) if world > 1 else task
+    device = next(iter(params), torch.empty(0)).device.type
     bar = _progress(cfg, start, name, rank)
     t0 = time.time()
     for step in range(start, cfg.steps):
         lr = learning_rate(cfg, step)
         for group in opt.param_groups:
             group["lr"] = lr
-        loss = model(step_batch(cfg.seed, step, cfg.batch_size, task.dataset_size, rank, world))
+        with torch.autocast(device, torch.bfloat16, enabled=cfg.bf16):
+            loss = model(step_batch(cfg.seed, step, cfg.batch_size, task.dataset_size, rank, world))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip is not None:
@@ -184,18 +193,22 @@ def train(task: Task, cfg: LoopConfig, out_dir: str | Path, name: str) -> tuple[
         if ema is not None:
             ema.update(task)
         done = step + 1
+        if on_step is not None:
+            on_step(done, float(loss.detach()))
         if done % cfg.log_every == 0 or done == cfg.steps:
             value = _mean_over_ranks(loss.detach(), world)
             if not math.isfinite(value):
-                raise FloatingPointError(f"{name}: loss is {value} at step {done}")
-            if rank == 0:
+                raise SfumatoError(f"{name}: the loss is {value} at step {done}: training diverged "
+                                   "(try a lower learning rate)")
+            if rank == 0 and log_path is not None:
                 with open(log_path, "a") as f:
                     f.write(json.dumps({"step": done, "loss": value, "lr": lr, "time": round(time.time() - t0, 2)}) + "\n")
-                if bar is not None:
-                    bar.set_postfix(loss=f"{value:.4f}", refresh=False)
+            log.info("%s step %d/%d loss %.4f", name, done, cfg.steps, value)
+            if bar is not None:
+                bar.set_postfix(loss=f"{value:.4f}", refresh=False)
         if bar is not None:
             bar.update(1)
-        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+        if out_dir is not None and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
             _save_checkpoint(out_dir / CHECKPOINT, task, opt, ema, done, rank, world)
     if bar is not None:
         bar.close()

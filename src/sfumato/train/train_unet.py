@@ -1,4 +1,4 @@
-"""Stage 3: the UNet — ε-prediction on SD's scaled-linear DDPM schedule, in the latent space of the
+"""Stage 3: the UNet — ε-prediction (``Denoiser.loss``) on SD's scaled-linear DDPM schedule, in the latent space of the
 trained VAE (scaled by its measured factor), cross-attending to the frozen text encoder's last
 hidden state after the final LayerNorm (SD 1.x conditioning, through the inference ``Conditioner``
 so training and sampling see the same context). 10% of captions are dropped to "" for CFG.
@@ -7,11 +7,11 @@ so training and sampling see the same context). 10% of captions are dropped to "
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..checkpoint.specs import ModelSpec
-from ..diffusion.schedule import scaled_linear_alphas_cumprod
+from ..diffusion.denoiser import Denoiser
+from ..diffusion.schedule import DiscreteSchedule, scaled_linear_alphas_cumprod
 from ..models.unet import UNetModel
 from ..text.conditioner import Conditioner
 from .loop import Batch, Task
@@ -52,6 +52,6 @@ class UNetTask(Task):
             drop = float(torch.rand((), generator=g)) < self.caption_dropout
             texts.append("" if drop else self.captions[idx])
         z0, noise, t = torch.stack(z0), torch.stack(noise), torch.tensor(t)
-        ac = self.alphas_cumprod[t].view(-1, 1, 1, 1)
-        x_t = ac.sqrt() * z0 + (1 - ac).sqrt() * noise
-        return F.mse_loss(self.unet(x_t, t, self.context(texts)), noise)
+        schedule = DiscreteSchedule(self.alphas_cumprod)
+        denoiser = Denoiser(lambda x, ts, context: self.unet(x, ts, context), schedule, "eps")
+        return denoiser.loss(z0, noise, schedule.sigmas[t], self.context(texts)).mean()

@@ -9,8 +9,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from .batch import FIELDS
-from .errors import SfumatoError
+from ..batch import FIELDS
+from ..errors import SfumatoError
 
 _HELP = {
     "seed": "base seed: a line without a seed gets SEED + its 0-based job index (default 0)",
@@ -49,8 +49,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 def cmd_batch(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .batch import load_jobs, model_label, open_run, run_local
-    from .train.bundled import BUNDLED_PATH
+    from ..batch import load_jobs, model_label, open_run, run_local
+    from ..data import BUNDLED_PATH
 
     for flag in ("workers", "threads"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
@@ -67,7 +67,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     with tqdm(total=len(jobs), initial=len(jobs) - len(todo), unit="job", desc="batch", file=sys.stderr,
               disable=args.no_progress) as bar:
         if todo and args.ray is not None:
-            from .batch_ray import run_ray
+            from ..batch_ray import run_ray
 
             run_ray(todo, args.out, manifest, model=model, address=args.ray or None, workers=args.workers,
                     threads=args.threads, vae=args.vae, prediction=args.prediction, dtype=args.dtype,
@@ -75,7 +75,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
         elif todo:
             import torch
 
-            from .api import load
+            from ..api import load
 
             if args.threads is not None:
                 torch.set_num_threads(args.threads)

@@ -1,14 +1,10 @@
-"""``sfumato train …`` and ``sfumato eval shapes``: argparse wiring for the recipe and its evaluation.
-
-``add_commands(subparsers)`` adds both commands to the main parser; each parser sets ``func``.
-Run standalone (or under ``torchrun``) as ``python -m sfumato.train.cli train shapes --out DIR``.
-"""
+"""``sfumato train vae|clip|unet|shapes`` and ``sfumato eval shapes``: the bundled model's recipe and
+its evaluation (under ``torchrun``: ``torchrun --nproc_per_node N -m sfumato train shapes --out DIR``)."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -28,7 +24,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         if stage == "shapes":
             p.add_argument("--export", help="single-file output (default: OUT/bundled.safetensors)")
         p.set_defaults(func=cmd_train)
-    from .personalize_cli import add_commands as add_personalize_commands
+    from .personalize import add_commands as add_personalize_commands
 
     add_personalize_commands(stages)
 
@@ -51,7 +47,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
-    from .recipes import Recipe, train_all, train_clip, train_unet, train_vae
+    from ..train.recipes import Recipe, train_all, train_clip, train_unet, train_vae
 
     torch.set_num_threads(args.threads)
     recipe = Recipe(seed=args.seed)
@@ -72,7 +68,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from .bundled import BUNDLED_PATH, evaluate_model, format_report
+    from ..train.bundled import BUNDLED_PATH, evaluate_model, format_report
 
     torch.set_num_threads(args.threads)
     report = evaluate_model(args.model or BUNDLED_PATH, steps=args.steps, cfg_scale=args.cfg_scale, seed=args.seed,
@@ -81,14 +77,3 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sfumato")
-    add_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

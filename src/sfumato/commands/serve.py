@@ -35,8 +35,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from .app import ServerConfig, create_app
-    from .security import parse_credentials
+    from ..server.app import ServerConfig, create_app
+    from ..server.security import parse_credentials
 
     host = args.host or ("0.0.0.0" if args.listen else "127.0.0.1")
     if not args.listen and not _is_loopback(host):
@@ -79,8 +79,8 @@ def _is_loopback(host: str) -> bool:
 
 def _model_path(model: str, models_dir: Path | None) -> Path:
     """``--model``: an existing path, else a name inside ``--models-dir``."""
-    from ..train.bundled import BUNDLED_PATH
-    from .security import ApiError, Catalog
+    from ..data import BUNDLED_PATH
+    from ..server.security import ApiError, Catalog
 
     if Path(model).exists():
         return Path(model)

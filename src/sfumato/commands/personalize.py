@@ -1,8 +1,6 @@
-"""``sfumato train ti|lora|dreambooth|hypernetwork``: personalization trainers on a folder of images.
-
-``add_commands(train_subparsers)`` adds the four commands to ``sfumato train``'s subparsers; each
-parser sets ``func``. Captions come from ``NAME.txt`` next to each image, else ``--caption``.
-"""
+"""``sfumato train ti|lora|dreambooth|hypernetwork``: personalization trainers on a folder of images
+(captions from ``NAME.txt`` next to each image, else ``--caption``); ``sfumato train demo METHOD``
+trains one on the shapes world's demo concept with the bundled model and measures it."""
 
 from __future__ import annotations
 
@@ -20,6 +18,7 @@ METHODS = {
 
 
 def add_commands(train_subparsers: argparse._SubParsersAction) -> None:
+    add_demo_command(train_subparsers)
     for method, (what, steps, lr) in METHODS.items():
         p = train_subparsers.add_parser(method, help=what)
         p.add_argument("--model", help="base model file or folder (default: the bundled model)")
@@ -57,7 +56,7 @@ def cmd_personalize(args: argparse.Namespace) -> int:
 
     from ..api import load
     from ..errors import SfumatoError
-    from . import personalize as P
+    from ..train import personalize as P
 
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -85,4 +84,30 @@ def cmd_personalize(args: argparse.Namespace) -> int:
         result = P.train_hypernetwork(pipe, items, args.out, cfg=cfg)
     print(json.dumps({"out": str(Path(result.path)), "seconds": round(result.seconds, 1),
                       "loss_first": result.losses[0], "loss_last": result.losses[-1]}))
+    return 0
+
+
+def add_demo_command(train_subparsers: argparse._SubParsersAction) -> None:
+    p = train_subparsers.add_parser("demo", help="train a demo concept (a diamond) on the bundled model and "
+                                                 "measure how often the trained model draws it")
+    p.add_argument("method", choices=tuple(METHODS))
+    p.add_argument("--out", default="out/personalize")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-control", action="store_true", help="skip measuring the base model")
+    p.add_argument("--concept", choices=("diamond", "teal", "pair"), default="diamond")
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..train.diamond import demo
+
+    torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    report = demo(args.method, Path(args.out) / f"{args.method}-{args.concept}", steps=args.steps, lr=args.lr,
+                  control=not args.no_control, concept=args.concept)
+    print(json.dumps(report, indent=2))
     return 0

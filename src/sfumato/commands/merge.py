@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .errors import SfumatoError
+from ..errors import SfumatoError
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -35,7 +35,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 def cmd_merge(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .adapters.merge import DTYPES, merge_models
+    from ..adapters.merge import DTYPES, merge_models
 
     if args.mode == "weighted" and args.c is not None:
         raise SfumatoError("C: --mode weighted merges two models; pass --mode add-difference to use a third")

@@ -1,0 +1,317 @@
+"""``sfumato txt2img | img2img | inpaint | outpaint | upscale``: build one request from the flags (and
+``--from-png``), validate it before any model loads, run it, write the images atomically."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from ..errors import SfumatoError
+
+# generation flags → GenerationParams fields (defaults live in GenerationParams; None = not given)
+_GEN_FLAGS = {
+    "negative_prompt": str, "sampler": str, "scheduler": str, "steps": int, "cfg_scale": float, "seed": int,
+    "width": int, "height": int, "batch_size": int, "clip_skip": int, "subseed": int, "subseed_strength": float,
+    "rng": str, "guidance_rescale": float, "strength": float, "mask_blur": int, "only_masked_padding": int,
+    "masked_content": str, "hires_scale": float, "hires_steps": int, "hires_denoise": float, "hires_upscaler": str,
+    "refiner_switch": float, "tome_ratio": float, "deepcache_interval": int,
+    "seed_resize_from_w": int, "seed_resize_from_h": int, "eta_noise_seed_delta": int,
+}
+_FLAG_ALIASES = {"tome_ratio": ("--tome",), "deepcache_interval": ("--deepcache",)}
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompt", nargs="?", help="the prompt (may come from --from-png instead)")
+    p.add_argument("--model", help="checkpoint file (.safetensors/.ckpt/…) or diffusers folder")
+    p.add_argument("--vae", help="a VAE file to use instead of the checkpoint's")
+    p.add_argument("--vae-decoder", metavar="taesd:PATH",
+                   help="decode (and preview) with a TAESD-compatible tiny decoder (taesd_decoder.safetensors "
+                        "or a diffusers AutoencoderTiny file): much faster, lower quality")
+    p.add_argument("--prediction", choices=("eps", "v"), help="override the prediction type (SD 2.x)")
+    p.add_argument("--refiner", help="an SDXL refiner checkpoint to hand the last steps to")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]",
+                   help="merge a LoRA file into the model (repeatable; weight default 1.0)")
+    p.add_argument("--lora-dir", help="folder searched for <lora:name:weight> tags in the prompt")
+    p.add_argument("--hypernet-dir", help="folder searched for <hypernet:name:strength> tags in the prompt (A1111 .pt)")
+    p.add_argument("--embeddings", metavar="DIR", help="textual inversion embeddings, used by file name in prompts")
+    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"))
+    p.add_argument("--memory", choices=("auto", "keep", "by-stage", "low"), default="auto",
+                   help="keep: every component in memory throughout; by-stage: each read from the .safetensors "
+                        "file for its stage only (the UNet while sampling, the VAE while decoding: same images, "
+                        "less memory, a conversion per stage); low: UNet blocks streamed one by one, tiled VAE "
+                        "(least memory, slower); auto (default): by-stage for a .safetensors file without LoRAs")
+    p.add_argument("--low-memory", action="store_true", help="the same as --memory low")
+    p.add_argument("--compile", action="store_true",
+                   help="run the UNet under torch.compile (keeps it in memory: --memory auto becomes keep)")
+    p.add_argument("--from-png", metavar="FILE", help="take the settings from an image's infotext")
+    p.add_argument("--no-watermark", action="store_true", help="do not add the invisible watermark")
+    p.add_argument("-o", "--output", default="output.png",
+                   help="image path (.png, .jpg, .webp); a batch writes NAME-0.png, NAME-1.png, …")
+    for name, kind in _GEN_FLAGS.items():
+        flag = "--" + name.replace("_", "-")
+        p.add_argument(flag, *_FLAG_ALIASES.get(name, ()), type=kind, default=None, help=_HELP.get(name))
+    _add_control(p)
+
+
+def _add_control(p: argparse.ArgumentParser) -> None:
+    from ..pipeline.params import CONTROL_PREPROCESSORS
+
+    g = p.add_argument_group("ControlNet", "each flag is repeatable: its i-th use belongs to the i-th --control-model "
+                                          "(give it once per ControlNet, or leave it out for the default)")
+    g.add_argument("--control-model", action="append", default=[], metavar="PATH", help="a ControlNet file or folder")
+    g.add_argument("--control-image", action="append", default=[], metavar="FILE", help="its control image (required)")
+    g.add_argument("--control-preprocessor", action="append", default=[], choices=CONTROL_PREPROCESSORS,
+                   help="how the image becomes the control image (default none: use it as it is)")
+    g.add_argument("--control-strength", action="append", default=[], type=float, metavar="W",
+                   help="weight of its residuals (1)")
+    g.add_argument("--control-start", action="append", default=[], type=float, metavar="F",
+                   help="fraction of the steps at which it starts (0)")
+    g.add_argument("--control-end", action="append", default=[], type=float, metavar="F",
+                   help="fraction of the steps at which it ends (1)")
+
+
+_HELP = {
+    "sampler": "euler, euler_a, heun, dpmpp_2m, … or an A1111 name such as 'DPM++ 2M Karras'",
+    "scheduler": "normal (A1111 'Automatic'), karras, exponential, sgm_uniform, simple",
+    "seed": "-1 picks a random seed (reported)",
+    "width": "default: the model's native size (img2img: the init image's)",
+    "rng": "cpu (default) or nv (A1111's CPU imitation of CUDA's generator)",
+    "strength": "img2img denoising strength in [0, 1]",
+    "masked_content": "fill, original, 'latent noise' or 'latent nothing'",
+    "hires_scale": "hires fix: upscale factor of a second pass (txt2img)",
+    "hires_upscaler": "latent or lanczos",
+    "refiner_switch": "fraction of the steps after which the refiner takes over",
+    "tome_ratio": "ToMe: merge this fraction of the self-attention tokens at the finest attention level (0 = off)",
+    "deepcache_interval": "DeepCache: a full UNet pass every N steps, the shallow branch in between (1 = off)",
+    "seed_resize_from_w": "A1111's resize seed from width: draw the seed's noise at this size (with the height)",
+    "seed_resize_from_h": "A1111's resize seed from height (0 = off)",
+    "eta_noise_seed_delta": "A1111's ENSD: ancestral/SDE noise after the first draw from seed + this (0 = off)",
+}
+
+
+_DEPTH_HELP = "depth map for SD 2's depth model (greyscale, white = near, as MiDaS writes it)"
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("txt2img", help="generate images from a prompt")
+    _add_common(p)
+    p.add_argument("--attention-maps", metavar="DIR",
+                   help="also write a heat map per prompt word (cross-attention, DAAM) as overlays into DIR")
+    p.add_argument("--depth-map", metavar="FILE", help=_DEPTH_HELP)
+    p = subparsers.add_parser("img2img", help="transform an image under a prompt")
+    _add_common(p)
+    p.add_argument("--init-image", required=True)
+    p.add_argument("--depth-map", metavar="FILE", help=_DEPTH_HELP)
+    p = subparsers.add_parser("inpaint", help="repaint the masked part of an image")
+    _add_common(p)
+    p.add_argument("--init-image", required=True)
+    p.add_argument("--mask", required=True, help="white = repaint")
+    p.add_argument("--only-masked", action="store_true", help="work on the masked area at full resolution")
+    p = subparsers.add_parser("outpaint", help="extend an image beyond its borders")
+    _add_common(p)
+    p.add_argument("--init-image", required=True)
+    for side in ("left", "right", "up", "down"):
+        p.add_argument(f"--{side}", type=int, default=0, help=f"pixels to add on the {side} (multiple of 8)")
+    p = subparsers.add_parser("upscale", help="upscale an image 4x with an x4 upscaler model (the prompt is optional)")
+    _add_common(p)
+    p.add_argument("--image", required=True, help="the low-res image (sides multiples of 8)")
+    p.add_argument("--noise-level", type=int, default=20,
+                   help="noise added to the low-res image, 0 to the model's maximum (350); default 20")
+    for name in ("txt2img", "img2img", "inpaint", "outpaint", "upscale"):
+        subparsers.choices[name].set_defaults(func=cmd_generate)
+
+
+def _lora_arg(text: str) -> tuple[str, float]:
+    """``PATH[:WEIGHT]`` → (path, weight); the file must exist."""
+    path, weight = text, 1.0
+    head, sep, tail = text.rpartition(":")
+    if sep and head:
+        try:
+            path, weight = head, float(tail)
+        except ValueError:
+            pass   # a colon inside the path (e.g. a Windows drive)
+    if not Path(path).is_file():
+        raise SfumatoError(f"--lora: file not found: {path}")
+    return path, weight
+
+
+_CONTROL_FIELDS = {"control_preprocessor": "preprocessor", "control_strength": "strength", "control_start": "start",
+                   "control_end": "end"}
+
+
+def _control_specs(args: argparse.Namespace) -> list:
+    """The --control-* flags as ControlSpecs: the i-th use of each flag belongs to the i-th --control-model."""
+    from ..pipeline.params import ControlSpec
+
+    n = len(args.control_model)
+    for name in ("control_image", *_CONTROL_FIELDS):
+        given, flag = len(getattr(args, name)), "--" + name.replace("_", "-")
+        if given and not n:
+            raise SfumatoError(f"{flag}: given without --control-model")
+        if given != n and (given or name == "control_image"):
+            raise SfumatoError(f"{flag}: given {given} times for {n} --control-model (once per ControlNet, in order)")
+    specs = []
+    for i, path in enumerate(args.control_model):
+        if not Path(path).exists():
+            raise SfumatoError(f"--control-model: file not found: {path}")
+        options = {field: getattr(args, name)[i] for name, field in _CONTROL_FIELDS.items() if getattr(args, name)}
+        specs.append(ControlSpec(path, _open_image(args.control_image[i], "--control-image"), **options))
+    return specs
+
+
+def _tiny_decoder(text: str, latent_channels: int, factor: int):
+    from ..checkpoint.taesd import load_tiny_decoder
+
+    kind, _, path = text.partition(":")
+    if kind != "taesd" or not path:
+        raise SfumatoError(f"--vae-decoder: expected taesd:PATH, got {text!r}")
+    if not Path(path).is_file():
+        raise SfumatoError(f"--vae-decoder: file not found: {path}")
+    try:
+        decoder = load_tiny_decoder(path)
+    except (ValueError, RuntimeError) as e:
+        raise SfumatoError(f"--vae-decoder: {e}") from None
+    if decoder.cfg.latent_channels != latent_channels:
+        raise SfumatoError(f"--vae-decoder: {path} decodes {decoder.cfg.latent_channels}-channel latents, "
+                           f"the model makes {latent_channels}")
+    if decoder.factor != factor:
+        raise SfumatoError(f"--vae-decoder: {path} upsamples ×{decoder.factor}, the model's VAE ×{factor}")
+    return decoder
+
+
+def _open_image(path: str, field: str):
+    from ..safe_image import open_image
+
+    return open_image(path, field)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from ..api import load
+    from ..pipeline.images import batch_paths, save_image
+    from ..pipeline.infotext import params_from_infotext, read_image_parameters
+
+    settings: dict = {}
+    if args.from_png:
+        text = read_image_parameters(args.from_png, "--from-png")
+        if text is None:
+            raise SfumatoError(f"--from-png: {args.from_png} carries no generation parameters")
+        settings.update(params_from_infotext(text))
+    settings.update({k: getattr(args, k) for k in _GEN_FLAGS if getattr(args, k) is not None})
+    if args.prompt is not None:
+        settings["prompt"] = args.prompt
+    if args.command == "upscale":
+        settings.setdefault("prompt", "")
+    if "prompt" not in settings:
+        raise SfumatoError("prompt: no prompt given")
+    output = Path(args.output)
+    if not output.parent.is_dir():
+        raise SfumatoError(f"--output: folder {output.parent} does not exist")
+    if output.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
+        raise SfumatoError(f"--output: unsupported image type {output.suffix!r} (use .png, .jpg or .webp)")
+    from ..data import BUNDLED_PATH
+
+    model = args.model or BUNDLED_PATH
+
+    extra: dict = {}
+    if args.command in ("img2img", "inpaint", "outpaint"):
+        extra["init_image"] = _open_image(args.init_image, "--init-image")
+    if args.command == "inpaint":
+        extra["mask"] = _open_image(args.mask, "--mask")
+        extra["only_masked"] = args.only_masked
+    if args.command == "outpaint":
+        extra.update(left=args.left, right=args.right, up=args.up, down=args.down)
+    if getattr(args, "depth_map", None) is not None:
+        extra["depth_map"] = _open_image(args.depth_map, "--depth-map")
+    if args.command == "upscale":
+        extra.update(init_image=_open_image(args.image, "--image"), noise_level=args.noise_level)
+    settings.pop("refiner", None)
+    control = _control_specs(args)
+    if control:
+        settings["control"] = control
+
+    # validate the request before loading any model: a throwaway copy with placeholder sizes
+    _dry_validate(args.command, settings, extra)
+    loras = [_lora_arg(text) for text in args.lora]
+    memory = _memory_mode(args, model, settings["prompt"], loras)
+    pipe = load(model, vae=args.vae, prediction=args.prediction, dtype=args.dtype, refiner=args.refiner,
+                loras=loras, lora_dir=args.lora_dir, embeddings_dir=args.embeddings, low_memory=memory == "low",
+                by_stage=memory == "by-stage", hypernet_dir=args.hypernet_dir, compile=args.compile)
+    if args.vae_decoder:
+        pipe.tiny_decoder = _tiny_decoder(args.vae_decoder, pipe.engine.latent_channels, pipe.engine.factor)
+    bars: list = []   # made at the first step: a request refused before sampling leaves no bar behind
+
+    def progress(rec) -> None:
+        if not bars:   # disable=None: no bar when stderr is not a terminal (logs, pipes)
+            bars.append(tqdm(desc=args.command, unit="step", file=sys.stderr, leave=False, disable=None))
+        bar = bars[0]
+        if rec.index == 0:
+            bar.reset(total=rec.total)
+            bar.set_description(rec.stage)
+        bar.update(1)
+
+    method = {"txt2img": pipe.txt2img, "img2img": pipe.img2img, "inpaint": pipe.img2img, "outpaint": pipe.outpaint,
+              "upscale": lambda prompt, image, negative, **kw: pipe.upscale(image, prompt, negative, **kw)}
+    prompt = settings.pop("prompt")
+    negative = settings.pop("negative_prompt", "")
+    kwargs = {**settings, **extra}
+    init = kwargs.pop("init_image", None)
+    maps_dir = getattr(args, "attention_maps", None)
+    if maps_dir is not None:
+        from ..pipeline.attention_maps import generate_with_maps, save_overlays
+
+        result, maps = generate_with_maps(pipe, prompt, negative_prompt=negative, watermark=not args.no_watermark,
+                                          callback=progress, **kwargs)
+        for i, (image, words) in enumerate(zip(result.images, maps)):
+            save_overlays(image, words, Path(maps_dir) / f"{i:02d}" if len(maps) > 1 else Path(maps_dir))
+    elif init is None:
+        result = pipe.txt2img(prompt, negative, watermark=not args.no_watermark, callback=progress, **kwargs)
+    else:
+        result = method[args.command](prompt, init, negative, watermark=not args.no_watermark, callback=progress, **kwargs)
+    for bar in bars:
+        bar.close()
+    for item, path in zip(result.items, batch_paths(output, len(result.items))):
+        save_image(item.image, path, item.infotext)
+        print(f"{path}  seed={item.seed}")
+    return 0
+
+
+def _memory_mode(args, model: str | Path, prompt: str, loras: list) -> str:
+    """``--memory`` (``--low-memory`` is "low") with auto resolved: by-stage where the weights can stay in
+    .safetensors files and no LoRA has to be merged into them. A command runs once, so keeping a model
+    in memory after its stage saves nothing."""
+    if args.low_memory:
+        if args.memory not in ("auto", "low"):
+            raise SfumatoError(f"--low-memory contradicts --memory {args.memory}")
+        return "low"
+    if args.memory != "auto":
+        return args.memory
+    if args.compile:
+        return "keep"
+    from ..adapters.lora import parse_lora_prompt
+    from ..checkpoint.io import sniff_format
+
+    files = [Path(model), *([Path(args.refiner)] if args.refiner else [])]
+    single = all(f.is_file() and sniff_format(f) == "safetensors" for f in files)
+    mode = "by-stage" if single and not loras and not parse_lora_prompt(prompt)[1] else "keep"
+    logging.getLogger(__name__).info("--memory auto: %s", mode)
+    return mode
+
+
+def _dry_validate(command: str, settings: dict, extra: dict) -> None:
+    from ..pipeline.masks import check_outpaint
+    from ..pipeline.params import GenerationParams
+
+    s = {**settings}
+    s.setdefault("width", 8)
+    s.setdefault("height", 8)
+    if "init_image" in extra:
+        s["init_image"] = extra["init_image"]
+        if "mask" in extra:
+            s["mask"] = extra["mask"]
+    if command == "outpaint":
+        check_outpaint(*(extra[side] for side in ("left", "right", "up", "down")))
+    GenerationParams(**s).validated()
