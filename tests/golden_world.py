@@ -25,31 +25,18 @@ from conftest import TINY_SPEC, write_tiny_model  # noqa: E402
 
 import sfumato  # noqa: E402
 from sfumato.checkpoint.io import save_file  # noqa: E402
-from sfumato.checkpoint.specs import NoiseAugmentation, ModelSpec, TextSlot  # noqa: E402
-from sfumato.models.clip import TextEncoderConfig  # noqa: E402
+from sfumato.checkpoint.specs import NoiseAugmentation  # noqa: E402
 from sfumato.models.controlnet import ControlNet, ControlNetConfig  # noqa: E402
-from sfumato.models.unet import UNetConfig  # noqa: E402
 from sfumato.models.vae import VAEConfig  # noqa: E402
 
 SAMPLERS = ("euler", "euler_a", "heun", "dpmpp_2m", "unipc")
 STEPS = 4
 SIZE = 64
 
-_VAE = VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1)
-_OPENCLIP = TextEncoderConfig("openclip", 32, 2, 2, activation="gelu", projection_dim=32, pad_id=0)
-_UNET = dict(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, transformer_depth=(1, 0), num_heads=2,
-             use_linear_in_transformer=True)
-SDXL_BASE = ModelSpec(
-    "custom", UNetConfig(context_dim=64, adm_in_channels=32 + 6 * 256, **_UNET), _VAE,
-    (TextSlot("conditioner.embedders.0.transformer.", TextEncoderConfig("hf", 32, 2, 2), layer=-2, final_norm=False),
-     TextSlot("conditioner.embedders.1.model.", _OPENCLIP, layer=-2, final_norm=False, pooled=True)),
-    resolution=64, conditioning="sdxl",
-)
-SDXL_REFINER = ModelSpec(
-    "custom", UNetConfig(context_dim=32, adm_in_channels=32 + 5 * 256, **_UNET), _VAE,
-    (TextSlot("conditioner.embedders.0.model.", _OPENCLIP, layer=-2, final_norm=False, pooled=True),),
-    resolution=64, conditioning="sdxl-refiner",
-)
+# the SDXL pair of the refiner tests (base with two text encoders, refiner with its aesthetic score)
+from test_refiner import BASE as SDXL_BASE  # noqa: E402
+from test_refiner import REFINER as SDXL_REFINER  # noqa: E402
+
 INPAINT9 = replace(TINY_SPEC, unet=replace(TINY_SPEC.unet, in_channels=9))
 DEPTH = replace(TINY_SPEC, unet=replace(TINY_SPEC.unet, in_channels=5))
 X4 = replace(TINY_SPEC, unet=replace(TINY_SPEC.unet, in_channels=7, num_classes=1000), prediction="v",

@@ -33,24 +33,34 @@ def _text(p: GenerationParams, **kwargs) -> str:
 def test_layout_and_key_order():
     assert _text(BASE) == (
         "a cat\n"
-        "Steps: 20, Sampler: DPM++ 2M, Schedule type: Automatic, CFG scale: 7, Seed: 1, Size: 512x512, "
+        "Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 1, Size: 512x512, "
         f"Model hash: 0123456789, Model: name, RNG: CPU, {VERSION}"
     )
 
 
 @pytest.mark.parametrize("sampler, scheduler, label, read_back", [
-    ("euler", "normal", "Automatic", None),   # Automatic: what A1111 picks for the sampler
-    ("euler", None, "Automatic", None),       # None: the model's default σ's, our "normal"
-    ("dpmpp_2m", "karras", "Automatic", "karras"),
-    ("dpmpp_3m_sde", "exponential", "Automatic", "exponential"),
+    ("euler", None, "Automatic", None),       # none chosen: A1111's Automatic (the sampler's default σ's)
+    ("dpmpp_2m", None, "Automatic", None),    # … Karras for DPM++ 2M, still written as Automatic
+    ("euler", "normal", "Normal", "normal"),  # chosen, even where Automatic would pick the same σ's
+    ("dpmpp_2m", "karras", "Karras", "karras"),
+    ("dpmpp_3m_sde", "exponential", "Exponential", "exponential"),
     ("euler", "karras", "Karras", "karras"),
-    ("dpmpp_2m", "normal", "Normal", "normal"),   # A1111's Automatic would be Karras here
+    ("dpmpp_2m", "normal", "Normal", "normal"),
     ("dpmpp_2m", "sgm_uniform", "SGM Uniform", "sgm_uniform"),
 ])
-def test_schedule_type_is_automatic_only_when_a1111_would_pick_the_same(sampler, scheduler, label, read_back):
+def test_schedule_type_is_the_one_chosen_and_automatic_only_when_none_was(sampler, scheduler, label, read_back):
+    """As A1111 writes ``p.scheduler`` (issue 14: an explicit Karras used to be written "Automatic")."""
     text = _text(replace(BASE, sampler=sampler, scheduler=scheduler))
     assert f", Schedule type: {label}, " in text
     assert params_from_infotext(text)["scheduler"] == read_back
+
+
+def test_an_old_combined_sampler_label_chooses_its_schedule():
+    p = GenerationParams("a cat", sampler="DPM++ 2M Karras", seed=1).validated()
+    assert (p.sampler, p.scheduler) == ("dpmpp_2m", "karras")
+    p = GenerationParams("a cat", sampler="DPM++ 2M", seed=1).validated()
+    assert (p.sampler, p.scheduler) == ("dpmpp_2m", None)
+    assert params_from_infotext("x\nSteps: 5, Sampler: DPM++ 2M Karras, Seed: 1")["scheduler"] == "karras"
 
 
 def test_negative_prompt_line_and_used_settings():

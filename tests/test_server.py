@@ -203,7 +203,7 @@ def test_txt2img_response_shape(client):
     images = [decode(b) for b in body["images"]]
     assert [im.format for im in images] == ["PNG"] * 4 and images[0].size == (64, 64)
     assert [im.info["parameters"] for im in images] == info["infotexts"]
-    assert "Seed: 9" in info["infotexts"][2] and "Schedule type: Karras" not in info["infotexts"][2]  # Automatic
+    assert "Seed: 9" in info["infotexts"][2] and "Schedule type: Karras" in info["infotexts"][2]  # as asked
     # the second iteration's first image is the one a request for seed 9 gives
     alone = client.post("/sdapi/v1/txt2img", json={**SMALL, "seed": 9, "sampler_name": "DPM++ 2M"}).json()
     assert np.array_equal(np.asarray(decode(alone["images"][0])), np.asarray(images[2]))
@@ -252,3 +252,19 @@ def test_other_a1111_endpoints(client):
     memory = client.get("/sdapi/v1/memory").json()
     assert set(memory) == {"ram", "cuda"} and memory["ram"]["total"] > 0
     assert client.get("/openapi.json").json()["paths"]["/sdapi/v1/txt2img"]
+
+
+def test_interrupting_a_job_keeps_the_images_it_made(client):
+    """POST /v1/jobs/{id}/interrupt (the web UI's Interrupt): the finished iterations and the current
+    one's latest image come back, as A1111's Interrupt keeps them; DELETE still cancels outright."""
+    body = {**SMALL, "mode": "txt2img", "steps": 150, "n_iter": 4, "seed": 3}
+    job = client.post("/v1/jobs", json=body).json()
+    deadline = time.monotonic() + 60
+    while client.get(f"/v1/jobs/{job['id']}").json()["progress"]["step"] < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    r = client.post(f"/v1/jobs/{job['id']}/interrupt")
+    assert r.status_code == 200, r.text
+    done = wait_for(client, job["id"], ("interrupted",))
+    assert 1 <= len(done["result"]["images"]) < 4
+    assert client.post(f"/v1/jobs/{job['id']}/interrupt").status_code == 409

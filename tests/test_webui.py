@@ -211,7 +211,7 @@ def test_an_unknown_sampler_in_a_png_is_reported(page):
     assert page.input_value("#sampler_name") == before
 
 
-def test_interrupt_stops_the_running_job(page):
+def test_interrupt_stops_the_running_job_and_keeps_what_it_made(page):
     page.fill("#prompt", PROMPT)
     page.fill("#steps", "150")
     page.fill("#n_iter", "16")                       # minutes of work unless the button stops it
@@ -220,8 +220,8 @@ def test_interrupt_stops_the_running_job(page):
     assert page.locator("#generate").is_disabled()
     started = time.monotonic()
     page.click("#interrupt")
-    page.locator("#status").filter(has_text=re.compile("^cancelled$")).wait_for(timeout=10_000)
+    page.locator("#status").filter(has_text=re.compile("^interrupted$")).wait_for(timeout=10_000)
     assert time.monotonic() - started < 10
-    assert page.locator("#gallery figure").count() == 0
+    assert page.locator("#gallery figure").count() >= 1      # as A1111: the images made so far stay
     assert page.locator("#generate").is_enabled() and page.locator("#interrupt").is_disabled()
     assert page.locator("#preview").is_hidden()

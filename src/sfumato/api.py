@@ -35,6 +35,36 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _FIELDS = {f.name for f in dataclasses.fields(GenerationParams)}
 
 
+def resolve_device(device: str | torch.device | None) -> str:
+    """``auto``/None: CUDA when present, else Apple's MPS, else the CPU; ``cpu``, ``cuda``, ``cuda:N``,
+    ``mps`` as given once checked to exist here (a ParamError naming ``device`` otherwise)."""
+    if isinstance(device, torch.device):
+        device = str(device)
+    if device in (None, "auto"):
+        if torch.cuda.is_available():
+            return "cuda"
+        mps = getattr(torch.backends, "mps", None)
+        return "mps" if mps is not None and mps.is_available() else "cpu"
+    if not isinstance(device, str):
+        raise ParamError("device", f"expected auto, cpu, cuda, cuda:N or mps, got {device!r}")
+    kind, _, index = device.partition(":")
+    if kind == "cpu" and not index:
+        return "cpu"
+    if kind == "cuda" and (not index or index.isdigit()):
+        if not torch.cuda.is_available():
+            raise ParamError("device", f"{device}: no CUDA GPU is available here (torch {torch.__version__}"
+                                       f"{', a CPU-only build' if torch.version.cuda is None else ''})")
+        if index and int(index) >= torch.cuda.device_count():
+            raise ParamError("device", f"{device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        return device
+    if kind == "mps" and not index:
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ParamError("device", "mps: Apple's Metal backend is not available here")
+        return "mps"
+    raise ParamError("device", f"expected auto, cpu, cuda, cuda:N or mps, got {device!r}")
+
+
 def resolve_dtype(dtype: str | torch.dtype | None, device: str = "cpu") -> torch.dtype:
     """``auto``/None: fp16 on CUDA; on the CPU bf16 where the CPU has fast native bf16 arithmetic
     (``models.layers.cpu_has_fast_bf16``), else fp32 (safe precision)."""
@@ -273,7 +303,7 @@ def load(
     vae: str | Path | None = None,
     prediction: str | None = None,
     dtype: str | torch.dtype | None = None,
-    device: str = "cpu",
+    device: str = "auto",
     refiner: str | Path | None = None,
     loras: list[tuple[str | Path, float]] | None = None,
     lora_dir: str | Path | None = None,
@@ -282,6 +312,7 @@ def load(
     low_memory: bool = False,
     by_stage: bool = False,
     compile: bool = False,
+    no_half_vae: bool = False,
 ) -> Pipeline:
     """Load a checkpoint (None: the bundled model). ``loras`` are merged into the weights for good
     (``(path, weight)`` pairs); ``lora_dir`` serves ``<lora:name:w>`` tags in prompts; the textual
@@ -294,7 +325,10 @@ def load(
     (the UNet while sampling, the text encoders while encoding, the VAE while decoding): the same
     images, the peak of the largest component instead of all of them, one conversion per stage.
     ``compile``: run the UNet(s) under ``torch.compile`` (the first steps compile, for minutes on a
-    CPU; then see ``sfumato bench --compile`` for what it gains on this machine)."""
+    CPU; then see ``sfumato bench --compile`` for what it gains on this machine). ``device``: auto
+    (CUDA when present), cpu, cuda, cuda:N or mps. ``no_half_vae``: the VAE computes in fp32 whatever
+    the weights (A1111's --no-half-vae; without it a half-precision decode that yields NaN is redone
+    in fp32 once and the VAE stays fp32)."""
     for option, on in (("low_memory", low_memory), ("by_stage", by_stage)):
         if on and loras:
             raise ParamError("loras", f"merging LoRAs into the weights needs them in memory; not with {option}")
@@ -304,6 +338,7 @@ def load(
         from .data import BUNDLED_PATH
 
         path = BUNDLED_PATH
+    device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     model = load_model(path, vae=vae, prediction=prediction, dtype=torch_dtype, device=device, low_memory=low_memory,
                        by_stage=by_stage)
@@ -317,5 +352,9 @@ def load(
         for m in (model, refiner_model):
             if m is not None:
                 m.unet.compile()
+    if no_half_vae:
+        for m in (model, refiner_model):
+            if m is not None:
+                m.vae.dtype_override = torch.float32
     embeddings = load_embeddings(embeddings_dir, model.spec) if embeddings_dir is not None else None
     return Pipeline(model, refiner_model, lora_dir, embeddings, hypernet_dir)

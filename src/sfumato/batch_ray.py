@@ -25,13 +25,12 @@ class JobRenderer:
     """A Ray Data callable class: loads the model once per worker, then renders a batch of jobs."""
 
     def __init__(self, model: str, vae: str | None, prediction: str | None, dtype: str, threads: int,
-                 watermark: bool):
+                 watermark: bool, device: str = "auto"):
         import torch
 
         from .api import load
 
         torch.set_num_threads(threads)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
         self.pipe = load(model, vae=vae, prediction=prediction, dtype=dtype, device=device)
         self.watermark = watermark
 
@@ -43,7 +42,7 @@ class JobRenderer:
 def run_ray(todo: list[Job], out: str | Path, manifest: Manifest, *, model: str | Path,
             address: str | None = None, workers: int | None = None, threads: int | None = None,
             vae: str | None = None, prediction: str | None = None, dtype: str = "auto",
-            watermark: bool = True, bar=None) -> None:
+            watermark: bool = True, bar=None, device: str = "auto") -> None:
     """Generate ``todo`` on Ray: ``workers`` actors (default: one per GPU, else one), each with
     ``threads`` torch threads (default: the cluster's CPUs shared out among the workers) and one
     GPU if the cluster has any. ``address`` None starts a local cluster of this machine's CPUs."""
@@ -63,7 +62,7 @@ def run_ray(todo: list[Job], out: str | Path, manifest: Manifest, *, model: str 
         context.enable_progress_bars = False
         logging.getLogger("ray.data").setLevel(logging.WARNING)
         renderer = dict(model=_absolute(model), vae=vae and _absolute(vae), prediction=prediction, dtype=dtype,
-                        threads=threads, watermark=watermark)
+                        threads=threads, watermark=watermark, device=device)
         items = [{"job": job.to_json()} for job in todo]
         results = ray.data.from_items(items, override_num_blocks=len(items))
         results = results.map_batches(

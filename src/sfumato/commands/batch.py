@@ -32,6 +32,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--vae", help="a VAE file to use instead of the checkpoint's")
     p.add_argument("--prediction", choices=("eps", "v"), help="override the prediction type (SD 2.x)")
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"))
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N or mps "
+                                                    "(with --ray: each worker's)")
     p.add_argument("--no-watermark", action="store_true", help="do not add the invisible watermark")
     p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
                    help="run on a Ray cluster (no ADDRESS: start a local one); put it after PROMPTS")
@@ -57,6 +59,10 @@ def cmd_batch(args: argparse.Namespace) -> int:
             raise SfumatoError(f"--{flag}: must be at least 1, got {getattr(args, flag)}")
     if args.workers is not None and args.ray is None:
         raise SfumatoError("--workers: only with --ray")
+    if args.ray is None:   # a Ray cluster's workers may have devices this machine lacks
+        from ..api import resolve_device
+
+        resolve_device(args.device)
     overrides = {name: getattr(args, name) for name in FIELDS if name not in ("prompt", "seed")}
     overrides = {name: value for name, value in overrides.items() if value is not None}
     jobs = load_jobs(args.jobs, overrides, base_seed=0 if args.seed is None else args.seed)
@@ -65,13 +71,13 @@ def cmd_batch(args: argparse.Namespace) -> int:
         raise SfumatoError(f"--model: {model} not found")
     manifest, todo = open_run(jobs, args.out, model_label(model))
     with tqdm(total=len(jobs), initial=len(jobs) - len(todo), unit="job", desc="batch", file=sys.stderr,
-              disable=args.no_progress) as bar:
+              disable=True if args.no_progress else None) as bar:
         if todo and args.ray is not None:
             from ..batch_ray import run_ray
 
             run_ray(todo, args.out, manifest, model=model, address=args.ray or None, workers=args.workers,
                     threads=args.threads, vae=args.vae, prediction=args.prediction, dtype=args.dtype,
-                    watermark=not args.no_watermark, bar=bar)
+                    watermark=not args.no_watermark, bar=bar, device=args.device)
         elif todo:
             import torch
 
@@ -79,7 +85,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
             if args.threads is not None:
                 torch.set_num_threads(args.threads)
-            pipe = load(model, vae=args.vae, prediction=args.prediction, dtype=args.dtype)
+            pipe = load(model, vae=args.vae, prediction=args.prediction, dtype=args.dtype, device=args.device)
             run_local(todo, args.out, manifest, pipe, watermark=not args.no_watermark, bar=bar)
     print(f"{args.out}: {len(jobs)} jobs done ({len(todo)} generated now, {len(jobs) - len(todo)} already there)")
     return 0

@@ -36,7 +36,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-dir", help="folder searched for <lora:name:weight> tags in the prompt")
     p.add_argument("--hypernet-dir", help="folder searched for <hypernet:name:strength> tags in the prompt (A1111 .pt)")
     p.add_argument("--embeddings", metavar="DIR", help="textual inversion embeddings, used by file name in prompts")
-    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"))
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
+                   help="auto: fp16 on a GPU; on a CPU bf16 where it has fast bf16 arithmetic, else fp32")
+    p.add_argument("--no-half-vae", action="store_true",
+                   help="decode in fp32 whatever the weights (without it, a half-precision decode that yields "
+                        "NaN is redone in fp32)")
     p.add_argument("--memory", choices=("auto", "keep", "by-stage", "low"), default="auto",
                    help="keep: every component in memory throughout; by-stage: each read from the .safetensors "
                         "file for its stage only (the UNet while sampling, the VAE while decoding: same images, "
@@ -91,6 +96,7 @@ _HELP = {
 }
 
 
+DEVICE_HELP = "auto (CUDA when present, else MPS, else the CPU), cpu, cuda, cuda:N or mps"
 _DEPTH_HELP = "depth map for SD 2's depth model (greyscale, white = near, as MiDaS writes it)"
 
 
@@ -237,7 +243,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     _dry_validate(args.command, settings, extra)
     loras = [_lora_arg(text) for text in args.lora]
     memory = _memory_mode(args, model, settings["prompt"], loras)
-    pipe = load(model, vae=args.vae, prediction=args.prediction, dtype=args.dtype, refiner=args.refiner,
+    pipe = load(model, vae=args.vae, prediction=args.prediction, dtype=args.dtype, device=args.device,
+                no_half_vae=args.no_half_vae, refiner=args.refiner,
                 loras=loras, lora_dir=args.lora_dir, embeddings_dir=args.embeddings, low_memory=memory == "low",
                 by_stage=memory == "by-stage", hypernet_dir=args.hypernet_dir, compile=args.compile)
     if args.vae_decoder:

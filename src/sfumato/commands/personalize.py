@@ -32,7 +32,7 @@ def add_commands(train_subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("--gradient-checkpointing", action="store_true", help="recompute UNet activations (less memory)")
         p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                        help="compute precision; auto: bf16 where the hardware has it natively")
-        p.add_argument("--device", default="cpu")
+        p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N or mps")
         p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
         if method == "lora":
             p.add_argument("--rank", type=int, default=4)

@@ -26,7 +26,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                    help="with --listen: the Host names answered, comma-separated ('*': any). Default without "
                         "--api-auth: this machine's names and addresses (no DNS rebinding); with it: any")
     p.add_argument("--max-queue", type=int, default=16, help="jobs that may wait; more get 429")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, …")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present, else MPS, else the CPU), cpu, cuda, "
+                                                    "cuda:N or mps")
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"))
     p.add_argument("--no-watermark", action="store_true", help="do not add the invisible watermark")
     p.set_defaults(func=cmd_serve)
@@ -35,9 +36,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from ..api import resolve_device
     from ..server.app import ServerConfig, create_app
     from ..server.security import parse_credentials
 
+    device = resolve_device(args.device)
     host = args.host or ("0.0.0.0" if args.listen else "127.0.0.1")
     if not args.listen and not _is_loopback(host):
         raise SfumatoError(f"--host: {host} is not a loopback address; add --listen to serve other machines")
@@ -61,7 +64,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     args.port, "" if allowed == ("*",) else
                     " (only under this machine's names: --allowed-hosts adds others)" if allowed is None else "")
     config = ServerConfig(model=model, models_dir=models_dir, listen=args.listen, api_auth=credentials,
-                          max_queue=args.max_queue, watermark=not args.no_watermark, device=args.device,
+                          max_queue=args.max_queue, watermark=not args.no_watermark, device=device,
                           dtype=args.dtype, allowed_hosts=allowed, host=host)
     app = create_app(config)
     uvicorn.run(app, host=host, port=args.port, log_level="info", proxy_headers=False, server_header=False)

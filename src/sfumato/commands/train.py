@@ -41,6 +41,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
                    help="bf16: bf16 weights and bf16 arithmetic in the UNet and VAE (forced, whatever the CPU)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N or mps")
     p.set_defaults(func=cmd_eval)
 
 
@@ -72,7 +73,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     report = evaluate_model(args.model or BUNDLED_PATH, steps=args.steps, cfg_scale=args.cfg_scale, seed=args.seed,
-                            guidance=not args.no_guidance, dtype=args.dtype)
+                            guidance=not args.no_guidance, dtype=args.dtype, device=args.device)
     print(format_report(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))

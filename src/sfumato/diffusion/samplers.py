@@ -513,6 +513,16 @@ def resolve_sampler(name: str) -> tuple[str, str | None]:
         raise ValueError(f"unknown sampler {name!r}; valid samplers: {_valid_names()}") from None
 
 
+def implied_scheduler(name: str) -> str | None:
+    """The scheduler an old combined A1111 label names (``DPM++ 2M Karras`` → karras, before A1111 1.9
+    split the two); None for a plain sampler name, whose schedule is then the "Automatic" one."""
+    label = name.strip().lower() if isinstance(name, str) else ""
+    for suffix in (" karras", " exponential"):
+        if label.endswith(suffix) and label in _BY_NAME:
+            return _BY_NAME[label][1]
+    return None
+
+
 def get_sampler(name: str) -> Callable[..., Tensor]:
     """The sampler function for an internal or A1111 display name."""
     return SAMPLERS[resolve_sampler(name)[0]]

@@ -4,6 +4,7 @@ plan (``pipeline.plan``) needs only their spec and schedule."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from functools import cached_property
 from typing import Callable
@@ -21,6 +22,8 @@ from ..errors import NonFiniteOutputError
 from ..text.conditioner import Cond, Conditioner, SizeConditioning, build_schedule, match_lengths
 from . import tiling
 from .params import GenerationParams
+
+log = logging.getLogger(__name__)
 
 
 class Engine:
@@ -90,17 +93,28 @@ class Engine:
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
         """Scaled latents → uint8 [B, H, W, 3]: z/scale, decode, clamp to [−1, 1], round to 0–255."""
-        vae, (tiled, tile, stats) = self.model.vae, self._tiling()
+        vae = self.model.vae
         z = latents.float() / self.spec.vae.scale_factor
-        # one image at a time: a batch's convolutions may round differently from a single image's
-        with resident(vae):
-            images = torch.cat([tiling.decode(vae, zi.to(self.device), tiled, tile=tile, stats_size=stats).float().cpu()
-                                for zi in z.split(1)])
+        images = self._decode(z)
+        if not torch.isfinite(images).all() and vae.compute_dtype != torch.float32:
+            # A1111's NaN check: a half-precision decode that overflowed is redone in fp32, and the VAE
+            # stays in fp32 from then on (as with --no-half-vae)
+            log.warning("the VAE of %s produced NaN/inf in %s: decoding again in fp32 (and from now on)",
+                        self.name, str(vae.compute_dtype).removeprefix("torch."))
+            vae.dtype_override = torch.float32
+            images = self._decode(z)
         if not torch.isfinite(images).all():
             raise NonFiniteOutputError(f"the VAE of {self.name} produced NaN or infinite values when decoding; "
-                                       "try another dtype (fp32) or VAE")
+                                       "try another VAE")
         images = ((images.clamp(-1, 1) + 1) / 2 * 255).round().to(torch.uint8)
         return images.permute(0, 2, 3, 1)
+
+    def _decode(self, z: Tensor) -> Tensor:
+        vae, (tiled, tile, stats) = self.model.vae, self._tiling()
+        # one image at a time: a batch's convolutions may round differently from a single image's
+        with resident(vae):
+            return torch.cat([tiling.decode(vae, zi.to(self.device), tiled, tile=tile, stats_size=stats).float().cpu()
+                              for zi in z.split(1)])
 
     def _tiling(self) -> tuple[bool | None, int, int]:
         """(tiled, tile, statistics size) for the VAE: tiling's own rule (tiled above its

@@ -26,7 +26,7 @@ from typing import Any
 from PIL import ExifTags
 
 from ..version import __version__
-from ..diffusion.samplers import SAMPLER_DISPLAY, resolve_sampler
+from ..diffusion.samplers import SAMPLER_DISPLAY, implied_scheduler, resolve_sampler
 from ..errors import ParamError, SfumatoError
 from .params import GenerationParams
 
@@ -149,17 +149,8 @@ def infotext_settings(
 
 
 def _scheduler_label(sampler: str, scheduler: str | None) -> str:
-    """``Automatic`` when A1111's Automatic would pick the same σ's for the sampler, else the label."""
-    if scheduler is None or scheduler == (_default_scheduler(sampler) or "normal"):
-        return AUTOMATIC
-    return SCHEDULER_DISPLAY.get(scheduler, scheduler)
-
-
-def _default_scheduler(sampler: str) -> str | None:
-    try:
-        return resolve_sampler(sampler)[1]
-    except ValueError:   # not a sampler we know: validation reports it
-        return None
+    """The schedule that was chosen, as A1111 writes ``p.scheduler``: ``Automatic`` when none was."""
+    return AUTOMATIC if scheduler is None else SCHEDULER_DISPLAY.get(scheduler, scheduler)
 
 
 def generation_infotext(p: GenerationParams, **kwargs: Any) -> str:
@@ -290,11 +281,13 @@ def _sampler_and_scheduler(label: str, scheduler: str | None) -> tuple[str, str 
     """A1111's labels → (sampler, scheduler); old combined labels (``DPM++ 2M Karras``, before
     A1111 1.9) and ``Automatic`` give the scheduler A1111 would use (None: the model's default)."""
     try:
-        sampler, default = resolve_sampler(label)
+        sampler, _ = resolve_sampler(label)
     except ValueError:   # not a sampler we know: passed on for validation to report
         return label, None if scheduler in (None, AUTOMATIC) else _internal(SCHEDULER_DISPLAY, scheduler)
-    if scheduler is None or scheduler == AUTOMATIC:
-        return sampler, default
+    if scheduler == AUTOMATIC:
+        return sampler, None
+    if scheduler is None:   # before A1111 1.9 the label held the schedule: "DPM++ 2M Karras"
+        return sampler, implied_scheduler(label)
     return sampler, _internal(SCHEDULER_DISPLAY, scheduler)
 
 

@@ -80,7 +80,7 @@ class GenerationParams:
     steps: int = 20
     cfg_scale: float = 7.0
     sampler: str = "euler"
-    scheduler: str | None = None          # None: the sampler's default ("normal" for most)
+    scheduler: str | None = None          # None: A1111's "Automatic", the sampler's default ("normal" for most)
     seed: int = -1
     width: int = 512
     height: int = 512
@@ -128,7 +128,7 @@ class GenerationParams:
     def validated(self) -> "GenerationParams":
         """Checks every field; resolves seeds −1 to concrete random seeds and the sampler's
         display names to internal names. Returns self."""
-        from ..diffusion.samplers import resolve_sampler
+        from ..diffusion.samplers import implied_scheduler, resolve_sampler
         from ..diffusion.schedule import SCHEDULERS
 
         _int_range("steps", self.steps, 1, 1000)
@@ -145,12 +145,14 @@ class GenerationParams:
         _float_range("guidance_rescale", self.guidance_rescale, 0, 1)
         self._check_types()
         try:
-            sampler, default_scheduler = resolve_sampler(self.sampler)
+            sampler, _ = resolve_sampler(self.sampler)
         except ValueError as e:
             raise ParamError("sampler", str(e)) from None
+        # None stays None: A1111's "Automatic", the sampler's own default at sampling time; an old
+        # combined label ("DPM++ 2M Karras") chose one
+        self.scheduler = self.scheduler or implied_scheduler(self.sampler)
         self.sampler = sampler
-        self.scheduler = self.scheduler or default_scheduler or "normal"
-        if self.scheduler not in SCHEDULERS:
+        if self.scheduler is not None and self.scheduler not in SCHEDULERS:
             raise ParamError("scheduler", f"unknown scheduler {self.scheduler!r}; valid: {', '.join(SCHEDULERS)}")
         if self.rng not in RNGS:
             raise ParamError("rng", f"must be one of {', '.join(RNGS)}, got {self.rng!r}")
@@ -178,7 +180,7 @@ class GenerationParams:
             for name, value in (("width", self.hires_width), ("height", self.hires_height)):
                 if value % 8:
                     raise ParamError("hires_scale", f"hires {name} {value} is not a multiple of 8")
-        if self.sampler == "lcm" and self.scheduler == "normal":
+        if self.sampler == "lcm" and self.scheduler in (None, "normal"):
             for name, steps in (("steps", self.steps), ("hires_steps", self.hires_total_steps)):
                 if steps > LCM_MAX_STEPS:
                     raise ParamError(name, f"LCM with its own schedule takes 1 to {LCM_MAX_STEPS} steps, got {steps}"

@@ -500,7 +500,7 @@ def info(work: Work, pipe: Pipeline, items: list[ImageResult], started: float) -
         "subseed": subseeds[0] if subseeds else p.subseed, "all_subseeds": subseeds,
         "subseed_strength": p.subseed_strength, "width": p.width, "height": p.height,
         "sampler_name": SAMPLER_DISPLAY.get(p.sampler, p.sampler),
-        "scheduler": SCHEDULER_DISPLAY.get(p.scheduler or "normal", p.scheduler),
+        "scheduler": SCHEDULER_DISPLAY.get(p.scheduler, p.scheduler) if p.scheduler else "Automatic",
         "cfg_scale": p.cfg_scale, "steps": p.steps, "batch_size": p.batch_size,
         "restore_faces": False, "face_restoration_model": None,
         "sd_model_name": pipe.model_name, "sd_model_hash": pipe.model_hash,

@@ -428,6 +428,15 @@ def _add_job_routes(app: FastAPI, state: State) -> None:
             raise ApiError(409, f"the job has already finished ({job.status})", "id")
         return {"id": job.id, "status": job.status}
 
+    @app.post("/v1/jobs/{job_id}/interrupt", tags=["jobs"])
+    def interrupt_job(job_id: str) -> dict[str, Any]:
+        """Stop this job at its next step and keep what it has made, as A1111's Interrupt does: the
+        finished iterations and the current one's latest image come back as its result."""
+        job = find(job_id)
+        if not job.request_stop("interrupt"):
+            raise ApiError(409, f"the job has already finished ({job.status})", "id")
+        return {"id": job.id, "status": job.status}
+
     @app.get("/v1/jobs/{job_id}/events", tags=["jobs"])
     async def job_events(job_id: str) -> StreamingResponse:
         """Server-sent events: ``progress`` while the job waits or runs, then one ``end`` with the result."""

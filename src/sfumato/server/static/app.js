@@ -129,7 +129,7 @@ function finish() {
 async function interrupt() {
   if (!state.job) return;
   try {
-    await api("DELETE", `v1/jobs/${state.job}`);
+    await api("POST", `v1/jobs/${state.job}/interrupt`);   // keeps the images made so far
   } catch (e) {
     setStatus(e.message, true);
   }
