@@ -274,6 +274,7 @@ class ControlUnit:
     strength: float = 1.0
     start: float = 0.0
     end: float = 1.0
+    mode: str = "balanced"   # "prompt": soft injection; "control": soft injection, no control on the uncond rows
     hint: Tensor = field(init=False, repr=False)  # the image as (N, C, H, W) in [0, 1]
     _sized: dict[tuple, Tensor] = field(default_factory=dict, init=False, repr=False)  # the last size asked for
 
@@ -285,6 +286,8 @@ class ControlUnit:
                 raise ParamError(name, f"must be within [0, 1], got {getattr(self, name)}")
         if self.start > self.end:
             raise ParamError("start", f"must not exceed end ({self.start} > {self.end})")
+        if self.mode not in ("balanced", "prompt", "control"):
+            raise ParamError("mode", f"must be balanced, prompt or control, got {self.mode!r}")
         self.hint = hint_tensor(self.image)
         if self.hint.shape[1] == 1 and self.model.cfg.hint_channels == 3:  # a grey image
             self.hint = self.hint.expand(-1, 3, -1, -1)
@@ -311,14 +314,26 @@ class ControlUnit:
             self._sized = {key: h.expand(x.shape[0], -1, -1, -1).to(x.device)}
         return self._sized[key]
 
-    def residuals(self, x: Tensor, t: Tensor, context: Tensor, y: Tensor | None) -> list[Tensor]:
+    def residuals(self, x: Tensor, t: Tensor, context: Tensor, y: Tensor | None, uncond_rows: int = 0) -> list[Tensor]:
+        """The residuals for rows ``x``; in the "prompt" and "control" modes (sd-webui-controlnet's soft
+        injection) residual i of n is scaled 0.825^(n−1−i), and in "control" the first ``uncond_rows``
+        rows (the unconditional ones) get none."""
         c_in = self.model.cfg.unet.in_channels
-        return self.model(x[:, :c_in], self.hint_for(x), t, context, y, strength=self.strength)
+        res = self.model(x[:, :c_in], self.hint_for(x), t, context, y, strength=self.strength)
+        if self.mode == "balanced":
+            return res
+        res = [r * 0.825 ** (len(res) - 1 - i) for i, r in enumerate(res)]
+        if self.mode == "control" and uncond_rows:
+            keep = torch.ones(x.shape[0], 1, 1, 1, dtype=res[0].dtype, device=res[0].device)
+            keep[:uncond_rows] = 0
+            res = [r * keep for r in res]
+        return res
 
 
 def controlled_unet(unet: UNetModel, units: Sequence[ControlUnit]) -> Callable[..., Tensor]:
-    """`fn(x, t, context, y=None, *, fraction)`: the UNet with the summed residuals of the units
-    active at step fraction `fraction` (computed by the caller); the plain UNet when none is."""
+    """`fn(x, t, context, y=None, *, fraction, uncond_rows=0)`: the UNet with the summed residuals of
+    the units active at step fraction `fraction` (computed by the caller; the first `uncond_rows` rows
+    are unconditional, for the "control" mode); the plain UNet when none is."""
     for unit in units:
         cn = unit.model.cfg.unet
         if (cn.model_channels, cn.channel_mult, cn.num_res_blocks) != (
@@ -327,11 +342,12 @@ def controlled_unet(unet: UNetModel, units: Sequence[ControlUnit]) -> Callable[.
             raise ValueError("a ControlNet's encoder does not match the UNet (model_channels, channel_mult, "
                              "num_res_blocks): it was made for another model family")
 
-    def fn(x: Tensor, t: Tensor, context: Tensor, y: Tensor | None = None, *, fraction: float) -> Tensor:
+    def fn(x: Tensor, t: Tensor, context: Tensor, y: Tensor | None = None, *, fraction: float,
+           uncond_rows: int = 0) -> Tensor:
         control: list[Tensor] | None = None
         for unit in units:
             if unit.active(fraction):
-                res = unit.residuals(x, t, context, y)
+                res = unit.residuals(x, t, context, y, uncond_rows)
                 control = res if control is None else [a + b.to(a.dtype) for a, b in zip(control, res)]
         if control is None:
             return unet(x, t, context, y)

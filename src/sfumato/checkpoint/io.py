@@ -8,6 +8,7 @@ Anything else is refused before it can run. There is deliberately no option to l
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import io
 import json
@@ -354,13 +355,28 @@ def _load_pickle(path: Path, fmt: FileFormat, device: str) -> Any:
     # torch.load hands any path ending in ".safetensors" to safetensors whatever its content, so a
     # mislabelled pickle is passed as an open file (which torch cannot memory-map).
     mmap = fmt == "torch-zip" and not str(path).endswith(".safetensors")
-    try:
-        with torch.serialization.safe_globals(_EXTRA_SAFE_GLOBALS), open(path, "rb") as f:
-            obj = torch.load(path if mmap else f, map_location=device, weights_only=True, mmap=mmap)
-    except Exception as e:  # untrusted bytes: whatever goes wrong becomes a one-line CheckpointError
-        raise _pickle_error(path, fmt, e) from None
-    _flatten(obj, path, collect=False)   # bounded depth and size, tensors within their storage
+    # The cyclic garbage collector is paused while the unpickler builds objects: a crafted file's
+    # hundred thousand containers would otherwise set off full collections of a large process's heap
+    # (seconds in a server or a test run), and a checkpoint holds no cycles to collect.
+    with _gc_paused():
+        try:
+            with torch.serialization.safe_globals(_EXTRA_SAFE_GLOBALS), open(path, "rb") as f:
+                obj = torch.load(path if mmap else f, map_location=device, weights_only=True, mmap=mmap)
+        except Exception as e:  # untrusted bytes: whatever goes wrong becomes a one-line CheckpointError
+            raise _pickle_error(path, fmt, e) from None
+        _flatten(obj, path, collect=False)   # bounded depth and size, tensors within their storage
     return obj
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 _GLOBAL_IN_MESSAGE = re.compile(r"GLOBAL (\S+) (?:was not an allowed global|whose module)")

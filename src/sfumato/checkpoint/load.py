@@ -216,6 +216,9 @@ def read_vae_file(path: str | Path) -> dict[str, Tensor]:
     if any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in sd):
         sd = diffusers_vae_to_ldm(sd)
     sd = {k: v for k, v in sd.items() if not k.startswith("loss.") and k != "model_ema.decay"}
+    if not {"decoder.conv_in.weight", "post_quant_conv.weight"} <= set(sd):
+        raise CheckpointError(f"{Path(path).name} holds no VAE weights (no decoder.conv_in / post_quant_conv)",
+                              "the file holds no VAE weights")
     check_finite(sd, f"the weights of VAE {Path(path).name}")
     return normalize_vae_state_dict(sd)
 

@@ -51,6 +51,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true",
                    help="run the UNet under torch.compile (keeps it in memory: --memory auto becomes keep)")
     p.add_argument("--from-png", metavar="FILE", help="take the settings from an image's infotext")
+    p.add_argument("--style", action="append", default=[], metavar="NAME",
+                   help="apply a prompt style from --styles-file (repeatable, in order)")
+    p.add_argument("--styles-file", metavar="CSV", help="A1111's styles.csv (name,prompt,negative_prompt)")
     p.add_argument("--no-watermark", action="store_true", help="do not add the invisible watermark")
     p.add_argument("-o", "--output", default="output.png",
                    help="image path (.png, .jpg, .webp); a batch writes NAME-0.png, NAME-1.png, …")
@@ -75,6 +78,18 @@ def _add_control(p: argparse.ArgumentParser) -> None:
                    help="fraction of the steps at which it starts (0)")
     g.add_argument("--control-end", action="append", default=[], type=float, metavar="F",
                    help="fraction of the steps at which it ends (1)")
+    from ..pipeline.params import CONTROL_MODES, CONTROL_RESIZE
+
+    g.add_argument("--control-mode", action="append", default=[], choices=CONTROL_MODES,
+                   help="balanced (default); prompt: 'My prompt is more important'; control: 'ControlNet is more "
+                        "important' (sd-webui-controlnet's control modes)")
+    g.add_argument("--control-resize", action="append", default=[], choices=CONTROL_RESIZE,
+                   help="how the image meets the generation's aspect: stretch (default, Just Resize), crop "
+                        "(Crop and Resize), fill (Resize and Fill)")
+    g.add_argument("--control-threshold-a", action="append", default=[], type=float, metavar="A",
+                   help="the preprocessor's first threshold (canny: low, default 100; threshold/scribble: 127)")
+    g.add_argument("--control-threshold-b", action="append", default=[], type=float, metavar="B",
+                   help="the preprocessor's second threshold (canny: high, default 200)")
 
 
 _HELP = {
@@ -144,7 +159,8 @@ def _lora_arg(text: str) -> tuple[str, float]:
 
 
 _CONTROL_FIELDS = {"control_preprocessor": "preprocessor", "control_strength": "strength", "control_start": "start",
-                   "control_end": "end"}
+                   "control_end": "end", "control_mode": "mode", "control_resize": "resize",
+                   "control_threshold_a": "threshold_a", "control_threshold_b": "threshold_b"}
 
 
 def _control_specs(args: argparse.Namespace) -> list:
@@ -213,6 +229,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         settings.setdefault("prompt", "")
     if "prompt" not in settings:
         raise SfumatoError("prompt: no prompt given")
+    if args.style:
+        from ..text.styles import apply_styles, read_styles
+
+        if not args.styles_file:
+            raise SfumatoError("--style: needs --styles-file (A1111's styles.csv)")
+        settings["prompt"], settings["negative_prompt"] = apply_styles(
+            settings["prompt"], settings.get("negative_prompt", ""), args.style, read_styles(args.styles_file), "--style")
     output = Path(args.output)
     if not output.parent.is_dir():
         raise SfumatoError(f"--output: folder {output.parent} does not exist")

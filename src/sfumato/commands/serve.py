@@ -19,7 +19,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="checkpoint to load first: a path, or a name inside --models-dir "
                                    "(default: the bundled model)")
     p.add_argument("--models-dir", help="folder of checkpoints that clients may switch to by name; "
-                                        "its VAE/, Lora/, embeddings/ and hypernetworks/ subfolders hold those")
+                                        "its VAE/, Lora/, embeddings/, hypernetworks/ and ControlNet/ subfolders "
+                                        "hold those, its styles.csv A1111's prompt styles")
     p.add_argument("--listen", action="store_true", help="accept connections from other machines")
     p.add_argument("--api-auth", metavar="USER:PASS", help="require HTTP Basic auth on every route")
     p.add_argument("--allowed-hosts", metavar="NAMES",

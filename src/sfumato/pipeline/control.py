@@ -87,11 +87,40 @@ def control_image(spec: ControlSpec, width: int, height: int, crop: Crop | None 
         (left, top, right, bottom), (cw, ch) = crop
         sx, sy = image.width / cw, image.height / ch
         image = image.crop((round(left * sx), round(top * sy), round(right * sx), round(bottom * sy)))
+    image = _fit_aspect(image, width / height, spec.resize)
     if spec.preprocessor == "none":
         return image
     if image.size != (width, height):
         image = image.convert("RGB").resize((width, height), Image.LANCZOS)
-    return PREPROCESSORS[spec.preprocessor](image)
+    return PREPROCESSORS[spec.preprocessor](image, **preprocessor_args(spec))
+
+
+def _fit_aspect(image: Image.Image, aspect: float, resize: str) -> Image.Image:
+    """The image brought to the generation's aspect at its own scale: as it is (stretched later), its
+    centre cropped to the aspect, or fitted inside a black canvas of the aspect."""
+    w, h = image.size
+    if resize == "stretch" or abs(w / h - aspect) < 1e-6:
+        return image
+    if resize == "crop":
+        cw, ch = (round(h * aspect), h) if w / h > aspect else (w, round(w / aspect))
+        left, top = (w - cw) // 2, (h - ch) // 2
+        return image.crop((left, top, left + cw, top + ch))
+    cw, ch = (w, round(w / aspect)) if w / h > aspect else (round(h * aspect), h)
+    canvas = Image.new(image.mode, (cw, ch))
+    canvas.paste(image, ((cw - w) // 2, (ch - h) // 2))
+    return canvas
+
+
+def preprocessor_args(spec: ControlSpec) -> dict[str, float]:
+    """The preprocessor's thresholds the spec sets (canny: low, high; threshold, scribble: level)."""
+    if spec.preprocessor == "canny":
+        names = ("low", "high")
+    elif spec.preprocessor in ("threshold", "scribble"):
+        names = ("level",)
+    else:
+        return {}
+    values = (spec.threshold_a, spec.threshold_b)
+    return {n: (int(v) if n == "level" else v) for n, v in zip(names, values) if v is not None}
 
 
 def control_units(specs: Sequence[ControlSpec], models: Sequence[ControlNet], width: int, height: int,
@@ -100,7 +129,7 @@ def control_units(specs: Sequence[ControlSpec], models: Sequence[ControlNet], wi
     for i, (spec, model) in enumerate(zip(specs, models, strict=True)):
         try:
             units.append(ControlUnit(model, control_image(spec, width, height, crop), spec.strength, spec.start,
-                                     spec.end))
+                                     spec.end, spec.mode))
         except ParamError as e:
             raise ParamError(f"control[{i}].{e.field}", e.message) from None
     return units
@@ -116,7 +145,8 @@ class ControlledDenoiser:
         self.unet = controlled_unet(engine.model.unet, units)
 
     def __call__(self, x: Tensor, sigma: Tensor, cond: object) -> Tensor:
-        unet = partial(self.unet, fraction=self.clock.fraction)
+        # Guidance calls the UNet once per image: its uncond row first, then its cond rows
+        unet = partial(self.unet, fraction=self.clock.fraction, uncond_rows=1)
         e = self.engine
         return Denoiser(partial(e.unet_call, unet=unet), e.schedule, e.spec.prediction)(x, sigma, cond)
 

@@ -27,6 +27,11 @@ MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")
 UPSCALERS = ("latent", "lanczos")
 RNGS = ("cpu", "nv")
 CONTROL_PREPROCESSORS = ("none", "canny", "threshold", "scribble", "depth")  # adapters.controlnet.PREPROCESSORS
+# sd-webui-controlnet's control modes: Balanced; "My prompt is more important" (residuals scaled
+# 0.825^(12−i), deepest kept); "ControlNet is more important" (that, and none on the uncond rows)
+CONTROL_MODES = ("balanced", "prompt", "control")
+# its resize modes: Just Resize (stretch), Crop and Resize (centre crop to the aspect), Resize and Fill
+CONTROL_RESIZE = ("stretch", "crop", "fill")
 
 
 @dataclass
@@ -34,7 +39,9 @@ class ControlSpec:
     """One ControlNet of a request: a ControlNet file or diffusers folder (or an already loaded
     ``models.controlnet.ControlNet``), the control image (PIL, or uint8 (H, W[, C]) array), its
     preprocessor, the strength of its residuals and its active span of the sampling run (step
-    fractions ``start`` ≤ i/steps ≤ ``end``). The image is fitted to the generation size."""
+    fractions ``start`` ≤ i/steps ≤ ``end``). The image is fitted to the generation size by ``resize``
+    (``CONTROL_RESIZE``); ``mode`` is the control mode (``CONTROL_MODES``); ``threshold_a`` /
+    ``threshold_b`` are the preprocessor's (canny: low, high; threshold, scribble: the level)."""
 
     model: str | Path | Any
     image: Image.Image | np.ndarray = field(repr=False)
@@ -42,6 +49,10 @@ class ControlSpec:
     strength: float = 1.0
     start: float = 0.0
     end: float = 1.0
+    mode: str = "balanced"
+    resize: str = "stretch"
+    threshold_a: float | None = None
+    threshold_b: float | None = None
 
     @property
     def model_name(self) -> str:
@@ -66,6 +77,16 @@ class ControlSpec:
         if self.preprocessor not in CONTROL_PREPROCESSORS:
             raise ParamError(f"{prefix}.preprocessor", f"must be one of {', '.join(CONTROL_PREPROCESSORS)}, "
                                                        f"got {self.preprocessor!r}")
+        for name, valid in (("mode", CONTROL_MODES), ("resize", CONTROL_RESIZE)):
+            if getattr(self, name) not in valid:
+                raise ParamError(f"{prefix}.{name}", f"must be one of {', '.join(valid)}, got {getattr(self, name)!r}")
+        for name in ("threshold_a", "threshold_b"):
+            if getattr(self, name) is not None:
+                _float_range(f"{prefix}.{name}", getattr(self, name), 0, 255)
+        if self.preprocessor == "canny" and None not in (self.threshold_a, self.threshold_b) and \
+                self.threshold_a > self.threshold_b:
+            raise ParamError(f"{prefix}.threshold_a", f"canny's low threshold must not exceed the high one "
+                                                      f"({self.threshold_a} > {self.threshold_b})")
         _float_range(f"{prefix}.strength", self.strength, 0, 2)
         _float_range(f"{prefix}.start", self.start, 0, 1)
         _float_range(f"{prefix}.end", self.end, 0, 1)

@@ -31,7 +31,10 @@ from ..pipeline.masks import check_outpaint, outpaint_canvas
 from ..adapters.hypernetwork import parse_hypernet_prompt
 from ..adapters.lora import parse_lora_prompt
 from ..pipeline.params import MASKED_CONTENT, GenerationParams, ParamError, check_prompt, prompt_workload
+from ..errors import SfumatoError
 from ..pipeline.watermark import add_watermark
+from ..text.styles import apply_styles
+from .extensions import control_specs
 from .jobs import Job, Stopped
 from .security import A1111_FIELDS, ApiError, Catalog, Entry, Limits, decode_image
 
@@ -146,7 +149,6 @@ def _absent(v: Any) -> bool:
 
 # A1111 fields without an implementation here: (value check, what the user is told).
 _INERT: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "styles": (_absent, "prompt styles are not supported"),
     "restore_faces": (_absent, "face restoration is not supported"),
     "tiling": (_absent, "tiling is not supported"),
     "eta": (lambda v: v in (None, 1), "only the samplers' default eta is supported"),
@@ -155,11 +157,9 @@ _INERT: dict[str, tuple[Callable[[Any], bool], str]] = {
     "s_tmin": (_absent, "not supported"),
     "s_tmax": (lambda v: _absent(v) or v == math.inf, "not supported"),
     "s_noise": (lambda v: v in (None, 1), "not supported"),
-    "refiner_checkpoint": (lambda v: v in (None, "", "None"), "a refiner is not supported by this server"),
     "firstpass_image": (_absent, "not supported"),
     "script_name": (_absent, "scripts are not supported"),
     "script_args": (_absent, "scripts are not supported"),
-    "alwayson_scripts": (_absent, "extensions (alwayson_scripts) are not supported"),
     "save_images": (_absent, "this server saves no files: images come back in the response"),
     "infotext": (_absent, "not supported: send the settings as fields"),
     "firstphase_width": (_absent, "deprecated in A1111 and not supported"),
@@ -241,7 +241,8 @@ class Work:
     parameters: dict[str, Any]      # the request as A1111 echoes it
     checkpoint: Entry
     vae: Entry | None
-    fields: tuple[str, str] = ("sd_model_checkpoint", "sd_vae")   # the fields that chose them
+    fields: tuple[str, ...] = ("sd_model_checkpoint", "sd_vae", "refiner_checkpoint")   # the fields that chose them
+    refiner: Entry | None = None
 
 
 def build_work(req: Txt2ImgRequest | Img2ImgRequest, defaults: Defaults, catalog: Catalog, limits: Limits) -> Work:
@@ -250,17 +251,27 @@ def build_work(req: Txt2ImgRequest | Img2ImgRequest, defaults: Defaults, catalog
     for name, (ok, why) in _INERT.items():
         if name in type(req).model_fields and not ok(getattr(req, name)):
             raise ApiError(422, why, name)
-    _check_prompts(req, limits)
+    prompt, negative = req.prompt, req.negative_prompt or ""
+    if req.styles:   # A1111's styles, from the models folder's styles.csv, applied in order
+        try:
+            prompt, negative = apply_styles(prompt, negative, req.styles, catalog.styles())
+        except ParamError as e:
+            raise ApiError(422, e.public.split(": ", 1)[-1], "styles") from None
+        except SfumatoError:
+            raise ApiError(422, "the server's styles.csv cannot be read", "styles") from None
+    _check_prompts(prompt, negative, req.steps, limits)
     options = apply_options(req.override_settings or {}, defaults, catalog, "override_settings.")
-    prompt = req.prompt
     if req.disable_extra_networks:   # as in A1111: the tags are taken out of the prompt, nothing is applied
         prompt = _without_tags(prompt)
     else:
         _check_tags(prompt, catalog)
     if req.denoising_strength is not None and not 0 <= req.denoising_strength <= 1:
         raise ApiError(422, f"must be in [0, 1], got {req.denoising_strength}", "denoising_strength")
+    refiner = None
+    if req.refiner_checkpoint not in (None, "", "None"):   # A1111: an SDXL refiner for the schedule's tail
+        refiner = catalog.find("checkpoint", req.refiner_checkpoint, "refiner_checkpoint")
     settings: dict[str, Any] = dict(
-        prompt=prompt, negative_prompt=req.negative_prompt or "", steps=req.steps, cfg_scale=req.cfg_scale,
+        prompt=prompt, negative_prompt=negative, steps=req.steps, cfg_scale=req.cfg_scale,
         sampler=req.sampler_name or req.sampler_index or "Euler", scheduler=scheduler_name(req.scheduler),
         seed=req.seed, width=req.width, height=req.height, batch_size=req.batch_size, clip_skip=options.clip_skip,
         subseed=req.subseed, subseed_strength=req.subseed_strength, rng=options.rng,
@@ -268,10 +279,17 @@ def build_work(req: Txt2ImgRequest | Img2ImgRequest, defaults: Defaults, catalog
         seed_resize_from_h=req.seed_resize_from_h if req.seed_resize_from_h is not None else 0,
         eta_noise_seed_delta=options.ensd,
     )
+    if refiner is not None:
+        settings.update(refiner=refiner.stem, refiner_switch=0.8 if req.refiner_switch_at is None else req.refiner_switch_at)
+    elif req.refiner_switch_at is not None and "refiner_switch_at" in req.model_fields_set and \
+            req.refiner_switch_at not in (0, 1):
+        raise ApiError(422, "needs refiner_checkpoint", "refiner_switch_at")
     if img2img:
         settings.update(_img2img_settings(req, limits))
     elif req.enable_hr:
         settings.update(_hires_settings(req))
+    if req.alwayson_scripts:   # sd-webui-controlnet's units (other extensions only when empty)
+        settings["control"] = control_specs(req.alwayson_scripts, catalog, limits, settings.get("init_image"))
     _check_limits(settings, req.n_iter, limits)
     try:
         params = GenerationParams(**settings).validated()
@@ -283,9 +301,9 @@ def build_work(req: Txt2ImgRequest | Img2ImgRequest, defaults: Defaults, catalog
         parameters.update(init_images=None, mask=None)
     overridden = set(req.override_settings or {})
     fields = tuple(f"override_settings.{name}" if name in overridden else name
-                   for name in ("sd_model_checkpoint", "sd_vae"))
+                   for name in ("sd_model_checkpoint", "sd_vae")) + ("refiner_checkpoint",)
     return Work("img2img" if img2img else "txt2img", params, req.n_iter, req.send_images, parameters,
-                options.checkpoint, options.vae, fields)
+                options.checkpoint, options.vae, fields, refiner)
 
 
 def scheduler_name(value: str | None) -> str | None:
@@ -299,11 +317,10 @@ def scheduler_name(value: str | None) -> str | None:
     return value
 
 
-def _check_prompts(req: Txt2ImgRequest | Img2ImgRequest, limits: Limits) -> None:
+def _check_prompts(prompt: str, negative: str, steps: int, limits: Limits) -> None:
     """The server's bounds on what the text encoders are asked to read, before anything else."""
-    steps = req.steps if isinstance(req.steps, int) and 1 <= req.steps <= limits.max_steps else 1
-    for field in ("prompt", "negative_prompt"):
-        text = getattr(req, field) or ""
+    steps = steps if isinstance(steps, int) and 1 <= steps <= limits.max_steps else 1
+    for field, text in (("prompt", prompt), ("negative_prompt", negative)):
         if len(text) > limits.max_prompt_length:
             raise ApiError(422, f"{len(text)} characters; at most {limits.max_prompt_length}", field)
         try:
@@ -509,7 +526,7 @@ def info(work: Work, pipe: Pipeline, items: list[ImageResult], started: float) -
         "seed_resize_from_h": p.seed_resize_from_h if p.seed_resize_from else -1,
         "denoising_strength": p.strength if p.is_img2img else (p.hires_denoise if hires else None),
         "extra_generation_params": {}, "index_of_first_image": 0,
-        "infotexts": [item.infotext for item in items], "styles": [],
+        "infotexts": [item.infotext for item in items], "styles": work.parameters.get("styles") or [],
         "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(started)),
         "clip_skip": p.clip_skip,
         "is_using_inpainting_conditioning": p.mask is not None and pipe.model.spec.unet.in_channels == 9,

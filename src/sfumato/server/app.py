@@ -32,7 +32,7 @@ from ..api import Pipeline, load
 from ..checkpoint.io import sha256_file
 from ..checkpoint.load import check_file, read_vae_file
 from ..errors import SfumatoError
-from . import a1111
+from . import a1111, extensions
 from .a1111 import Defaults, Img2ImgJob, Img2ImgRequest, PngInfoRequest, Txt2ImgJob, Txt2ImgRequest, Work
 from .jobs import Job, JobQueue, QueueFull, wait
 from .security import LOOPBACK_HOSTS, ApiError, Catalog, Entry, Guard, Limits, decode_image, machine_hosts
@@ -59,35 +59,46 @@ class ServerConfig:
     host: str | None = None              # the address bound (one of the names answered)
 
 
+FIELDS = ("sd_model_checkpoint", "sd_vae", "refiner_checkpoint")   # what chose each model of a pipeline
+
+
 class ModelHost:
     """The loaded pipeline. Used by the worker thread only (and once before it starts)."""
 
     def __init__(self, config: ServerConfig, pipeline: Pipeline, entry: Entry, catalog: Catalog):
         self.config, self.catalog = config, catalog
         self.pipe: Pipeline | None = pipeline
-        self.key: tuple[Entry, Entry | None] | None = (entry, None)
+        self.key: tuple[Entry, Entry | None, Entry | None] | None = (entry, None, None)
         self.sha256: dict[Path, str] = {}
+        self._hashes: dict[tuple, str] = {}
 
-    def get(self, checkpoint: Entry, vae: Entry | None, fields: tuple[str, str] = ("sd_model_checkpoint", "sd_vae")
-            ) -> Pipeline:
-        """The pipeline of ``checkpoint`` (+ ``vae``), loaded if it is not the current one; a file that
-        cannot be loaded is a 422 naming ``fields`` (checkpoint's, VAE's), without paths or contents."""
-        if self.key != (checkpoint, vae):
+    def get(self, checkpoint: Entry, vae: Entry | None, fields: tuple[str, ...] = FIELDS,
+            refiner: Entry | None = None) -> Pipeline:
+        """The pipeline of ``checkpoint`` (+ ``vae``, + an SDXL ``refiner``), loaded if it is not the
+        current one; a file that cannot be loaded is a 422 naming the field that chose it (``fields``:
+        checkpoint's, VAE's, refiner's), without paths or contents."""
+        key = (checkpoint, vae, refiner)
+        if self.key != key:
             # a file that cannot load is refused before the model in use is given up
-            for entry, field, check in ((checkpoint, fields[0], check_file), (vae, fields[1], read_vae_file)):
+            for entry, field, kind, check in ((checkpoint, fields[0], "checkpoint", check_file),
+                                              (vae, fields[1], "VAE", read_vae_file),
+                                              (refiner, fields[2], "refiner", check_file)):
                 if entry is not None:
                     try:
                         check(entry.path)
                     except SfumatoError as e:
-                        raise _load_error(e, entry, "VAE" if entry is vae else "checkpoint", field) from None
+                        raise _load_error(e, entry, kind, field) from None
             self.pipe = self.key = None
             gc.collect()
             try:
-                self.pipe = load(checkpoint.path, vae=vae.path if vae else None, dtype=self.config.dtype,
-                                 device=self.config.device, embeddings_dir=_embeddings_dir(self.catalog))
-            except SfumatoError as e:   # the files were readable: the pair does not fit (a VAE of another family)
-                raise _load_error(e, vae or checkpoint, "VAE" if vae else "checkpoint", fields[1 if vae else 0]) from None
-            self.key = (checkpoint, vae)
+                self.pipe = load(checkpoint.path, vae=vae.path if vae else None, refiner=refiner.path if refiner else None,
+                                 dtype=self.config.dtype, device=self.config.device,
+                                 embeddings_dir=_embeddings_dir(self.catalog))
+            except SfumatoError as e:   # the files were readable: they do not fit together (a VAE of another family)
+                blame, kind, field = ((refiner, "refiner", fields[2]) if refiner else (vae, "VAE", fields[1]) if vae
+                                      else (checkpoint, "checkpoint", fields[0]))
+                raise _load_error(e, blame, kind, field) from None
+            self.key = key
         # prompt tags resolve through the catalog's folders: the names it lists are the files that load
         self.pipe.lora_folder = self.catalog.folder("lora")
         self.pipe.hypernet_folder = self.catalog.folder("hypernetwork")
@@ -95,6 +106,14 @@ class ModelHost:
             self.sha256[checkpoint.path] = sha256_file(checkpoint.path)
             self.pipe.__dict__.setdefault("model_hash", self.sha256[checkpoint.path][:10])   # its cached_property
         return self.pipe
+
+    def hash_of(self, path: Path) -> str:
+        """A file's SHA-256, kept (by path, size and modification time)."""
+        stat = path.stat()
+        key = (path, stat.st_size, stat.st_mtime_ns)
+        if key not in self._hashes:
+            self._hashes[key] = sha256_file(path)
+        return self._hashes[key]
 
 
 def _load_error(e: SfumatoError, entry: Entry, kind: str, field: str) -> ApiError:
@@ -117,7 +136,7 @@ class State:
 
     def submit(self, work: Work, origin: str) -> Job:
         def task(job: Job) -> dict[str, Any]:
-            pipe = self.host.get(work.checkpoint, work.vae, work.fields)
+            pipe = self.host.get(work.checkpoint, work.vae, work.fields, work.refiner)
             return a1111.run_work(work, job, pipe, self.config.watermark)
 
         try:
@@ -341,6 +360,14 @@ def _add_a1111_routes(app: FastAPI, state: State) -> None:
         return [{"name": e.stem, "alias": e.stem, "path": e.name, "metadata": {}}
                 for e in state.catalog.entries("lora")]
 
+    @app.get(f"{v1}/prompt-styles", tags=["A1111"])
+    def prompt_styles() -> list[dict[str, Any]]:
+        try:
+            styles = state.catalog.styles()
+        except SfumatoError:
+            raise ApiError(503, "the server's styles.csv cannot be read (see the server log)") from None
+        return [{"name": s.name, "prompt": s.prompt, "negative_prompt": s.negative_prompt} for s in styles.values()]
+
     @app.get(f"{v1}/hypernetworks", tags=["A1111"])
     def hypernetworks() -> list[dict[str, Any]]:
         return [{"name": e.stem, "path": e.name} for e in state.catalog.entries("hypernetwork")]
@@ -369,7 +396,27 @@ def _add_a1111_routes(app: FastAPI, state: State) -> None:
 
     @app.get(f"{v1}/scripts", tags=["A1111"])
     def scripts() -> dict[str, Any]:
-        return {"txt2img": [], "img2img": []}
+        # "controlnet m2m" is how clients (webuiapi) tell that the ControlNet extension's API is here
+        return {"txt2img": ["controlnet m2m"], "img2img": ["controlnet m2m"]}
+
+    @app.get("/controlnet/version", tags=["ControlNet"])
+    def controlnet_version() -> dict[str, Any]:
+        return {"version": extensions.CONTROLNET_VERSION}
+
+    @app.get("/controlnet/model_list", tags=["ControlNet"])
+    def controlnet_model_list(update: bool = True) -> dict[str, Any]:
+        """The ControlNet folder's models as the extension lists them: ``name [8 hex digits of sha256]``."""
+        if update:
+            state.catalog.refresh()
+        return {"model_list": [f"{e.stem} [{state.host.hash_of(e.path)[:8]}]" for e in state.catalog.entries("controlnet")]}
+
+    @app.get("/controlnet/module_list", tags=["ControlNet"])
+    def controlnet_module_list(alias_names: bool = False) -> dict[str, Any]:
+        return {"module_list": list(extensions.MODULES), "module_detail": {}}
+
+    @app.post("/controlnet/detect", tags=["ControlNet"])
+    async def controlnet_detect(body: dict[str, Any] = Body(...)) -> dict[str, Any]:
+        return await run_in_threadpool(extensions.detect, body, state.config.limits)
 
 
 def _ram() -> dict[str, Any]:

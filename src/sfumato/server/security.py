@@ -74,6 +74,7 @@ class Limits:
 
 # GenerationParams fields → the A1111 field a client sent (errors name what the client knows)
 A1111_FIELDS = {
+    "refiner": "refiner_checkpoint", "refiner_switch": "refiner_switch_at",
     "eta_noise_seed_delta": "override_settings.eta_noise_seed_delta",
     "sampler": "sampler_name", "strength": "denoising_strength", "hires_scale": "hr_scale",
     "hires_steps": "hr_second_pass_steps", "hires_denoise": "denoising_strength", "hires_upscaler": "hr_upscaler",
@@ -285,17 +286,19 @@ def decode_image(data: str, field: str, limits: Limits) -> Image.Image:
 
 # -- names resolved inside their folders -------------------------------------------------------
 
-KINDS = ("checkpoint", "vae", "lora", "embedding", "hypernetwork")
-SUBFOLDERS = {"vae": "VAE", "lora": "Lora", "embedding": "embeddings", "hypernetwork": "hypernetworks"}
+KINDS = ("checkpoint", "vae", "lora", "embedding", "hypernetwork", "controlnet")
+SUBFOLDERS = {"vae": "VAE", "lora": "Lora", "embedding": "embeddings", "hypernetwork": "hypernetworks",
+              "controlnet": "ControlNet"}
 SUFFIXES = {
     "checkpoint": (".safetensors", ".ckpt"),
     "vae": (".safetensors", ".ckpt", ".pt"),
     "lora": (".safetensors", ".pt", ".ckpt"),
     "embedding": (".safetensors", ".pt", ".bin"),
     "hypernetwork": (".pt",),
+    "controlnet": (".safetensors", ".pth", ".ckpt", ".pt"),
 }
 LABELS = {"checkpoint": "models folder", "vae": "VAE folder", "lora": "Lora folder", "embedding": "embeddings folder",
-          "hypernetwork": "hypernetworks folder"}
+          "hypernetwork": "hypernetworks folder", "controlnet": "ControlNet folder"}
 Entry = FolderEntry
 
 
@@ -331,6 +334,18 @@ class Catalog:
         listed = [e for e in inside.entries() if e.path.resolve() == default.resolve()] if inside else []
         # the operator's own choice may lie anywhere; listed under its folder name when it lies there
         self.default = listed[0] if listed else FolderEntry("checkpoint", default.name, default.resolve())
+
+    def styles(self) -> dict:
+        """A1111's prompt styles from ``models_dir/styles.csv`` (read again when it changes)."""
+        from ..text.styles import read_styles
+
+        path = self.models_dir / "styles.csv" if self.models_dir is not None else None
+        if path is None or not path.is_file():
+            return {}
+        stamp = path.stat().st_mtime_ns
+        if getattr(self, "_styles_stamp", None) != stamp:
+            self._styles, self._styles_stamp = read_styles(path), stamp
+        return self._styles
 
     def folder(self, kind: str) -> ModelFolder | None:
         return self.folders.get(kind)

@@ -1,0 +1,159 @@
+"""The A1111 extension APIs clients send: sd-webui-controlnet's units in ``alwayson_scripts`` and its
+``/controlnet/*`` routes, on the library's ControlNets (``ControlSpec``).
+
+A unit names its model as the extension lists it (``name [hash]``, or the bare name) from the models
+folder's ``ControlNet`` subfolder; its image (or, in img2img, the init image when it has none) goes
+through the named preprocessor at the generation size (the extension's "pixel perfect"); ``weight``,
+``guidance_start`` / ``guidance_end``, ``control_mode`` and ``resize_mode`` mean what they mean there.
+Preprocessors that are not implemented here are refused by name, never replaced by another.
+Other always-on scripts are accepted only when they carry nothing to do (``{"args": []}`` or
+``[False]``, as clients send for extensions they do not use).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from typing import Any
+
+from PIL import Image
+
+from ..errors import ParamError
+from ..pipeline.params import ControlSpec
+from .security import ApiError, Catalog, Limits, decode_image
+
+CONTROLNET_VERSION = 2
+# the extension's preprocessor ("module") names that are implemented here → ours
+MODULES = {"none": "none", "canny": "canny", "threshold": "threshold"}
+CONTROL_MODES = {0: "balanced", 1: "prompt", 2: "control", "balanced": "balanced",
+                 "my prompt is more important": "prompt", "controlnet is more important": "control"}
+RESIZE_MODES = {0: "stretch", 1: "crop", 2: "fill", "just resize": "stretch", "crop and resize": "crop",
+                "resize and fill": "fill", "scale to fit (inner fit)": "crop", "envelope (outer fit)": "fill",
+                "inner fit (scale to fit)": "crop", "outer fit (shrink to fit)": "fill"}
+
+
+def control_specs(scripts: dict[str, Any], catalog: Catalog, limits: Limits,
+                  init: Image.Image | None = None) -> list[ControlSpec]:
+    """The ControlNet units of ``alwayson_scripts`` as ControlSpecs (422 naming the unit's field);
+    every other script must be empty."""
+    specs: list[ControlSpec] = []
+    if not isinstance(scripts, dict):
+        raise ApiError(422, "expected an object of {script name: {args: [...]}}", "alwayson_scripts")
+    for name, value in scripts.items():
+        args = value.get("args", []) if isinstance(value, dict) else value
+        field = f"alwayson_scripts.{name}.args"
+        if not isinstance(args, list):
+            raise ApiError(422, "expected a list", field)
+        if str(name).lower() != "controlnet":
+            if any(a not in (False, None, {}, [], "") for a in args):
+                raise ApiError(422, f"the extension {name!r} is not available on this server", f"alwayson_scripts.{name}")
+            continue
+        for i, unit in enumerate(args):
+            spec = _unit(unit, f"{field}[{i}]", catalog, limits, init)
+            if spec is not None:
+                specs.append(spec)
+    return specs
+
+
+def _unit(unit: Any, field: str, catalog: Catalog, limits: Limits, init: Image.Image | None) -> ControlSpec | None:
+    if unit in (False, None):
+        return None
+    if not isinstance(unit, dict):
+        raise ApiError(422, "expected a ControlNet unit (an object)", field)
+    if not unit.get("enabled", True):
+        return None
+    model = unit.get("model", "None")
+    if model in (None, "", "None", "none"):
+        return None
+    entry = catalog.find("controlnet", model, f"{field}.model")
+    module = str(unit.get("module", "none")).lower()
+    if module not in MODULES:
+        raise ApiError(422, f"preprocessor {module!r} is not available here; available: {', '.join(MODULES)}",
+                       f"{field}.module")
+    image = unit.get("image", unit.get("input_image"))
+    if isinstance(image, dict):   # the older {"image": …, "mask": …} form
+        if image.get("mask"):
+            raise ApiError(422, "a unit's mask is not supported", f"{field}.image.mask")
+        image = image.get("image")
+    if unit.get("mask") or unit.get("mask_image"):
+        raise ApiError(422, "a unit's mask (effective region) is not supported", f"{field}.mask")
+    if image:
+        image = decode_image(image, f"{field}.image", limits).convert("RGB")
+    elif init is not None:
+        image = init   # as the extension does in img2img: the init image is the control image
+    else:
+        raise ApiError(422, "a unit needs an image in txt2img", f"{field}.image")
+    hr = str(unit.get("hr_option", "Both")).lower()
+    if hr not in ("both", "1", "0"):
+        raise ApiError(422, "only 'Both' is supported (the ControlNet steers both passes)", f"{field}.hr_option")
+    mode = CONTROL_MODES.get(_key(unit.get("control_mode", 0)))
+    resize = RESIZE_MODES.get(_key(unit.get("resize_mode", "Crop and Resize")))
+    for name, value in (("control_mode", mode), ("resize_mode", resize)):
+        if value is None:
+            raise ApiError(422, f"unknown {name} {unit.get(name)!r}", f"{field}.{name}")
+    thresholds = [_threshold(unit.get(name), f"{field}.{name}") for name in ("threshold_a", "threshold_b")]
+    spec = ControlSpec(entry.path, image, MODULES[module], _number(unit.get("weight", 1.0), f"{field}.weight"),
+                       _number(unit.get("guidance_start", 0.0), f"{field}.guidance_start"),
+                       _number(unit.get("guidance_end", 1.0), f"{field}.guidance_end"), mode, resize,
+                       *thresholds if MODULES[module] != "none" else (None, None))
+    try:
+        spec.validate("unit")
+    except ParamError as e:
+        names = {"strength": "weight", "start": "guidance_start", "end": "guidance_end"}
+        sub = e.field.removeprefix("unit.")
+        raise ApiError(422, e.message, f"{field}.{names.get(sub, sub)}") from None
+    return spec
+
+
+def _key(value: Any) -> Any:
+    return value.strip().lower() if isinstance(value, str) else value
+
+
+def _number(value: Any, field: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ApiError(422, f"expected a number, got {value!r}", field)
+    return float(value)
+
+
+def _threshold(value: Any, field: str) -> float | None:
+    """A threshold of the unit; -1 (and absent) means the preprocessor's default, as in the extension."""
+    if value is None or value == -1:
+        return None
+    return _number(value, field)
+
+
+def detect(body: dict[str, Any], limits: Limits) -> dict[str, Any]:
+    """``POST /controlnet/detect``: the named preprocessor on each image (its short side brought to
+    ``controlnet_processor_res`` first when that is positive)."""
+    from ..adapters.controlnet import PREPROCESSORS
+    from ..pipeline.control import preprocessor_args
+
+    module = str(body.get("controlnet_module", "none")).lower()
+    if module not in MODULES:
+        raise ApiError(422, f"preprocessor {module!r} is not available here; available: {', '.join(MODULES)}",
+                       "controlnet_module")
+    images = body.get("controlnet_input_images", body.get("controlnet_images"))
+    if not isinstance(images, list) or not images or len(images) > 16:
+        raise ApiError(422, "expected a list of 1 to 16 base64 images", "controlnet_input_images")
+    res = body.get("controlnet_processor_res", 512)
+    if isinstance(res, bool) or not isinstance(res, int) or not -1 <= res <= 4096:
+        raise ApiError(422, f"must be an integer in [-1, 4096], got {res!r}", "controlnet_processor_res")
+    thresholds = [_threshold(body.get(f"controlnet_threshold_{k}"), f"controlnet_threshold_{k}") for k in "ab"]
+    spec = ControlSpec("unused", Image.new("RGB", (1, 1)), MODULES[module], threshold_a=thresholds[0],
+                       threshold_b=thresholds[1])
+    out = []
+    for i, data in enumerate(images):
+        image = decode_image(data, f"controlnet_input_images[{i}]", limits).convert("RGB")
+        if res > 0 and min(image.size) != res:
+            scale = res / min(image.size)
+            image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                                 Image.LANCZOS)
+        try:
+            result = image if spec.preprocessor == "none" else \
+                Image.fromarray(PREPROCESSORS[spec.preprocessor](image, **preprocessor_args(spec)))
+        except ValueError as e:
+            raise ApiError(422, str(e), "controlnet_threshold_a") from None
+        buffer = io.BytesIO()
+        result.save(buffer, format="PNG")
+        out.append(base64.b64encode(buffer.getvalue()).decode("ascii"))
+    return {"images": out, "info": "Success"}
