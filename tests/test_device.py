@@ -46,7 +46,9 @@ def test_a_device_that_is_not_there_is_one_line_and_exit_2(device, tmp_path, cap
 
 def test_resolve_device():
     assert resolve_device("cpu") == "cpu"
-    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else resolve_device(None))
+    mps = getattr(torch.backends, "mps", None)
+    expected = "cuda" if torch.cuda.is_available() else "mps" if mps is not None and mps.is_available() else "cpu"
+    assert resolve_device("auto") == resolve_device(None) == expected
     with pytest.raises(ParamError, match="device"):
         resolve_device("gpu")
 

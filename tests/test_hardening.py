@@ -461,3 +461,17 @@ def test_11_a_client_that_hangs_up_cancels_its_job():
             assert time.monotonic() < deadline, "the job kept running after its client hung up"
             time.sleep(0.05)
         assert job.status == "cancelled"
+
+
+def test_6_a_vae_of_another_model_is_a_422_naming_sd_vae(tmp_path, tiny_model):
+    """The VAE file reads fine on its own but does not fit the model: the load fails after the model in
+    use was let go, and the answer still names the field that chose the VAE."""
+    models = tmp_path / "models"
+    (models / "VAE").mkdir(parents=True)
+    sd, _ = load_file(tiny_model)
+    save_file({k: v for k, v in sd.items() if k.startswith("first_stage_model.")}, models / "VAE" / "other.safetensors")
+    app = create_app(ServerConfig(models_dir=models))
+    with TestClient(app, base_url="http://127.0.0.1") as c:
+        r = c.post("/sdapi/v1/txt2img", json={**GOOD, "override_settings": {"sd_vae": "other.safetensors"}})
+        assert r.status_code == 422 and r.json()["field"] == "override_settings.sd_vae", r.text
+        assert c.post("/sdapi/v1/txt2img", json=GOOD).status_code == 200

@@ -33,10 +33,7 @@ class FolderEntry:
     kind: str
     name: str
     path: Path
-
-    @property
-    def is_dir(self) -> bool:
-        return self.path.is_dir()
+    is_dir: bool = False     # a diffusers folder (decided when listed: lookups stat nothing)
 
     @property
     def base(self) -> str:
@@ -144,7 +141,7 @@ class ModelFolder:
             if self.diffusers and here != root and "model_index.json" in filenames:
                 dirnames[:] = []
                 if self.contains(here):
-                    out.append(FolderEntry(self.kind, here.relative_to(root).as_posix(), here))
+                    out.append(FolderEntry(self.kind, here.relative_to(root).as_posix(), here, True))
                 continue
             for filename in filenames:
                 path = here / filename

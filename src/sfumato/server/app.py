@@ -94,10 +94,11 @@ class ModelHost:
                 self.pipe = load(checkpoint.path, vae=vae.path if vae else None, refiner=refiner.path if refiner else None,
                                  dtype=self.config.dtype, device=self.config.device,
                                  embeddings_dir=_embeddings_dir(self.catalog))
-            except SfumatoError as e:   # the files were readable: they do not fit together (a VAE of another family)
-                blame, kind, field = ((refiner, "refiner", fields[2]) if refiner else (vae, "VAE", fields[1]) if vae
-                                      else (checkpoint, "checkpoint", fields[0]))
-                raise _load_error(e, blame, kind, field) from None
+            except SfumatoError as e:   # each file was readable alone: the one the message names (else the model)
+                named = [(entry, kind, field) for entry, kind, field in
+                         ((refiner, "refiner", fields[2]), (vae, "VAE", fields[1]))
+                         if entry and (entry.path.name in str(e) or kind == "VAE" and "VAE" in str(e))]
+                raise _load_error(e, *(named[0] if named else (checkpoint, "checkpoint", fields[0]))) from None
             self.key = key
         # prompt tags resolve through the catalog's folders: the names it lists are the files that load
         self.pipe.lora_folder = self.catalog.folder("lora")

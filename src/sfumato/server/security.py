@@ -323,6 +323,8 @@ class Catalog:
     def __init__(self, default: Path, models_dir: Path | None = None):
         self.models_dir = models_dir.resolve() if models_dir is not None else None
         self.folders: dict[str, ModelFolder] = {}
+        self._styles: dict = {}
+        self._styles_stamp: int | None = None
         if self.models_dir is not None:
             for kind in KINDS:
                 root = self.models_dir / SUBFOLDERS[kind] if kind in SUBFOLDERS else self.models_dir
@@ -333,7 +335,8 @@ class Catalog:
         inside = self.folders.get("checkpoint")
         listed = [e for e in inside.entries() if e.path.resolve() == default.resolve()] if inside else []
         # the operator's own choice may lie anywhere; listed under its folder name when it lies there
-        self.default = listed[0] if listed else FolderEntry("checkpoint", default.name, default.resolve())
+        self.default = listed[0] if listed else FolderEntry("checkpoint", default.name, default.resolve(),
+                                                            default.is_dir())
 
     def styles(self) -> dict:
         """A1111's prompt styles from ``models_dir/styles.csv`` (read again when it changes)."""
@@ -343,7 +346,7 @@ class Catalog:
         if path is None or not path.is_file():
             return {}
         stamp = path.stat().st_mtime_ns
-        if getattr(self, "_styles_stamp", None) != stamp:
+        if self._styles_stamp != stamp:
             self._styles, self._styles_stamp = read_styles(path), stamp
         return self._styles
 
