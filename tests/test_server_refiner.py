@@ -60,3 +60,20 @@ def test_bad_refiner_requests_name_the_field(world, body, field):
     client, *_ = world
     r = client.post("/sdapi/v1/txt2img", json={**BODY, **body})
     assert r.status_code == 422 and r.json()["field"] == field, r.text
+
+
+def test_webuiapi_sends_the_refiner_as_a1111_clients_do(world):
+    """webuiapi has no refiner argument: its clients send the A1111 fields with ``custom_post``."""
+    import webuiapi
+
+    from conftest import live_server
+
+    _, base, refiner = world
+    models = base.parent
+    with live_server(create_app(ServerConfig(models_dir=models, model=base, watermark=False))) as port:
+        api = webuiapi.WebUIApi(host="127.0.0.1", port=port)
+        result = api.custom_post("sdapi/v1/txt2img", {**BODY, "refiner_checkpoint": "refiner", "refiner_switch_at": 0.5})
+    want = sfumato.load(base, refiner=refiner).txt2img("a red circle", "blurry", steps=4, width=64, height=64, seed=5,
+                                                       sampler="euler", refiner_switch=0.5, watermark=False)
+    assert np.array_equal(np.asarray(result.image.convert("RGB")), np.asarray(want.images[0]))
+    assert "Refiner: refiner" in result.info["infotexts"][0]

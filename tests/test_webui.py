@@ -127,7 +127,7 @@ def test_generate_shows_the_image_and_its_parameters(page, pipe):
     page.get_by_role("button", name="Reuse settings").click()
     page.locator("#status").filter(has_text="parameters read from the image").wait_for()
     assert page.input_value("#seed") == str(SEED) and page.input_value("#steps") == str(STEPS)
-    page.get_by_role("button", name="Use as init").click()
+    page.get_by_role("button", name="Send to img2img").click()
     assert page.locator("#img2img-fields").is_visible()
     page.wait_for_function("() => document.getElementById('init-canvas').getContext('2d')"
                            ".getImageData(32, 32, 1, 1).data[3] === 255")

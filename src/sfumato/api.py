@@ -108,12 +108,14 @@ class Pipeline:
     in for the run only). Names resolve only to files those folders list (``checkpoint.folders``)."""
 
     def __init__(self, model: LoadedModel, refiner: LoadedModel | None = None, lora_dir: str | Path | None = None,
-                 embeddings: EmbeddingSet | None = None, hypernet_dir: str | Path | None = None):
+                 embeddings: EmbeddingSet | None = None, hypernet_dir: str | Path | None = None,
+                 hires: LoadedModel | None = None):
         self.model = model
         self.refiner = refiner
+        self.hires = hires   # the hires pass's own model (A1111's hr_checkpoint_name), used when a run has one
         self.lora_folder: ModelFolder | None = lora_folder(lora_dir) if lora_dir is not None else None
         self.hypernet_folder: ModelFolder | None = hypernetwork_folder(hypernet_dir) if hypernet_dir is not None else None
-        self.generator = Generator(model, refiner, embeddings)
+        self.generator = Generator(model, refiner, embeddings, hires)
 
     @property
     def engine(self) -> Engine:
@@ -209,6 +211,8 @@ class Pipeline:
             raise ParamError(unknown[0], f"unknown setting; valid: {', '.join(sorted(_FIELDS))}")
         if self.refiner is not None:
             settings.setdefault("refiner", _name(self.refiner.path))
+        if self.hires is not None:
+            settings.setdefault("hires_checkpoint", _name(self.hires.path))
         return GenerationParams(**settings).validated()
 
     def run(self, p: GenerationParams, callback: ProgressCallback | None = None, watermark: bool = True,
@@ -305,6 +309,7 @@ def load(
     dtype: str | torch.dtype | None = None,
     device: str = "auto",
     refiner: str | Path | None = None,
+    hires: str | Path | None = None,
     loras: list[tuple[str | Path, float]] | None = None,
     lora_dir: str | Path | None = None,
     embeddings_dir: str | Path | None = None,
@@ -318,6 +323,8 @@ def load(
     (``(path, weight)`` pairs); ``lora_dir`` serves ``<lora:name:w>`` tags in prompts; the textual
     inversion embeddings in ``embeddings_dir`` are used by name in prompts and negative prompts;
     ``hypernet_dir`` serves ``<hypernet:name:strength>`` tags (A1111 hypernetwork ``.pt`` files).
+    ``hires``: another checkpoint that runs the hires pass (A1111's "Hires checkpoint"; the same
+    latent space as ``path``'s); prompt-tag LoRAs and hypernetworks apply to ``path``'s model only.
     ``low_memory``: the weights stay in the (single .safetensors) file and each component, each UNet
     block, is read in as it runs and dropped after; VAE decode/encode are tiled. Same images (up to
     rounding, and the tiled decode's tolerance above 256×256), a fraction of the memory, slower.
@@ -342,19 +349,21 @@ def load(
     torch_dtype = resolve_dtype(dtype, device)
     model = load_model(path, vae=vae, prediction=prediction, dtype=torch_dtype, device=device, low_memory=low_memory,
                        by_stage=by_stage)
-    refiner_model = None
+    refiner_model = hires_model = None
     if refiner is not None:
         refiner_model = load_model(refiner, dtype=torch_dtype, device=device, low_memory=low_memory, by_stage=by_stage)
+    if hires is not None:
+        hires_model = load_model(hires, dtype=torch_dtype, device=device, low_memory=low_memory, by_stage=by_stage)
     if loras:   # merged for good: a run's prompt-tag LoRAs are removed down to these weights
         apply_loras(model, loras)
         bake_loras(model)
     if compile:
-        for m in (model, refiner_model):
+        for m in (model, refiner_model, hires_model):
             if m is not None:
                 m.unet.compile()
     if no_half_vae:
-        for m in (model, refiner_model):
+        for m in (model, refiner_model, hires_model):
             if m is not None:
                 m.vae.dtype_override = torch.float32
     embeddings = load_embeddings(embeddings_dir, model.spec) if embeddings_dir is not None else None
-    return Pipeline(model, refiner_model, lora_dir, embeddings, hypernet_dir)
+    return Pipeline(model, refiner_model, lora_dir, embeddings, hypernet_dir, hires_model)

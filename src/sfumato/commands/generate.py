@@ -16,6 +16,7 @@ _GEN_FLAGS = {
     "width": int, "height": int, "batch_size": int, "clip_skip": int, "subseed": int, "subseed_strength": float,
     "rng": str, "guidance_rescale": float, "strength": float, "mask_blur": int, "only_masked_padding": int,
     "masked_content": str, "hires_scale": float, "hires_steps": int, "hires_denoise": float, "hires_upscaler": str,
+    "hires_sampler": str, "hires_scheduler": str, "hires_prompt": str, "hires_negative_prompt": str,
     "refiner_switch": float, "tome_ratio": float, "deepcache_interval": int,
     "seed_resize_from_w": int, "seed_resize_from_h": int, "eta_noise_seed_delta": int,
 }
@@ -31,6 +32,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                         "or a diffusers AutoencoderTiny file): much faster, lower quality")
     p.add_argument("--prediction", choices=("eps", "v"), help="override the prediction type (SD 2.x)")
     p.add_argument("--refiner", help="an SDXL refiner checkpoint to hand the last steps to")
+    p.add_argument("--hires-checkpoint", metavar="FILE",
+                   help="hires fix: run the second pass on this checkpoint (same latent space as --model)")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]",
                    help="merge a LoRA file into the model (repeatable; weight default 1.0)")
     p.add_argument("--lora-dir", help="folder searched for <lora:name:weight> tags in the prompt")
@@ -102,12 +105,16 @@ _HELP = {
     "masked_content": "fill, original, 'latent noise' or 'latent nothing'",
     "hires_scale": "hires fix: upscale factor of a second pass (txt2img)",
     "hires_upscaler": "latent or lanczos",
+    "hires_sampler": "hires fix: the second pass's own sampler (default: the first pass's)",
+    "hires_scheduler": "hires fix: the second pass's own schedule type (default: the first pass's)",
+    "hires_prompt": "hires fix: the second pass's own prompt (default: the prompt)",
+    "hires_negative_prompt": "hires fix: the second pass's own negative prompt (default: the negative prompt)",
     "refiner_switch": "fraction of the steps after which the refiner takes over",
     "tome_ratio": "ToMe: merge this fraction of the self-attention tokens at the finest attention level (0 = off)",
     "deepcache_interval": "DeepCache: a full UNet pass every N steps, the shallow branch in between (1 = off)",
     "seed_resize_from_w": "A1111's resize seed from width: draw the seed's noise at this size (with the height)",
     "seed_resize_from_h": "A1111's resize seed from height (0 = off)",
-    "eta_noise_seed_delta": "A1111's ENSD: ancestral/SDE noise after the first draw from seed + this (0 = off)",
+    "eta_noise_seed_delta": "A1111's ENSD: ancestral noise after the first draw from seed + this (0 = off)",
 }
 
 
@@ -115,14 +122,25 @@ DEVICE_HELP = "auto (CUDA when present, else MPS, else the CPU), cpu, cuda, cuda
 _DEPTH_HELP = "depth map for SD 2's depth model (greyscale, white = near, as MiDaS writes it)"
 
 
+def _add_xyz(p: argparse.ArgumentParser) -> None:
+    for k in "xyz":
+        p.add_argument(f"--xyz-{k}", metavar="AXIS=VALUES",
+                       help=f"X/Y/Z plot: the {k.upper()} axis, an A1111 axis name and its values, e.g. "
+                            + {"x": "'Seed=1,2,3'", "y": "'Steps=10-30 (+10)'", "z": "'Sampler=Euler,DPM++ 2M'"}[k]
+                            + "; -o gets the grid")
+    p.add_argument("--xyz-cells", action="store_true", help="X/Y/Z plot: also write each cell (NAME-cell-NN.png)")
+
+
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("txt2img", help="generate images from a prompt")
     _add_common(p)
+    _add_xyz(p)
     p.add_argument("--attention-maps", metavar="DIR",
                    help="also write a heat map per prompt word (cross-attention, DAAM) as overlays into DIR")
     p.add_argument("--depth-map", metavar="FILE", help=_DEPTH_HELP)
     p = subparsers.add_parser("img2img", help="transform an image under a prompt")
     _add_common(p)
+    _add_xyz(p)
     p.add_argument("--init-image", required=True)
     p.add_argument("--depth-map", metavar="FILE", help=_DEPTH_HELP)
     p = subparsers.add_parser("inpaint", help="repaint the masked part of an image")
@@ -140,6 +158,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--image", required=True, help="the low-res image (sides multiples of 8)")
     p.add_argument("--noise-level", type=int, default=20,
                    help="noise added to the low-res image, 0 to the model's maximum (350); default 20")
+    p.add_argument("--upscaler", choices=("lanczos", "nearest"),
+                   help="extras upscaling with a PIL filter instead of the x4 model (no model is loaded)")
+    p.add_argument("--scale", type=float,
+                   help="extras upscaling by this factor (A1111's 'Scale by'): with the x4 model, its output is "
+                        "resized with Lanczos to it (the model runs again beyond 4)")
     for name in ("txt2img", "img2img", "inpaint", "outpaint", "upscale"):
         subparsers.choices[name].set_defaults(func=cmd_generate)
 
@@ -225,6 +248,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     settings.update({k: getattr(args, k) for k in _GEN_FLAGS if getattr(args, k) is not None})
     if args.prompt is not None:
         settings["prompt"] = args.prompt
+    if args.command == "upscale" and (args.upscaler or args.scale is not None):
+        return _extras(args)
     if args.command == "upscale":
         settings.setdefault("prompt", "")
     if "prompt" not in settings:
@@ -257,17 +282,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
         extra["depth_map"] = _open_image(args.depth_map, "--depth-map")
     if args.command == "upscale":
         extra.update(init_image=_open_image(args.image, "--image"), noise_level=args.noise_level)
-    settings.pop("refiner", None)
+    settings.pop("refiner", None)            # names from --from-png: the files come from --refiner,
+    settings.pop("hires_checkpoint", None)   # --hires-checkpoint
     control = _control_specs(args)
     if control:
         settings["control"] = control
 
     # validate the request before loading any model: a throwaway copy with placeholder sizes
     _dry_validate(args.command, settings, extra)
+    axes = _xyz_axes(args)
     loras = [_lora_arg(text) for text in args.lora]
     memory = _memory_mode(args, model, settings["prompt"], loras)
+    if args.hires_checkpoint and not Path(args.hires_checkpoint).exists():
+        raise SfumatoError(f"--hires-checkpoint: file not found: {args.hires_checkpoint}")
     pipe = load(model, vae=args.vae, prediction=args.prediction, dtype=args.dtype, device=args.device,
-                no_half_vae=args.no_half_vae, refiner=args.refiner,
+                no_half_vae=args.no_half_vae, refiner=args.refiner, hires=args.hires_checkpoint,
                 loras=loras, lora_dir=args.lora_dir, embeddings_dir=args.embeddings, low_memory=memory == "low",
                 by_stage=memory == "by-stage", hypernet_dir=args.hypernet_dir, compile=args.compile)
     if args.vae_decoder:
@@ -290,6 +319,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     kwargs = {**settings, **extra}
     init = kwargs.pop("init_image", None)
     maps_dir = getattr(args, "attention_maps", None)
+    if axes is not None:
+        return _plot(pipe, axes, args, dict(prompt=prompt, negative_prompt=negative, init_image=init, **kwargs),
+                     progress, output)
     if maps_dir is not None:
         from ..pipeline.attention_maps import generate_with_maps, save_overlays
 
@@ -309,6 +341,75 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _extras(args: argparse.Namespace) -> int:
+    """``upscale --upscaler/--scale``: A1111's extras upscaling, the image's own infotext kept."""
+    from ..api import load
+    from ..pipeline.images import save_image
+    from ..pipeline.params import ParamError
+    from ..pipeline.resize import upscale_image, upscaled_size
+
+    output = Path(args.output)
+    if not output.parent.is_dir():
+        raise SfumatoError(f"--output: folder {output.parent} does not exist")
+    image = _open_image(args.image, "--image")
+    scale = args.scale if args.scale is not None else 4.0
+    try:
+        upscaled_size(image, scale)
+    except ParamError as e:
+        raise SfumatoError(f"--scale: {e.message}") from None
+    how = args.upscaler or load(args.model or _no_model(), dtype=args.dtype, device=args.device)
+    out = upscale_image(image, how, scale, watermark=not args.no_watermark)
+    text = image.info.get("parameters")
+    save_image(out, output, text if isinstance(text, str) else None)
+    print(f"{output}  {out.width}x{out.height}")
+    return 0
+
+
+def _no_model():
+    raise SfumatoError("--model: the x4 upscaler model to use (or --upscaler lanczos|nearest)")
+
+
+def _xyz_axes(args: argparse.Namespace) -> tuple | None:
+    """The --xyz-* flags as plot axes (None: no plot); checked before any model loads."""
+    from ..pipeline import grid
+
+    given = {k: getattr(args, f"xyz_{k}", None) for k in "xyz"}
+    if not any(given.values()):
+        if getattr(args, "xyz_cells", False):
+            raise SfumatoError("--xyz-cells: given without --xyz-x")
+        return None
+    if not given["x"]:
+        raise SfumatoError("--xyz-y/--xyz-z: need --xyz-x")
+    if getattr(args, "attention_maps", None):
+        raise SfumatoError("--attention-maps: not with an X/Y/Z plot")
+    axes = []
+    for k, text in given.items():
+        if not text:
+            axes.append(grid.NOTHING)
+            continue
+        name, sep, values = text.partition("=")
+        if not sep:
+            raise SfumatoError(f"--xyz-{k}: expected AXIS=VALUES, got {text!r}")
+        axes.append(grid.axis(name, values, f"--xyz-{k}"))
+    return tuple(axes)
+
+
+def _plot(pipe, axes: tuple, args: argparse.Namespace, settings: dict, progress, output: Path) -> int:
+    from ..pipeline import grid
+    from ..pipeline.images import save_image
+
+    settings = {k: v for k, v in settings.items() if v is not None or k != "init_image"}
+    result = grid.plot(pipe, *axes, run=lambda p: pipe.run(p, progress, not args.no_watermark).items[0], **settings)
+    save_image(result.grid, output, result.infotext)
+    print(f"{output}  grid of {len(result.cells)} cells")
+    if args.xyz_cells:
+        for i, item in enumerate(result.cells):
+            path = output.with_name(f"{output.stem}-cell-{i:02d}{output.suffix}")
+            save_image(item.image, path, item.infotext)
+            print(f"{path}  seed={item.seed}")
+    return 0
+
+
 def _memory_mode(args, model: str | Path, prompt: str, loras: list) -> str:
     """``--memory`` (``--low-memory`` is "low") with auto resolved: by-stage where the weights can stay in
     .safetensors files and no LoRA has to be merged into them. A command runs once, so keeping a model
@@ -324,7 +425,7 @@ def _memory_mode(args, model: str | Path, prompt: str, loras: list) -> str:
     from ..adapters.lora import parse_lora_prompt
     from ..checkpoint.io import sniff_format
 
-    files = [Path(model), *([Path(args.refiner)] if args.refiner else [])]
+    files = [Path(model), *(Path(f) for f in (args.refiner, args.hires_checkpoint) if f)]
     single = all(f.is_file() and sniff_format(f) == "safetensors" for f in files)
     mode = "by-stage" if single and not loras and not parse_lora_prompt(prompt)[1] else "keep"
     logging.getLogger(__name__).info("--memory auto: %s", mode)
@@ -336,8 +437,10 @@ def _dry_validate(command: str, settings: dict, extra: dict) -> None:
     from ..pipeline.params import GenerationParams
 
     s = {**settings}
-    s.setdefault("width", 8)
-    s.setdefault("height", 8)
+    if "width" not in s or "height" not in s:   # the model's size, known after loading: checked then
+        scale = s.get("hires_scale", 1)
+        s.update(width=s.get("width", 8), height=s.get("height", 8),
+                 hires_scale=1 if isinstance(scale, (int, float)) and 1 <= scale <= 8 else scale)
     if "init_image" in extra:
         s["init_image"] = extra["init_image"]
         if "mask" in extra:

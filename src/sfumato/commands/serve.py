@@ -21,6 +21,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--models-dir", help="folder of checkpoints that clients may switch to by name; "
                                         "its VAE/, Lora/, embeddings/, hypernetworks/ and ControlNet/ subfolders "
                                         "hold those, its styles.csv A1111's prompt styles")
+    p.add_argument("--outputs-dir", help="keep every image made through the job API (the web UI) here, as PNGs "
+                                         "with their parameters, browsable in the web UI's history (default: none kept)")
     p.add_argument("--listen", action="store_true", help="accept connections from other machines")
     p.add_argument("--api-auth", metavar="USER:PASS", help="require HTTP Basic auth on every route")
     p.add_argument("--allowed-hosts", metavar="NAMES",
@@ -57,6 +59,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if models_dir is not None and not models_dir.is_dir():
         raise SfumatoError(f"--models-dir: {models_dir} is not a folder")
     model = _model_path(args.model, models_dir) if args.model else None
+    outputs_dir = Path(args.outputs_dir) if args.outputs_dir else None
+    if outputs_dir is not None and outputs_dir.exists() and not outputs_dir.is_dir():
+        raise SfumatoError(f"--outputs-dir: {outputs_dir} is not a folder")
     allowed = tuple(h.strip() for h in args.allowed_hosts.split(",") if h.strip()) if args.allowed_hosts else None
     if allowed is not None and not args.listen:
         raise SfumatoError("--allowed-hosts: only with --listen (a loopback server answers loopback names only)")
@@ -66,7 +71,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     " (only under this machine's names: --allowed-hosts adds others)" if allowed is None else "")
     config = ServerConfig(model=model, models_dir=models_dir, listen=args.listen, api_auth=credentials,
                           max_queue=args.max_queue, watermark=not args.no_watermark, device=device,
-                          dtype=args.dtype, allowed_hosts=allowed, host=host)
+                          dtype=args.dtype, allowed_hosts=allowed, host=host,
+                          outputs_dir=outputs_dir)
     app = create_app(config)
     uvicorn.run(app, host=host, port=args.port, log_level="info", proxy_headers=False, server_header=False)
     return 0

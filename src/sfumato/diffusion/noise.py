@@ -3,7 +3,8 @@
 Every image of a batch owns a random stream seeded with its own seed, so image i of a batch equals
 a lone run with seed ``seeds[i]``. The first draw is the initial latent noise, optionally blended
 with a variation seed ("subseed") and/or generated at another resolution ("seed resize from");
-later draws (ancestral and SDE samplers) continue the same per-image streams.
+later draws (ancestral samplers, LCM, churn) continue the same per-image streams. The SDE samplers
+draw from per-image Brownian trees instead (``brownian.py``), as in A1111.
 
 Two sources:
 
@@ -183,7 +184,8 @@ class ImageNoise:
         return torch.stack([g.randn(self.shape) for g in self._streams])
 
     def noise_sampler(self) -> Callable[[Tensor, Tensor], Tensor]:
-        """``(σ, σ_next) → next()`` on σ's device, for ancestral / SDE samplers."""
+        """``(σ, σ_next) → next()`` on σ's device, for the ancestral samplers (the pipeline gives the
+        SDE samplers ``brownian.BrownianNoise``)."""
         def sample(sigma: Tensor, sigma_next: Tensor) -> Tensor:
             noise = self.next()
             return noise.to(sigma.device) if isinstance(sigma, Tensor) else noise

@@ -7,8 +7,9 @@ noise_sampler=None, **options) -> Tensor``:
 * ``x`` is already noised to σ_0 (txt2img: noise·σ_0; img2img: init + noise·σ_0);
 * ``sigmas`` is the schedule, usually ending with 0 (see ``sampler_sigmas``);
 * ``noise_sampler(σ, σ_next)`` supplies fresh noise to the stochastic samplers (default
-  ``torch.randn_like(x)``). There is no Brownian tree here: the SDE samplers draw independent
-  noise per call, so torchsde is not a runtime dependency;
+  ``torch.randn_like(x)``). The samplers do not choose it: the pipeline gives the SDE samplers
+  (DPM++ SDE / 2M SDE / 3M SDE) a per-image Brownian tree over the schedule's σ range, as A1111
+  does (``brownian.BrownianNoise``), and the others the per-image streams of ``noise.ImageNoise``;
 * ``callback(StepRecord)`` is called once per step with that step's x̂0.
 
 The samplers k-diffusion has follow its maths and A1111's defaults (eta = 1, s_noise = 1,
@@ -215,7 +216,8 @@ def sample_dpmpp_sde(denoise: DenoiseFn, x: Tensor, sigmas: Tensor, *, callback:
                      noise_sampler: NoiseSampler | None = None, eta: float = 1.0, s_noise: float = 1.0,
                      r: float = 0.5) -> Tensor:
     """DPM-Solver++ (stochastic), two evaluations per step with the intermediate point at ratio r.
-    Noise comes from ``noise_sampler`` (twice per step), not from a Brownian tree."""
+    Noise comes from ``noise_sampler`` twice per step, over [σ_s, σ] and then [σ_next, σ] — increments
+    of one Brownian path when it is a ``brownian.BrownianNoise``, as in A1111."""
     noise, s_in = _noise_fn(x, noise_sampler), _ones(x)
     for i in range(len(sigmas) - 1):
         denoised = denoise(x, sigmas[i] * s_in)
@@ -307,8 +309,8 @@ def sample_dpmpp_2m(denoise: DenoiseFn, x: Tensor, sigmas: Tensor, *, callback: 
 def sample_dpmpp_2m_sde(denoise: DenoiseFn, x: Tensor, sigmas: Tensor, *, callback: StepCallback | None = None,
                         noise_sampler: NoiseSampler | None = None, eta: float = 1.0, s_noise: float = 1.0,
                         solver_type: str = "midpoint") -> Tensor:
-    """DPM-Solver++(2M) SDE; the last step to 0 returns x̂0. Noise from ``noise_sampler`` (no
-    Brownian tree)."""
+    """DPM-Solver++(2M) SDE; the last step to 0 returns x̂0. Noise from ``noise_sampler`` (the
+    pipeline's is a Brownian tree, ``brownian.BrownianNoise``, as in A1111)."""
     if solver_type not in ("midpoint", "heun"):
         raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
     noise, s_in = _noise_fn(x, noise_sampler), _ones(x)
@@ -337,8 +339,8 @@ def sample_dpmpp_2m_sde(denoise: DenoiseFn, x: Tensor, sigmas: Tensor, *, callba
 
 def sample_dpmpp_3m_sde(denoise: DenoiseFn, x: Tensor, sigmas: Tensor, *, callback: StepCallback | None = None,
                         noise_sampler: NoiseSampler | None = None, eta: float = 1.0, s_noise: float = 1.0) -> Tensor:
-    """DPM-Solver++(3M) SDE; the last step to 0 returns x̂0. Noise from ``noise_sampler`` (no
-    Brownian tree)."""
+    """DPM-Solver++(3M) SDE; the last step to 0 returns x̂0. Noise from ``noise_sampler`` (the
+    pipeline's is a Brownian tree, ``brownian.BrownianNoise``, as in A1111)."""
     noise, s_in = _noise_fn(x, noise_sampler), _ones(x)
     denoised_1 = denoised_2 = h_1 = h_2 = None
     for i in range(len(sigmas) - 1):

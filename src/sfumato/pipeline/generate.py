@@ -30,19 +30,22 @@ __all__ = ["Generated", "Generator", "Progress", "ProgressCallback", "guided_den
 class Generator:
     """Runs requests against a loaded model (and optionally an SDXL refiner)."""
 
-    def __init__(self, model: LoadedModel, refiner: LoadedModel | None = None, embeddings: EmbeddingSet | None = None):
+    def __init__(self, model: LoadedModel, refiner: LoadedModel | None = None, embeddings: EmbeddingSet | None = None,
+                 hires: LoadedModel | None = None):
         self.base = Engine(model, embeddings)
         self.refiner = Engine(refiner, embeddings) if refiner is not None else None
+        self.hires = Engine(hires, embeddings) if hires is not None else None   # the hires pass's own model
         self.controlnets = ControlNets()
         self.tiny_decoder: TinyDecoder | None = None   # set: decodes the final images and the previews
 
     @property
     def engines(self) -> dict[str, Engine]:
-        return {"base": self.base, **({"refiner": self.refiner} if self.refiner is not None else {})}
+        out = {"base": self.base, "refiner": self.refiner, "hires": self.hires}
+        return {name: engine for name, engine in out.items() if engine is not None}
 
     def plan(self, p: GenerationParams) -> Plan:
         """The validated request's plan (no weights read)."""
-        return plan(p.validated(), self.base, self.refiner)
+        return plan(p.validated(), self.base, self.refiner, self.hires)
 
     @torch.no_grad()
     def run(self, p: GenerationParams, callback: ProgressCallback | None = None,

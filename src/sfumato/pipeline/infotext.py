@@ -138,6 +138,14 @@ def infotext_settings(
         "Hires upscale": p.hires_scale if hires else None,
         "Hires steps": p.hires_steps if hires and p.hires_steps else None,
         "Hires upscaler": UPSCALER_DISPLAY.get(p.hires_upscaler, p.hires_upscaler) if hires else None,
+        "Hires checkpoint": p.hires_checkpoint if hires else None,
+        "Hires sampler": SAMPLER_DISPLAY.get(p.hires_sampler, p.hires_sampler)
+        if hires and p.hires_sampler not in (None, p.sampler) else None,
+        "Hires schedule type": SCHEDULER_DISPLAY.get(p.hires_scheduler, p.hires_scheduler)
+        if hires and p.hires_scheduler not in (None, p.scheduler) else None,
+        "Hires prompt": p.hires_prompt if hires and p.hires_prompt not in (None, p.prompt) else None,
+        "Hires negative prompt": p.hires_negative_prompt
+        if hires and p.hires_negative_prompt not in (None, p.negative_prompt) else None,
         "Refiner": p.refiner,
         "Refiner switch at": p.refiner_switch if p.refiner else None,
         CFG_RESCALE_KEY: p.guidance_rescale if p.guidance_rescale > 0 else None,
@@ -238,6 +246,7 @@ def _params_from_infotext(text: str) -> dict[str, Any]:
         "Masked content": ("masked_content", str),
         "Hires steps": ("hires_steps", int),
         "Refiner": ("refiner", str),
+        "Hires checkpoint": ("hires_checkpoint", str),
         "Refiner switch at": ("refiner_switch", float),
         "Token merging ratio": ("tome_ratio", float),
         "DeepCache interval": ("deepcache_interval", int),
@@ -266,6 +275,14 @@ def _params_from_infotext(text: str) -> dict[str, Any]:
         out["hires_scale"] = hires_scale
         if "Hires upscaler" in s:
             out["hires_upscaler"] = _internal(UPSCALER_DISPLAY, s["Hires upscaler"])
+        if "Hires sampler" in s:
+            out["hires_sampler"], out["hires_scheduler"] = _sampler_and_scheduler(s["Hires sampler"],
+                                                                                  s.get("Hires schedule type"))
+        elif "Hires schedule type" in s:
+            out["hires_scheduler"] = _internal(SCHEDULER_DISPLAY, s["Hires schedule type"])
+        for key, name in (("Hires prompt", "hires_prompt"), ("Hires negative prompt", "hires_negative_prompt")):
+            if key in s:
+                out[name] = s[key]
     if "Denoising strength" in s:
         out["hires_denoise" if hires_scale is not None else "strength"] = float(s["Denoising strength"])
     return out

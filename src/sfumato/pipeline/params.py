@@ -124,6 +124,11 @@ class GenerationParams:
     hires_steps: int = 0                  # 0: same as steps
     hires_denoise: float = 0.7
     hires_upscaler: str = "latent"
+    hires_sampler: str | None = None      # None: the first pass's (A1111's "Use same sampler")
+    hires_scheduler: str | None = None    # None: the first pass's
+    hires_prompt: str | None = None       # None: the prompt
+    hires_negative_prompt: str | None = None
+    hires_checkpoint: str | None = None   # the hires pass on another model (given to the pipeline, named here)
     # SDXL refiner hand-off (the refiner model is given to the pipeline, its name recorded here)
     refiner: str | None = None
     refiner_switch: float = 0.8
@@ -139,7 +144,8 @@ class GenerationParams:
     # A1111's "Resize seed from width/height" (the seed's noise drawn at that size, centred; 0: off)
     seed_resize_from_w: int = 0
     seed_resize_from_h: int = 0
-    # A1111's "Eta noise seed delta" (ENSD): ancestral/SDE noise after the first draw from seed + delta
+    # A1111's "Eta noise seed delta" (ENSD): ancestral noise after the first draw from seed + delta
+    # (the SDE samplers draw from a Brownian tree seeded by the seed alone, as in A1111)
     eta_noise_seed_delta: int = 0
 
     @property
@@ -195,6 +201,7 @@ class GenerationParams:
         _float_range("hires_denoise", self.hires_denoise, 0, 1)
         if self.hires_upscaler not in UPSCALERS:
             raise ParamError("hires_upscaler", f"must be one of {', '.join(UPSCALERS)}, got {self.hires_upscaler!r}")
+        self._check_hires_sampler()
         if self.hires_scale > 1:
             if self.init_image is not None:
                 raise ParamError("hires_scale", "hires fix applies to txt2img only")
@@ -233,6 +240,24 @@ class GenerationParams:
             self.subseed = random.randint(0, MAX_SEED - 64) if self.subseed_strength > 0 else -1
         return self
 
+    def _check_hires_sampler(self) -> None:
+        from ..diffusion.samplers import implied_scheduler, resolve_sampler
+        from ..diffusion.schedule import SCHEDULERS
+
+        if self.hires_sampler is not None:
+            try:
+                sampler, _ = resolve_sampler(self.hires_sampler)
+            except ValueError as e:
+                raise ParamError("hires_sampler", str(e)) from None
+            self.hires_scheduler = self.hires_scheduler or implied_scheduler(self.hires_sampler)
+            self.hires_sampler = sampler
+        if self.hires_scheduler is not None and self.hires_scheduler not in SCHEDULERS:
+            raise ParamError("hires_scheduler", f"unknown scheduler {self.hires_scheduler!r}; valid: {', '.join(SCHEDULERS)}")
+        for name in ("hires_prompt", "hires_negative_prompt"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise ParamError(name, f"must be text, got {value!r}")
+
     def _check_types(self) -> None:
         """Fields whose type alone can be wrong (a string for an image, a number for a name)."""
         for name in ("init_image", "mask", "depth_map"):
@@ -240,7 +265,7 @@ class GenerationParams:
             if value is not None and not isinstance(value, Image.Image):
                 raise ParamError(name, f"must be a PIL image, got {type(value).__name__}")
         for name, optional in (("sampler", False), ("scheduler", True), ("rng", False), ("masked_content", False),
-                               ("hires_upscaler", False), ("refiner", True)):
+                               ("hires_upscaler", False), ("refiner", True), ("hires_checkpoint", True)):
             value = getattr(self, name)
             if not (isinstance(value, str) or optional and value is None):
                 raise ParamError(name, f"must be a name (a string), got {value!r}")

@@ -18,6 +18,7 @@ from typing import Protocol
 from torch import Tensor
 
 from ..checkpoint.specs import ModelSpec
+from ..diffusion.brownian import sigma_span
 from ..diffusion.samplers import sampler_sigmas
 from ..diffusion.schedule import DiscreteSchedule
 from .depth import check_depth_request
@@ -69,7 +70,9 @@ class Stage:
     stage's latents grown by ``upscaler``), "upscale" (the x4 upscaler, from noise). ``inputs``: the
     base model's extra UNet input ("depth", "inpaint", "low_res" or None). ``blend``: keep the
     unmasked latents (a 4-channel model inpainting). ``control``: the request's ControlNets steer
-    the base passes."""
+    the base passes. ``noise_span``: the (smallest positive, largest) σ of the whole schedule that
+    ``sigmas`` was cut from (img2img, hires), which A1111 spans the SDE samplers' Brownian tree over;
+    None: ``sigmas``' own."""
 
     kind: str
     size: tuple[int, int]
@@ -79,6 +82,8 @@ class Stage:
     blend: bool = False
     control: bool = False
     upscaler: str | None = None
+    noise_span: tuple[float, float] | None = None
+    sampler: str | None = None           # the hires pass's own sampler (None: the request's)
 
 
 @dataclass(frozen=True)
@@ -90,10 +95,13 @@ class Plan:
     decoder: str | None
 
 
-def plan(p: GenerationParams, base: Model, refiner: Model | None = None) -> Plan:
-    """The plan of the validated request ``p`` for ``base`` (and ``refiner``)."""
+def plan(p: GenerationParams, base: Model, refiner: Model | None = None, hires: Model | None = None) -> Plan:
+    """The plan of the validated request ``p`` for ``base`` (and ``refiner``, and ``hires``: the model
+    of the hires pass when the request names one, A1111's ``hr_checkpoint_name``)."""
     if p.refiner is not None and refiner is None:
         raise ParamError("refiner", "a refiner was named but none is loaded")
+    if p.hires_checkpoint is not None:
+        _check_hires_model(base, hires, refiner is not None)
     if base.spec.is_upscaler or p.noise_level is not None:
         check_upscale_request(base.spec, p, base.factor, refiner is not None)
         sigmas = sampler_sigmas(p.sampler, p.scheduler, base.schedule, p.steps)
@@ -107,10 +115,11 @@ def plan(p: GenerationParams, base: Model, refiner: Model | None = None) -> Plan
     if p.init_image is not None:
         if p.strength == 0:
             return Plan((), None)
-        sigmas = img2img_sigmas(sampler_sigmas(p.sampler, p.scheduler, base.schedule, p.steps), p.steps, p.strength)
+        full = sampler_sigmas(p.sampler, p.scheduler, base.schedule, p.steps)
+        sigmas = img2img_sigmas(full, p.steps, p.strength)
         inputs = "inpaint" if base.spec.unet.in_channels == 9 else depth
         stage = Stage("img2img", (p.width, p.height), sigmas, _passes(p, sigmas, refiner is not None),
-                      inputs, blend=p.mask is not None and inputs is None, control=control)
+                      inputs, blend=p.mask is not None and inputs is None, control=control, noise_span=sigma_span(full))
         return Plan((stage,), decoder)
     sigmas = sampler_sigmas(p.sampler, p.scheduler, base.schedule, p.steps)
     stages = [Stage("txt2img", (p.width, p.height), sigmas, _passes(p, sigmas, refiner is not None), depth,
@@ -118,11 +127,30 @@ def plan(p: GenerationParams, base: Model, refiner: Model | None = None) -> Plan
     if p.hires_scale > 1:
         total, steps = p.hires_total_steps, p.hires_steps or p.steps
         # A1111: the second pass runs exactly `steps` steps of a schedule stretched by 1/denoise
-        hires = sampler_sigmas(p.sampler, p.scheduler, base.schedule, total)[total - steps:] if total else None
-        passes = (Pass("base", "hires", 0, len(hires) - 1),) if hires is not None else ()
-        stages.append(Stage("hires", (p.hires_width, p.hires_height), hires, passes, depth, control=control,
-                            upscaler=p.hires_upscaler))
+        sampler = p.hires_sampler or p.sampler
+        scheduler = p.hires_scheduler or p.scheduler    # A1111's "Use same scheduler"
+        full = sampler_sigmas(sampler, scheduler, base.schedule, total) if total else None
+        on = "hires" if p.hires_checkpoint is not None else "base"
+        sigmas = full[total - steps:] if total else None
+        passes = (Pass(on, "hires", 0, len(sigmas) - 1),) if sigmas is not None else ()
+        stages.append(Stage("hires", (p.hires_width, p.hires_height), sigmas, passes, depth, control=control,
+                            upscaler=p.hires_upscaler, noise_span=sigma_span(full) if total else None,
+                            sampler=p.hires_sampler))
+        decoder = on if passes else decoder   # the hires model decodes what it made
     return Plan(tuple(stages), decoder)
+
+
+def _check_hires_model(base: Model, hires: Model | None, refiner: bool) -> None:
+    """A hires pass on another model: it is loaded, takes the base model's latents, and no refiner."""
+    if hires is None:
+        raise ParamError("hires_checkpoint", "a hires checkpoint was named but none is loaded")
+    if refiner:
+        raise ParamError("hires_checkpoint", "a hires checkpoint and a refiner together are not supported")
+    mine, theirs = base.spec, hires.spec
+    if (mine.unet.in_channels, mine.vae.embed_dim, base.factor, mine.is_sdxl) != \
+            (theirs.unet.in_channels, theirs.vae.embed_dim, hires.factor, theirs.is_sdxl):
+        raise ParamError("hires_checkpoint", f"the {theirs.family} model cannot continue the {mine.family} model's "
+                                             "latents (another latent space or UNet input)")
 
 
 def img2img_sigmas(sigmas: Tensor, steps: int, strength: float) -> Tensor:

@@ -12,7 +12,7 @@ around the whole loop. Every patch is detached on the way out, also when the run
 from __future__ import annotations
 
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
@@ -22,8 +22,9 @@ from PIL import Image
 from torch import Tensor
 
 from ..checkpoint.stream import trim_heap
+from ..diffusion.brownian import BROWNIAN_SAMPLERS, BrownianNoise, sigma_span
 from ..diffusion.noise import ImageNoise
-from ..diffusion.samplers import StepRecord, get_sampler
+from ..diffusion.samplers import NoiseSampler, StepRecord, get_sampler, resolve_sampler
 from ..models.layers import release_scratch
 from . import masks, patches
 from .control import ControlledDenoiser, Crop, control_units
@@ -102,7 +103,7 @@ class _Init:
 
 
 class RunLoop:
-    """Carries out one plan of the request ``p`` on ``engines`` ("base", and "refiner")."""
+    """Carries out one plan of the request ``p`` on ``engines`` ("base", and "refiner", "hires")."""
 
     def __init__(self, p: GenerationParams, engines: dict[str, Engine], tools: Tools):
         self.p, self.engines, self.tools = p, engines, tools
@@ -140,9 +141,10 @@ class RunLoop:
             noise = self._noise(width, height)
             x = noise.initial() * stage.sigmas[0] if start is None else start + noise.initial() * stage.sigmas[0]
             inputs = self._inputs(stage)
+        noise_sampler = self._sampler_noise(stage, noise)
         for pass_ in stage.passes:
-            on_base = pass_.engine == "base"
-            x = self._pass(stage, pass_, x, noise, (inputs if on_base else None, blend))
+            takes_inputs = pass_.engine != "refiner"   # the base model's and a hires model's UNet (same inputs)
+            x = self._pass(stage, pass_, x, noise_sampler, (inputs if takes_inputs else None, blend))
         return x
 
     def _from_init(self, stage: Stage, init: _Init):
@@ -187,13 +189,13 @@ class RunLoop:
 
     def _grow(self, latents: Tensor, stage: Stage) -> Tensor:
         """The hires pass's start: the previous latents at the new size, through the latent space
-        (bilinear) or through pixels (decode, Lanczos, encode)."""
+        (bilinear) or through pixels (decode, Lanczos, encode by the model of the hires pass)."""
         r = self.engines["base"]
         w, h = stage.size
         if stage.upscaler == "latent":
             return F.interpolate(latents, size=(h // r.factor, w // r.factor), mode="bilinear", antialias=False)
         pixels = [im.resize((w, h), Image.LANCZOS) for im in to_pil(r.decode(latents))]
-        return r.encode(to_tensor(pixels))
+        return self.engines[stage.passes[0].engine if stage.passes else "base"].encode(to_tensor(pixels))
 
     def _noise(self, width: int, height: int) -> ImageNoise:
         r, p = self.engines["base"], self.p
@@ -202,23 +204,33 @@ class RunLoop:
                           subseed_strength=p.subseed_strength, seed_resize_from=p.seed_resize_from, rng=p.rng,
                           eta_noise_seed_delta=p.eta_noise_seed_delta)
 
+    def _sampler_noise(self, stage: Stage, noise: ImageNoise) -> NoiseSampler:
+        """The noise the sampler draws as it goes: for the SDE samplers, as A1111 gives them, a Brownian
+        tree per image with entropy the image's seed, over the whole schedule's σ range (one tree for
+        the stage: its passes query the same path); for the others the images' streams after the
+        initial noise."""
+        if resolve_sampler(stage.sampler or self.p.sampler)[0] not in BROWNIAN_SAMPLERS:
+            return noise.noise_sampler()
+        span = stage.noise_span or sigma_span(stage.sigmas)
+        return BrownianNoise(noise.shape, self.seeds, span, rng=self.p.rng)
+
     # -- one sampler pass -----------------------------------------------------------------------
 
-    def _pass(self, stage: Stage, pass_: Pass, x: Tensor, noise: ImageNoise, extra: tuple) -> Tensor:
+    def _pass(self, stage: Stage, pass_: Pass, x: Tensor, noise_sampler: NoiseSampler, extra: tuple) -> Tensor:
         """Sample ``pass_`` of ``stage`` from ``x``; ``extra``: (image conditioning, (init latent, mask) to blend)."""
         engine, p = self.engines[pass_.engine], self.p
         image_cond, blend = extra
         sigmas = stage.sigmas[pass_.start: pass_.stop + 1]
         clock = StepClock(stage.sigmas, pass_.start)
-        conds = engine.conditioning(p, p.batch_size, *stage.size)
+        conds = engine.conditioning(_prompts_of(stage, p), p.batch_size, *stage.size)
         guidance = Guidance(self._denoiser(stage, pass_, engine, clock), conds, (p.cfg_scale, p.guidance_rescale),
                             clock, image_cond, blend)
         guidance.name = engine.name
         with ExitStack() as stack:
             for patch in patches.pass_patches(engine.model, p, clock):
                 stack.enter_context(patch())
-            x = get_sampler(p.sampler)(clock.wrap(guidance), x, sigmas, callback=self._progress(engine, pass_),
-                                       noise_sampler=noise.noise_sampler())
+            x = get_sampler(stage.sampler or p.sampler)(clock.wrap(guidance), x, sigmas, callback=self._progress(engine, pass_),
+                                       noise_sampler=noise_sampler)
         release_scratch()   # the pass's working memory back to the system before the next stage
         trim_heap()
         if blend is not None:
@@ -231,7 +243,7 @@ class RunLoop:
         model's steered by the request's ControlNets; else the engine's own."""
         if stage.kind == "upscale":
             return engine.labelled(self.p.noise_level)
-        if stage.control and pass_.engine == "base":
+        if stage.control and pass_.engine != "refiner":
             crop = self.init.crop if stage.kind == "img2img" and self.init is not None else None
             units = control_units(self.p.control, self.tools.controlnets, *stage.size, crop)
             return ControlledDenoiser(engine, units, clock)
@@ -247,6 +259,15 @@ class RunLoop:
                                   lambda: engine.preview_factors, tiny.decode if tiny is not None else None))
 
         return on_step
+
+
+def _prompts_of(stage: Stage, p: GenerationParams) -> GenerationParams:
+    """The request as a stage's passes read their prompts: the hires pass's own when it has them."""
+    if stage.kind != "hires" or (p.hires_prompt is None and p.hires_negative_prompt is None):
+        return p
+    return replace(p, prompt=p.hires_prompt if p.hires_prompt is not None else p.prompt,
+                   negative_prompt=p.hires_negative_prompt if p.hires_negative_prompt is not None
+                   else p.negative_prompt)
 
 
 def _prepare(p: GenerationParams) -> _Init:

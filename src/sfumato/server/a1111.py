@@ -17,16 +17,16 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Literal
 
-from PIL import ExifTags, Image, ImageOps, PngImagePlugin
+from PIL import Image, ImageOps, PngImagePlugin
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..version import __version__
 from ..api import ImageResult, Pipeline
-from ..diffusion.samplers import SAMPLER_ALIASES, SAMPLER_DISPLAY
-from ..diffusion.schedule import SCHEDULERS
+from ..diffusion.samplers import SAMPLER_DISPLAY
+from ..pipeline.attention_maps import AttentionMaps, attention_hooks, overlay
 from ..pipeline.generate import Progress
 from ..pipeline.images import to_pil
-from ..pipeline.infotext import SCHEDULER_DISPLAY, decode_user_comment, generation_infotext, parse_infotext
+from ..pipeline.infotext import SCHEDULER_DISPLAY, generation_infotext
 from ..pipeline.masks import check_outpaint, outpaint_canvas
 from ..adapters.hypernetwork import parse_hypernet_prompt
 from ..adapters.lora import parse_lora_prompt
@@ -88,6 +88,9 @@ class _Processing(BaseModel):
     alwayson_scripts: dict[str, Any] = {}
     force_task_id: str | None = None
     infotext: str | None = None
+    # sfumato's addition: per image, each prompt word's attention heat map over it (the response's
+    # ``attention_maps``: [[{"word", "image"}, ...] per image])
+    attention_maps: bool = False
 
 
 class Txt2ImgRequest(_Processing):
@@ -127,6 +130,8 @@ class Img2ImgRequest(_Processing):
     outpaint_right: int = 0
     outpaint_up: int = 0
     outpaint_down: int = 0
+    # sfumato's addition: the depth map of SD 2's depth model (greyscale, white = near)
+    depth_map: str | None = None
 
 
 class Txt2ImgJob(Txt2ImgRequest):
@@ -158,8 +163,8 @@ _INERT: dict[str, tuple[Callable[[Any], bool], str]] = {
     "s_tmax": (lambda v: _absent(v) or v == math.inf, "not supported"),
     "s_noise": (lambda v: v in (None, 1), "not supported"),
     "firstpass_image": (_absent, "not supported"),
-    "script_name": (_absent, "scripts are not supported"),
-    "script_args": (_absent, "scripts are not supported"),
+    "script_name": (_absent, "scripts other than the X/Y/Z plot (\"x/y/z plot\") are not supported"),
+    "script_args": (_absent, "scripts other than the X/Y/Z plot are not supported"),
     "save_images": (_absent, "this server saves no files: images come back in the response"),
     "infotext": (_absent, "not supported: send the settings as fields"),
     "firstphase_width": (_absent, "deprecated in A1111 and not supported"),
@@ -168,11 +173,6 @@ _INERT: dict[str, tuple[Callable[[Any], bool], str]] = {
     "mask_round": (lambda v: v is True, "only a rounded latent mask is supported"),
     "initial_noise_multiplier": (lambda v: v in (None, 1), "not supported"),
     "latent_mask": (_absent, "not supported"),
-}
-_HIRES_INERT: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "hr_checkpoint_name": (lambda v: v in (None, "", "Use same checkpoint"), "a second checkpoint is not supported"),
-    "hr_sampler_name": (lambda v: v in (None, "", "Use same sampler"), "the hires pass uses the same sampler"),
-    "hr_scheduler": (lambda v: v in (None, "", "Use same scheduler"), "the hires pass uses the same scheduler"),
 }
 
 UPSCALERS = {"latent": "latent", "lanczos": "lanczos"}   # A1111 hires upscaler name (any case) → ours
@@ -243,6 +243,8 @@ class Work:
     vae: Entry | None
     fields: tuple[str, ...] = ("sd_model_checkpoint", "sd_vae", "refiner_checkpoint")   # the fields that chose them
     refiner: Entry | None = None
+    attention_maps: bool = False
+    hires: Entry | None = None      # the hires pass's own checkpoint
 
 
 def build_work(req: Txt2ImgRequest | Img2ImgRequest, defaults: Defaults, catalog: Catalog, limits: Limits) -> Work:
@@ -288,6 +290,13 @@ def build_work(req: Txt2ImgRequest | Img2ImgRequest, defaults: Defaults, catalog
         settings.update(_img2img_settings(req, limits))
     elif req.enable_hr:
         settings.update(_hires_settings(req))
+        if req.hr_checkpoint_name not in (None, "", "Use same checkpoint"):
+            hires = catalog.find("checkpoint", req.hr_checkpoint_name, "hr_checkpoint_name")
+            if hires != options.checkpoint:   # the model in use itself: nothing to change
+                if refiner is not None:
+                    raise ApiError(422, "a hires checkpoint and a refiner together are not supported",
+                                   "hr_checkpoint_name")
+                settings["hires_checkpoint"] = hires.stem
     if req.alwayson_scripts:   # sd-webui-controlnet's units (other extensions only when empty)
         settings["control"] = control_specs(req.alwayson_scripts, catalog, limits, settings.get("init_image"))
     _check_limits(settings, req.n_iter, limits)
@@ -298,12 +307,15 @@ def build_work(req: Txt2ImgRequest | Img2ImgRequest, defaults: Defaults, catalog
         raise ApiError(422, e.public.split(": ", 1)[-1], field) from None
     parameters = req.model_dump()
     if img2img and not req.include_init_images:
-        parameters.update(init_images=None, mask=None)
+        parameters.update(init_images=None, mask=None, depth_map=None)
     overridden = set(req.override_settings or {})
     fields = tuple(f"override_settings.{name}" if name in overridden else name
-                   for name in ("sd_model_checkpoint", "sd_vae")) + ("refiner_checkpoint",)
-    return Work("img2img" if img2img else "txt2img", params, req.n_iter, req.send_images, parameters,
-                options.checkpoint, options.vae, fields, refiner)
+                   for name in ("sd_model_checkpoint", "sd_vae")) + ("refiner_checkpoint", "hr_checkpoint_name")
+    work = Work("img2img" if img2img else "txt2img", params, req.n_iter, req.send_images, parameters,
+                options.checkpoint, options.vae, fields, refiner, req.attention_maps)
+    if params.hires_checkpoint is not None:
+        work.hires = catalog.find("checkpoint", req.hr_checkpoint_name, "hr_checkpoint_name")
+    return work
 
 
 def scheduler_name(value: str | None) -> str | None:
@@ -348,12 +360,8 @@ def _check_tags(prompt: str, catalog: Catalog) -> None:
 
 
 def _hires_settings(req: Txt2ImgRequest) -> dict[str, Any]:
-    for name, (ok, why) in _HIRES_INERT.items():
-        if not ok(getattr(req, name)):
-            raise ApiError(422, why, name)
-    for name, main in (("hr_prompt", req.prompt), ("hr_negative_prompt", req.negative_prompt or "")):
-        if getattr(req, name) not in ("", main):
-            raise ApiError(422, "a separate hires prompt is not supported", name)
+    same = dict(hr_sampler_name="Use same sampler", hr_scheduler="Use same scheduler")
+    own = {name: getattr(req, name) for name in same if getattr(req, name) not in (None, "", same[name])}
     scale = req.hr_scale
     if req.hr_resize_x or req.hr_resize_y:
         sx = req.hr_resize_x / req.width if req.hr_resize_x else None
@@ -367,7 +375,9 @@ def _hires_settings(req: Txt2ImgRequest) -> dict[str, Any]:
     if upscaler is None:
         raise ApiError(422, f"unknown upscaler {req.hr_upscaler!r}; valid: Latent, Lanczos", "hr_upscaler")
     return dict(hires_scale=scale, hires_steps=req.hr_second_pass_steps, hires_upscaler=upscaler,
-                hires_denoise=req.denoising_strength if req.denoising_strength is not None else 0.7)
+                hires_denoise=req.denoising_strength if req.denoising_strength is not None else 0.7,
+                hires_sampler=own.get("hr_sampler_name"), hires_scheduler=scheduler_name(own.get("hr_scheduler")),
+                hires_prompt=req.hr_prompt or None, hires_negative_prompt=req.hr_negative_prompt or None)
 
 
 def _img2img_settings(req: Img2ImgRequest, limits: Limits) -> dict[str, Any]:
@@ -378,6 +388,8 @@ def _img2img_settings(req: Img2ImgRequest, limits: Limits) -> dict[str, Any]:
     init = decode_image(req.init_images[0], "init_images", limits).convert("RGB")
     strength = 0.75 if req.denoising_strength is None else req.denoising_strength
     out: dict[str, Any] = dict(init_image=init, strength=strength)
+    if req.depth_map:
+        out["depth_map"] = decode_image(req.depth_map, "depth_map", limits)
     mask = None
     if req.mask:
         mask = _mask_channel(decode_image(req.mask, "mask", limits))
@@ -458,12 +470,24 @@ def _check_limits(s: dict[str, Any], n_iter: int, limits: Limits) -> None:
 # -- running ------------------------------------------------------------------------------------
 
 def run_work(work: Work, job: Job, pipe: Pipeline, watermark: bool) -> dict[str, Any]:
-    """Run every iteration on the worker; returns A1111's response. A skipped or interrupted
-    iteration gives the images of its latest x̂0, as A1111 does; a cancel raises."""
+    """Run every iteration on the worker; returns A1111's response."""
+    items, maps, _ = run_items(work, job, pipe, watermark)
+    out = response(work, pipe, items, job.started or time.time())
+    if work.attention_maps:
+        out["attention_maps"] = maps
+    return out
+
+
+def run_items(work: Work, job: Job, pipe: Pipeline, watermark: bool, first: int = 0
+              ) -> tuple[list[ImageResult], list[list[dict[str, str]]], bool]:
+    """The images of every iteration (the job's iterations ``first`` on), with their attention maps
+    when asked for, and whether the job was interrupted. A skipped or interrupted iteration gives
+    the images of its latest x̂0, as A1111 does; a cancel raises."""
     p0 = work.params
     items: list[ImageResult] = []
+    maps: list[list[dict[str, str]]] = []
     for k in range(work.n_iter):
-        job.begin_iteration(k)
+        job.begin_iteration(first + k)
         shift = k * p0.batch_size
         p = replace(p0, seed=p0.seed + shift, subseed=p0.subseed + shift if p0.subseed >= 0 else -1)
         latest: list[Progress] = []
@@ -474,16 +498,28 @@ def run_work(work: Work, job: Job, pipe: Pipeline, watermark: bool) -> dict[str,
             job.update(stage=progress.stage, step=progress.index + 1, steps=progress.total,
                        preview=progress.preview()[0])
 
+        collector = AttentionMaps(p.batch_size, pipe.embeddings) if work.attention_maps else None
+        patches = [lambda: attention_hooks(pipe.model.unet, collector)] if collector is not None else []
         try:
-            items += pipe.run(p, callback, watermark).items
+            made = pipe.run(p, callback, watermark, patches).items
         except Stopped as e:
             if e.reason == "cancel":
                 raise
-            if latest:
-                items += _partial(pipe, p, latest[0], watermark)
+            made = _partial(pipe, p, latest[0], watermark) if latest else []
+            items += made
+            maps += [[] for _ in made]
             if e.reason == "interrupt":
-                break
-    return response(work, pipe, items, job.started or time.time())
+                return items, maps, True
+            continue
+        items += made
+        if collector is not None:
+            maps += [_word_maps(collector, p.prompt, item.image, i) for i, item in enumerate(made)]
+    return items, maps, False
+
+
+def _word_maps(collector: AttentionMaps, prompt: str, image: Image.Image, index: int) -> list[dict[str, str]]:
+    words = collector.word_maps(prompt, (image.height, image.width), index)
+    return [{"word": word, "image": encode_png(overlay(image, heat))} for word, heat in words.items()]
 
 
 def _partial(pipe: Pipeline, p: GenerationParams, progress: Progress, watermark: bool) -> list[ImageResult]:
@@ -542,30 +578,3 @@ def encode_png(image: Image.Image, infotext: str | None = None) -> str:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=meta)
     return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-# -- the other A1111 endpoints -----------------------------------------------------------------
-
-def png_info(image: Image.Image) -> dict[str, Any]:
-    """A1111's ``png-info``: the infotext, the image's other text items, the parsed parameters."""
-    text = image.info.get("parameters")
-    if not isinstance(text, str):
-        comment = image.getexif().get_ifd(ExifTags.IFD.Exif).get(ExifTags.Base.UserComment)
-        text = decode_user_comment(comment) if isinstance(comment, bytes) and comment else ""
-    items = {k: v for k, v in image.info.items() if isinstance(k, str) and isinstance(v, str) and k != "parameters"}
-    return {"info": text, "items": items, "parameters": parse_infotext(text) if text else {}}
-
-
-def samplers() -> list[dict[str, Any]]:
-    out = []
-    for internal, display in SAMPLER_DISPLAY.items():
-        aliases = [internal] + [a for a, (s, _) in SAMPLER_ALIASES.items() if s == internal and a != display]
-        default = SAMPLER_ALIASES[display][1]
-        out.append({"name": display, "aliases": aliases, "options": {"scheduler": default} if default else {}})
-    return out
-
-
-def schedulers() -> list[dict[str, Any]]:
-    names = ("automatic", *SCHEDULERS)
-    return [{"name": name, "label": SCHEDULER_DISPLAY.get(name, "Automatic"), "aliases": None,
-             "default_rho": 7.0 if name == "karras" else -1.0, "need_inner_model": False} for name in names]

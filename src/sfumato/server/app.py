@@ -32,7 +32,7 @@ from ..api import Pipeline, load
 from ..checkpoint.io import sha256_file
 from ..checkpoint.load import check_file, read_vae_file
 from ..errors import SfumatoError
-from . import a1111, extensions
+from . import a1111, extensions, extras, history, ui, xyz
 from .a1111 import Defaults, Img2ImgJob, Img2ImgRequest, PngInfoRequest, Txt2ImgJob, Txt2ImgRequest, Work
 from .jobs import Job, JobQueue, QueueFull, wait
 from .security import LOOPBACK_HOSTS, ApiError, Catalog, Entry, Guard, Limits, decode_image, machine_hosts
@@ -57,9 +57,10 @@ class ServerConfig:
     # api_auth (no DNS rebinding), any with it; ("*",) = any
     allowed_hosts: tuple[str, ...] | None = None
     host: str | None = None              # the address bound (one of the names answered)
+    outputs_dir: Path | None = None      # the job API's images are kept here (web UI history); None: not kept
 
 
-FIELDS = ("sd_model_checkpoint", "sd_vae", "refiner_checkpoint")   # what chose each model of a pipeline
+FIELDS = ("sd_model_checkpoint", "sd_vae", "refiner_checkpoint", "hr_checkpoint_name")   # what chose each model
 
 
 class ModelHost:
@@ -68,21 +69,23 @@ class ModelHost:
     def __init__(self, config: ServerConfig, pipeline: Pipeline, entry: Entry, catalog: Catalog):
         self.config, self.catalog = config, catalog
         self.pipe: Pipeline | None = pipeline
-        self.key: tuple[Entry, Entry | None, Entry | None] | None = (entry, None, None)
+        self.key: tuple[Entry, Entry | None, Entry | None, Entry | None] | None = (entry, None, None, None)
         self.sha256: dict[Path, str] = {}
         self._hashes: dict[tuple, str] = {}
 
     def get(self, checkpoint: Entry, vae: Entry | None, fields: tuple[str, ...] = FIELDS,
-            refiner: Entry | None = None) -> Pipeline:
-        """The pipeline of ``checkpoint`` (+ ``vae``, + an SDXL ``refiner``), loaded if it is not the
-        current one; a file that cannot be loaded is a 422 naming the field that chose it (``fields``:
-        checkpoint's, VAE's, refiner's), without paths or contents."""
-        key = (checkpoint, vae, refiner)
+            refiner: Entry | None = None, hires: Entry | None = None) -> Pipeline:
+        """The pipeline of ``checkpoint`` (+ ``vae``, + an SDXL ``refiner``, + a ``hires`` pass model),
+        loaded if it is not the current one; a file that cannot be loaded is a 422 naming the field
+        that chose it (``fields``: checkpoint's, VAE's, refiner's, hires'), without paths or contents."""
+        fields = (*fields, *FIELDS[len(fields):])
+        key = (checkpoint, vae, refiner, hires)
         if self.key != key:
             # a file that cannot load is refused before the model in use is given up
             for entry, field, kind, check in ((checkpoint, fields[0], "checkpoint", check_file),
                                               (vae, fields[1], "VAE", read_vae_file),
-                                              (refiner, fields[2], "refiner", check_file)):
+                                              (refiner, fields[2], "refiner", check_file),
+                                              (hires, fields[3], "hires checkpoint", check_file)):
                 if entry is not None:
                     try:
                         check(entry.path)
@@ -92,11 +95,13 @@ class ModelHost:
             gc.collect()
             try:
                 self.pipe = load(checkpoint.path, vae=vae.path if vae else None, refiner=refiner.path if refiner else None,
+                                 hires=hires.path if hires else None,
                                  dtype=self.config.dtype, device=self.config.device,
                                  embeddings_dir=_embeddings_dir(self.catalog))
             except SfumatoError as e:   # each file was readable alone: the one the message names (else the model)
                 named = [(entry, kind, field) for entry, kind, field in
-                         ((refiner, "refiner", fields[2]), (vae, "VAE", fields[1]))
+                         ((refiner, "refiner", fields[2]), (hires, "hires checkpoint", fields[3]),
+                          (vae, "VAE", fields[1]))
                          if entry and (entry.path.name in str(e) or kind == "VAE" and "VAE" in str(e))]
                 raise _load_error(e, *(named[0] if named else (checkpoint, "checkpoint", fields[0]))) from None
             self.key = key
@@ -135,10 +140,24 @@ class State:
         sha = self.host.sha256.get(entry.path)
         return f"{entry.name} [{sha[:10]}]" if sha else entry.name
 
-    def submit(self, work: Work, origin: str) -> Job:
+    def build(self, req: Txt2ImgRequest | Img2ImgRequest) -> Work | xyz.PlotWork:
+        """A request validated in full: one run, or the cells of an X/Y/Z plot."""
+        if xyz.wants_plot(req):
+            return xyz.build_plot(req, self.defaults, self.catalog, self.config.limits)
+        return a1111.build_work(req, self.defaults, self.catalog, self.config.limits)
+
+    def submit(self, work: Work | xyz.PlotWork, origin: str) -> Job:
+        def pipe_of(cell: Work) -> Pipeline:
+            return self.host.get(cell.checkpoint, cell.vae, cell.fields, cell.refiner, cell.hires)
+
         def task(job: Job) -> dict[str, Any]:
-            pipe = self.host.get(work.checkpoint, work.vae, work.fields, work.refiner)
-            return a1111.run_work(work, job, pipe, self.config.watermark)
+            if isinstance(work, xyz.PlotWork):
+                result = xyz.run_plot(work, job, pipe_of, self.config.watermark)
+            else:
+                result = a1111.run_work(work, job, pipe_of(work), self.config.watermark)
+            if origin == "jobs":
+                history.save_result(self.config.outputs_dir, result)
+            return result
 
         try:
             return self.queue.submit(Job(task, kind=work.mode, origin=origin, n_iter=work.n_iter))
@@ -189,6 +208,8 @@ def create_app(config: ServerConfig, pipeline: Pipeline | None = None) -> FastAP
     _add_error_handlers(app)
     _add_a1111_routes(app, state)
     _add_job_routes(app, state)
+    extras.add_routes(app, state)
+    ui.add_routes(app, state)
     app.mount("/", StaticFiles(directory=STATIC, html=True), name="ui")
     app.add_middleware(Guard, credentials=config.api_auth, loopback_only=not config.listen,
                        max_body=config.limits.max_body, allowed_hosts=_allowed_hosts(config))
@@ -244,7 +265,7 @@ def _add_a1111_routes(app: FastAPI, state: State) -> None:
 
     async def generate(req: Txt2ImgRequest | Img2ImgRequest, request: Request) -> dict[str, Any]:
         # decoding images and building canvases is CPU work: off the event loop
-        work = await run_in_threadpool(a1111.build_work, req, state.defaults, state.catalog, state.config.limits)
+        work = await run_in_threadpool(state.build, req)
         job = state.submit(work, "a1111")
         try:
             await wait(job, request, lambda: state.queue.cancel(job))
@@ -337,11 +358,11 @@ def _add_a1111_routes(app: FastAPI, state: State) -> None:
 
     @app.get(f"{v1}/samplers", tags=["A1111"])
     def samplers() -> list[dict[str, Any]]:
-        return a1111.samplers()
+        return extras.samplers()
 
     @app.get(f"{v1}/schedulers", tags=["A1111"])
     def schedulers() -> list[dict[str, Any]]:
-        return a1111.schedulers()
+        return extras.schedulers()
 
     @app.get(f"{v1}/sd-models", tags=["A1111"])
     def sd_models() -> list[dict[str, Any]]:
@@ -389,7 +410,7 @@ def _add_a1111_routes(app: FastAPI, state: State) -> None:
 
     @app.post(f"{v1}/png-info", tags=["A1111"])
     def png_info(req: PngInfoRequest) -> dict[str, Any]:
-        return a1111.png_info(decode_image(req.image, "image", state.config.limits))
+        return extras.png_info(decode_image(req.image, "image", state.config.limits))
 
     @app.get(f"{v1}/memory", tags=["A1111"])
     def memory() -> dict[str, Any]:
@@ -398,7 +419,7 @@ def _add_a1111_routes(app: FastAPI, state: State) -> None:
     @app.get(f"{v1}/scripts", tags=["A1111"])
     def scripts() -> dict[str, Any]:
         # "controlnet m2m" is how clients (webuiapi) tell that the ControlNet extension's API is here
-        return {"txt2img": ["controlnet m2m"], "img2img": ["controlnet m2m"]}
+        return {"txt2img": [xyz.TITLE, "controlnet m2m"], "img2img": [xyz.TITLE, "controlnet m2m"]}
 
     @app.get("/controlnet/version", tags=["ControlNet"])
     def controlnet_version() -> dict[str, Any]:
@@ -459,9 +480,16 @@ def _add_job_routes(app: FastAPI, state: State) -> None:
     @app.post("/v1/jobs", status_code=202, tags=["jobs"])
     def create_job(req: JobRequest) -> dict[str, Any]:
         """Queue a txt2img or img2img request (A1111's fields plus ``mode``); returns its ``id``."""
-        work = a1111.build_work(req, state.defaults, state.catalog, state.config.limits)
+        work = state.build(req)
         job = state.submit(work, "jobs")
         return {"id": job.id, "status": job.status, "position": state.queue.position(job)}
+
+    @app.get("/v1/xyz/axes", tags=["jobs"])
+    def xyz_axes(mode: str = "txt2img") -> list[dict[str, Any]]:
+        """The X/Y/Z plot's axis types of a tab (``script_args`` names them by index), and which vary here."""
+        if mode not in xyz.AXES:
+            raise ApiError(422, "must be txt2img or img2img", "mode")
+        return xyz.axes(mode)
 
     @app.get("/v1/jobs/{job_id}", tags=["jobs"])
     def get_job(job_id: str) -> dict[str, Any]:

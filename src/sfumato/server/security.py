@@ -74,10 +74,12 @@ class Limits:
 
 # GenerationParams fields → the A1111 field a client sent (errors name what the client knows)
 A1111_FIELDS = {
-    "refiner": "refiner_checkpoint", "refiner_switch": "refiner_switch_at",
+    "refiner": "refiner_checkpoint", "refiner_switch": "refiner_switch_at", "hires_checkpoint": "hr_checkpoint_name",
     "eta_noise_seed_delta": "override_settings.eta_noise_seed_delta",
     "sampler": "sampler_name", "strength": "denoising_strength", "hires_scale": "hr_scale",
     "hires_steps": "hr_second_pass_steps", "hires_denoise": "denoising_strength", "hires_upscaler": "hr_upscaler",
+    "hires_sampler": "hr_sampler_name", "hires_scheduler": "hr_scheduler", "hires_prompt": "hr_prompt",
+    "hires_negative_prompt": "hr_negative_prompt",
     "masked_content": "inpainting_fill", "only_masked": "inpaint_full_res",
     "only_masked_padding": "inpaint_full_res_padding", "init_image": "init_images",
     "clip_skip": "override_settings.CLIP_stop_at_last_layers", "rng": "override_settings.randn_source",
@@ -286,9 +288,9 @@ def decode_image(data: str, field: str, limits: Limits) -> Image.Image:
 
 # -- names resolved inside their folders -------------------------------------------------------
 
-KINDS = ("checkpoint", "vae", "lora", "embedding", "hypernetwork", "controlnet")
+KINDS = ("checkpoint", "vae", "lora", "embedding", "hypernetwork", "controlnet", "upscaler")
 SUBFOLDERS = {"vae": "VAE", "lora": "Lora", "embedding": "embeddings", "hypernetwork": "hypernetworks",
-              "controlnet": "ControlNet"}
+              "controlnet": "ControlNet", "upscaler": "upscalers"}
 SUFFIXES = {
     "checkpoint": (".safetensors", ".ckpt"),
     "vae": (".safetensors", ".ckpt", ".pt"),
@@ -296,9 +298,10 @@ SUFFIXES = {
     "embedding": (".safetensors", ".pt", ".bin"),
     "hypernetwork": (".pt",),
     "controlnet": (".safetensors", ".pth", ".ckpt", ".pt"),
+    "upscaler": (".safetensors", ".ckpt"),
 }
 LABELS = {"checkpoint": "models folder", "vae": "VAE folder", "lora": "Lora folder", "embedding": "embeddings folder",
-          "hypernetwork": "hypernetworks folder", "controlnet": "ControlNet folder"}
+          "hypernetwork": "hypernetworks folder", "controlnet": "ControlNet folder", "upscaler": "upscalers folder"}
 Entry = FolderEntry
 
 
@@ -315,8 +318,9 @@ class Catalog:
     """The models a server may load: its default model, and files inside ``models_dir``.
 
     Checkpoints (files, and diffusers folders holding ``model_index.json``) live in the folder
-    itself; VAEs, LoRAs, embeddings and hypernetworks in its ``VAE``, ``Lora``, ``embeddings`` and
-    ``hypernetworks`` subfolders. Each kind is a ``checkpoint.folders.ModelFolder``: the one resolver
+    itself; VAEs, LoRAs, embeddings, hypernetworks, ControlNets and x4 upscalers in its ``VAE``,
+    ``Lora``, ``embeddings``, ``hypernetworks``, ``ControlNet`` and ``upscalers`` subfolders. Each
+    kind is a ``checkpoint.folders.ModelFolder``: the one resolver
     the pipeline uses too, so a name the catalog answers is the file that loads.
     """
 

@@ -1,76 +1,60 @@
-// sfumato web UI: a plain page that talks only to the server's API (no build step).
+// sfumato web UI, part 5: the request, the job (progress, live preview, time left, interrupt), the
+// panels (tabs) and the wiring. Loaded last: it uses the other scripts' functions.
 "use strict";
 
-const $ = (id) => document.getElementById(id);
-const state = { mode: "txt2img", job: null, events: null, init: null, masked: false };
-
-async function api(method, path, body) {
-  const options = { method, headers: {} };
-  if (body !== undefined) {
-    options.headers["Content-Type"] = "application/json";
-    options.body = JSON.stringify(body);
-  }
-  const response = await fetch(path, options);
-  const data = await response.json().catch(() => null);
-  if (!response.ok) throw new Error((data && data.detail) || `${response.status} ${response.statusText}`);
-  return data;
-}
-
-function setStatus(text, isError = false) {
-  $("status").textContent = text;
-  $("status").classList.toggle("error", isError);
-}
-
-function fillSelect(select, items, value, label = value) {
-  select.replaceChildren(...items.map((item) => new Option(label(item), value(item))));
-}
-
-async function loadLists() {
-  const [models, samplers, schedulers, options] = await Promise.all([
-    api("GET", "sdapi/v1/sd-models"), api("GET", "sdapi/v1/samplers"),
-    api("GET", "sdapi/v1/schedulers"), api("GET", "sdapi/v1/options"),
-  ]);
-  fillSelect($("model"), models, (m) => m.title);
-  $("model").value = options.sd_model_checkpoint;
-  fillSelect($("sampler_name"), samplers, (s) => s.name);
-  $("sampler_name").value = "Euler a";
-  fillSelect($("scheduler"), schedulers, (s) => s.name, (s) => s.label);
-}
-
-// -- the request --------------------------------------------------------------------------------
-
 const NUMBERS = ["steps", "seed", "width", "height", "batch_size", "n_iter"];
+const SIDES = ["left", "right", "up", "down"];
 
 function buildRequest() {
+  const tab = state.tab;
   const r = {
-    mode: state.mode, prompt: $("prompt").value, negative_prompt: $("negative_prompt").value,
-    sampler_name: $("sampler_name").value, scheduler: $("scheduler").value,
-    cfg_scale: parseFloat($("cfg_scale").value),
+    mode: tab === "txt2img" ? "txt2img" : "img2img", prompt: $("prompt").value,
+    negative_prompt: $("negative_prompt").value, sampler_name: $("sampler_name").value,
+    scheduler: $("scheduler").value, cfg_scale: floatOf("cfg_scale"),
   };
-  for (const id of NUMBERS) r[id] = parseInt($(id).value, 10);
-  if (state.mode === "img2img") {
-    if (!state.init) throw new Error("choose or drop an init image first");
-    r.init_images = [state.init.src];
-    r.denoising_strength = parseFloat($("denoising_strength").value);
-    for (const side of ["left", "right", "up", "down"]) {
-      r[`outpaint_${side}`] = parseInt($(`outpaint_${side}`).value, 10) || 0;
-    }
-    if (["left", "right", "up", "down"].some((side) => r[`outpaint_${side}`])) {
-      delete r.width;                       // the server sizes the grown canvas itself
-      delete r.height;
-    }
-    if (state.masked) {
-      r.mask = maskImage();
-      r.mask_blur = parseInt($("mask_blur").value, 10);
-      r.inpainting_fill = parseInt($("inpainting_fill").value, 10);
-      r.inpaint_full_res = $("inpaint_full_res").checked;
-      r.inpaint_full_res_padding = parseInt($("inpaint_full_res_padding").value, 10);
-    }
-  }
+  for (const id of NUMBERS) r[id] = intOf(id);
+  const styles = selectedStyles();
+  if (styles.length) r.styles = styles;
+  if (r.mode === "img2img") img2imgFields(r);
+  hiresFields(r);
+  seedFields(r);
+  refinerFields(r);
+  controlnetFields(r);
+  xyzFields(r);
+  if ($("attention_maps").checked) r.attention_maps = true;
   return r;
 }
 
+function img2imgFields(r) {
+  const tab = state.tab;
+  if (!state.init) throw new Error("choose or drop an init image first");
+  r.init_images = [initDataUrl()];
+  r.denoising_strength = floatOf("denoising_strength");
+  if (tab === "outpaint") {
+    for (const side of SIDES) r[`outpaint_${side}`] = intOf(`outpaint_${side}`) || 0;
+    if (!SIDES.some((side) => r[`outpaint_${side}`])) throw new Error("outpaint: give at least one side a width");
+    delete r.width;                       // the server sizes the grown canvas itself
+    delete r.height;
+    r.mask_blur = intOf("mask_blur");
+  }
+  if (tab === "inpaint") {
+    if (!state.masked) throw new Error("inpaint: paint the area to repaint on the image first");
+    Object.assign(r, {
+      mask: maskImage(), mask_blur: intOf("mask_blur"), inpainting_fill: intOf("inpainting_fill"),
+      inpaint_full_res: $("inpaint_full_res").checked, inpaint_full_res_padding: intOf("inpaint_full_res_padding"),
+      inpainting_mask_invert: $("inpainting_mask_invert").checked ? 1 : 0,
+    });
+  }
+  if (tab === "depth") {
+    if (!state.depth) throw new Error("depth: choose a depth map image first");
+    r.depth_map = state.depth;
+  }
+}
+
 async function generate() {
+  if (state.job || $("generate").disabled) return;
+  if (state.tab === "upscale") return upscale();
+  if (state.tab === "history") return;
   let request;
   try {
     request = buildRequest();
@@ -78,14 +62,22 @@ async function generate() {
     return setStatus(e.message, true);
   }
   try {
+    $("generate").disabled = true;
     const job = await api("POST", "v1/jobs", request);
     state.job = job.id;
-    $("generate").disabled = true;
+    state.plot = Boolean(request.script_name);
     $("interrupt").disabled = false;
+    setStatus("queued");
     follow(job.id);
   } catch (e) {
+    $("generate").disabled = false;
     setStatus(e.message, true);
   }
+}
+
+function timeLeft(seconds) {
+  if (!(seconds > 0)) return "";
+  return seconds < 60 ? ` · ${Math.ceil(seconds)} s left` : ` · ${Math.floor(seconds / 60)} min ${Math.ceil(seconds % 60)} s left`;
 }
 
 function follow(id) {
@@ -93,10 +85,11 @@ function follow(id) {
   state.events = events;
   events.addEventListener("progress", (e) => {
     const job = JSON.parse(e.data);
-    $("progress").value = job.progress.progress;
+    const p = job.progress;
+    $("progress").value = p.progress;
     if (job.status === "queued") setStatus(`queued (${job.position} ahead)`);
-    else setStatus(`${job.progress.stage || "starting"} step ${job.progress.step}/${job.progress.steps}` +
-      (job.progress.n_iter > 1 ? ` · batch ${job.progress.iteration + 1}/${job.progress.n_iter}` : ""));
+    else setStatus(`${p.stage || "starting"} step ${p.step}/${p.steps}` +
+      (p.n_iter > 1 ? ` · batch ${p.iteration + 1}/${p.n_iter}` : "") + timeLeft(p.eta_relative));
     if (job.current_image) {
       $("preview").src = `data:image/png;base64,${job.current_image}`;
       $("preview").hidden = false;
@@ -105,7 +98,8 @@ function follow(id) {
   events.addEventListener("end", (e) => {
     const job = JSON.parse(e.data);
     finish();
-    if (job.result) addToGallery(job.result);
+    if (job.result) addToGallery(job.result, state.plot);
+    if (state.tab === "history") loadHistory();
     if (job.status === "failed") setStatus(job.error.detail, true);
     else setStatus(job.status);
   });
@@ -135,150 +129,32 @@ async function interrupt() {
   }
 }
 
-// -- gallery ------------------------------------------------------------------------------------
+// -- panels -------------------------------------------------------------------------------------
 
-function addToGallery(result) {
-  const info = JSON.parse(result.info);
-  result.images.forEach((b64, i) => {
-    const figure = document.createElement("figure");
-    const img = document.createElement("img");
-    img.src = `data:image/png;base64,${b64}`;
-    img.alt = info.all_prompts[i] || "";
-    const caption = document.createElement("figcaption");
-    const text = document.createElement("pre");
-    text.textContent = info.infotexts[i];
-    const use = document.createElement("button");
-    use.textContent = "Use as init";
-    use.onclick = () => { setMode("img2img"); setInit(img.src); };
-    const reuse = document.createElement("button");
-    reuse.textContent = "Reuse settings";
-    reuse.onclick = () => readParameters(img.src);
-    caption.append(text, use, reuse);
-    figure.append(img, caption);
-    $("gallery").prepend(figure);
-  });
-}
-
-// -- reading parameters back ----------------------------------------------------------------------
-
-const FROM_INFOTEXT = {
-  Prompt: "prompt", "Negative prompt": "negative_prompt", Steps: "steps", "CFG scale": "cfg_scale", Seed: "seed",
-  "Size-1": "width", "Size-2": "height", "Denoising strength": "denoising_strength",
+const LEGENDS = {
+  img2img: "Init image", inpaint: "Init image — paint the area to repaint", outpaint: "Image to extend",
+  depth: "Init image (with a depth map below)",
 };
 
-async function readParameters(dataUrl) {
-  try {
-    const info = await api("POST", "sdapi/v1/png-info", { image: dataUrl });
-    if (!info.info) return setStatus("this image carries no generation parameters", true);
-    const p = info.parameters;
-    const samplers = [...$("sampler_name").options], schedules = [...$("scheduler").options];
-    let name = p.Sampler, type = p["Schedule type"] || "Automatic";
-    // before A1111 1.9 the schedule rode in the sampler's name: "DPM++ 2M Karras"
-    const legacy = schedules.find((o) => name && !p["Schedule type"] && name.endsWith(` ${o.text}`));
-    if (legacy && !samplers.some((o) => o.value === name)) [name, type] = [name.slice(0, -legacy.text.length - 1), legacy.text];
-    const sampler = samplers.find((o) => o.value === name);
-    const schedule = schedules.find((o) => o.text === type);
-    if (name && !sampler) return setStatus(`unknown sampler in the image: ${name}`, true);
-    if (!schedule) return setStatus(`unknown schedule type in the image: ${type}`, true);
-    for (const [key, id] of Object.entries(FROM_INFOTEXT)) if (key in p) $(id).value = p[key];
-    if (sampler) $("sampler_name").value = sampler.value;
-    $("scheduler").value = schedule.value;
-    setStatus("parameters read from the image");
-  } catch (e) {
-    setStatus(e.message, true);
+function setTab(tab) {
+  state.tab = tab;
+  for (const button of document.querySelectorAll(".tabs button")) {
+    const on = button.dataset.mode === tab;
+    button.classList.toggle("active", on);
+    button.setAttribute("aria-pressed", String(on));
   }
-}
-
-// -- init image and mask brush ------------------------------------------------------------------
-
-function setInit(src) {
-  const image = new Image();
-  image.onload = () => {
-    state.init = image;
-    for (const canvas of [$("init-canvas"), $("mask-canvas")]) {
-      canvas.width = image.naturalWidth;
-      canvas.height = image.naturalHeight;
-    }
-    $("init-canvas").getContext("2d").drawImage(image, 0, 0);
-    clearMask();
-    $("width").value = Math.floor(image.naturalWidth / 8) * 8;
-    $("height").value = Math.floor(image.naturalHeight / 8) * 8;
-  };
-  image.src = src;
-}
-
-function clearMask() {
-  const canvas = $("mask-canvas");
-  canvas.getContext("2d").clearRect(0, 0, canvas.width, canvas.height);
-  state.masked = false;
-}
-
-function maskImage() {
-  const canvas = $("mask-canvas");
-  const out = document.createElement("canvas");
-  out.width = canvas.width;
-  out.height = canvas.height;
-  const ctx = out.getContext("2d");
-  ctx.fillStyle = "#000";
-  ctx.fillRect(0, 0, out.width, out.height);
-  ctx.drawImage(canvas, 0, 0);              // the strokes are white: white = repaint
-  return out.toDataURL("image/png");
-}
-
-function setupBrush() {
-  const canvas = $("mask-canvas");
-  const ctx = canvas.getContext("2d");
-  let last = null;
-  const point = (e) => {
-    const box = canvas.getBoundingClientRect();
-    return [(e.clientX - box.left) * canvas.width / box.width, (e.clientY - box.top) * canvas.height / box.height];
-  };
-  canvas.addEventListener("pointerdown", (e) => {
-    if (!state.init) return;
-    canvas.setPointerCapture(e.pointerId);
-    last = point(e);
-    draw(last);
-  });
-  canvas.addEventListener("pointermove", (e) => { if (last) draw(point(e)); });
-  canvas.addEventListener("pointerup", () => { last = null; });
-  function draw(to) {
-    ctx.strokeStyle = "#fff";
-    ctx.lineCap = ctx.lineJoin = "round";
-    ctx.lineWidth = parseInt($("brush").value, 10);
-    ctx.beginPath();
-    ctx.moveTo(...last);
-    ctx.lineTo(...to);
-    ctx.stroke();
-    last = to;
-    state.masked = true;
-  }
-}
-
-function readFile(file, then) {
-  const reader = new FileReader();
-  reader.onload = () => then(reader.result);
-  reader.readAsDataURL(file);
-}
-
-// -- wiring -------------------------------------------------------------------------------------
-
-function setMode(mode) {
-  state.mode = mode;
-  for (const tab of document.querySelectorAll(".tabs button")) tab.classList.toggle("active", tab.dataset.mode === mode);
-  $("img2img-fields").hidden = mode !== "img2img";
-}
-
-function setupDrop() {
-  document.addEventListener("dragover", (e) => { e.preventDefault(); document.body.classList.add("dragging"); });
-  document.addEventListener("dragleave", () => document.body.classList.remove("dragging"));
-  document.addEventListener("drop", (e) => {
-    e.preventDefault();
-    document.body.classList.remove("dragging");
-    const file = e.dataTransfer.files[0];
-    if (!file) return;
-    const onCanvas = $("canvas-wrap").contains(e.target);
-    readFile(file, (url) => (onCanvas ? setInit(url) : readParameters(url)));
-  });
+  const generating = GEN_TABS.includes(tab);
+  $("gen-fields").hidden = !generating;
+  $("img2img-fields").hidden = !generating || tab === "txt2img";
+  $("upscale-fields").hidden = tab !== "upscale";
+  $("actions").hidden = $("progress").hidden = tab === "history";
+  $("generate").textContent = tab === "upscale" ? "Upscale" : "Generate";
+  for (const part of document.querySelectorAll("[data-only]")) part.hidden = part.dataset.only !== tab;
+  if (LEGENDS[tab]) $("init-legend").textContent = LEGENDS[tab];
+  $("gallery").hidden = tab === "history";
+  $("history").hidden = tab !== "history";
+  if (tab === "history") loadHistory();
+  if (generating) loadAxes();
 }
 
 async function changeModel() {
@@ -286,6 +162,8 @@ async function changeModel() {
   $("model").disabled = true;
   try {
     await api("POST", "sdapi/v1/options", { sd_model_checkpoint: $("model").value });
+    await loadModelInfo();
+    await loadNetworks();
     setStatus("model loaded");
   } catch (e) {
     setStatus(e.message, true);
@@ -294,12 +172,19 @@ async function changeModel() {
   }
 }
 
-for (const tab of document.querySelectorAll(".tabs button")) tab.onclick = () => setMode(tab.dataset.mode);
+for (const tab of document.querySelectorAll(".tabs button")) tab.onclick = () => setTab(tab.dataset.mode);
 $("generate").onclick = generate;
 $("interrupt").onclick = interrupt;
-$("clear-mask").onclick = clearMask;
 $("model").onchange = changeModel;
-$("init-file").onchange = (e) => { if (e.target.files[0]) readFile(e.target.files[0], setInit); };
-setupBrush();
-setupDrop();
+$("aspect").onchange = applyAspect;
+$("history-more").onclick = () => loadHistory(true);
+document.addEventListener("keydown", (e) => {
+  if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) {
+    e.preventDefault();
+    generate();
+  }
+});
+setupCanvas();
+setupPanels();
+setTab("txt2img");
 loadLists().then(() => setStatus("ready"), (e) => setStatus(e.message, true));
