@@ -100,6 +100,29 @@ def test_progress_then_interrupt(api, pipe):
     assert diff.mean() > 5
 
 
+def test_skip_moves_to_the_next_image(api, pipe):
+    box: dict = {}
+    worker = threading.Thread(target=lambda: box.update(result=api.txt2img(
+        prompt="a square", seed=7, steps=40, n_iter=2, **SIZE)))
+    start = time.monotonic()
+    worker.start()
+    progress = api.get_progress()
+    while progress["state"]["sampling_step"] < 2 or progress["state"]["job_no"] != 0:
+        assert time.monotonic() - start < 60 and worker.is_alive()
+        time.sleep(0.02)
+        progress = api.get_progress()
+    assert api.skip() == {}
+    worker.join(120)
+    result = box["result"]
+    assert len(result.images) == 2 and result.info["all_seeds"] == [7, 8]
+    first, second = (np.asarray(im.convert("RGB"), dtype=int) for im in result.images)
+    full = [np.asarray(pipe.txt2img("a square", seed=s, steps=40, sampler="Euler a", watermark=False, **SIZE)
+                       .images[0], dtype=int)
+            for s in (7, 8)]
+    assert np.abs(first - full[0]).mean() > 5        # the skipped image: its latest x̂0
+    assert np.array_equal(second, full[1])           # the next one ran to the end
+
+
 def test_png_info_reads_back_the_parameters(api):
     image = api.txt2img(prompt="a blue triangle", negative_prompt="red", seed=11, steps=2, **SIZE).image
     info = api.png_info(image)
