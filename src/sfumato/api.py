@@ -29,6 +29,7 @@ from .pipeline.infotext import generation_infotext
 from .pipeline.masks import check_outpaint, outpaint_canvas
 from .pipeline.params import ControlSpec as ControlSpec  # re-exported: txt2img(..., control=[ControlSpec(...)])
 from .pipeline.params import GenerationParams, ParamError
+from .pipeline.safety import check_images, safety_infotext
 from .pipeline.watermark import add_watermark
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -87,6 +88,7 @@ class ImageResult:
     image: Image.Image
     seed: int
     infotext: str
+    nsfw: bool | None = None    # the safety checker's verdict (None: no checker ran)
 
 
 @dataclass
@@ -113,6 +115,9 @@ class Pipeline:
         self.model = model
         self.refiner = refiner
         self.hires = hires   # the hires pass's own model (A1111's hr_checkpoint_name), used when a run has one
+        # the SD safety checker (pipeline.safety), off unless set; a flagged image is hidden as safety_action says
+        self.safety_checker = None
+        self.safety_action = "black"
         self.lora_folder: ModelFolder | None = lora_folder(lora_dir) if lora_dir is not None else None
         self.hypernet_folder: ModelFolder | None = hypernetwork_folder(hypernet_dir) if hypernet_dir is not None else None
         self.generator = Generator(model, refiner, embeddings, hires)
@@ -237,6 +242,9 @@ class Pipeline:
         if nets:
             run_patches.append(patch.hypernetworks(self.model, nets))
         out = self.generator.run(replace(p, prompt=prompt), callback, run_patches)
+        flags = [None] * len(out.images)
+        if self.safety_checker is not None:   # on the images as made, before the watermark (as the reference)
+            out.images, flags = check_images(self.safety_checker, out.images, self.safety_action)
         extra = {**hypernet_extra, "Lora hashes": lora_hashes, "TI hashes": self._ti_hashes(p),
                  **control_infotext(p.control),
                  "Noise level": p.noise_level}   # x4 upscaler
@@ -247,8 +255,8 @@ class Pipeline:
             subseed = out.subseeds[i] if out.subseeds else None
             text = generation_infotext(replace(p, seed=seed), seed=seed, subseed=subseed,
                                        model_name=self.model_name, model_hash=self.model_hash,
-                                       extra=extra)
-            items.append(ImageResult(image, seed, text))
+                                       extra={**extra, **safety_infotext(flags[i], self.safety_action)})
+            items.append(ImageResult(image, seed, text, flags[i]))
         return GenerationResult([item.image for item in items], p, items, out.latents)
 
     def _hypernets(self, prompt: str) -> tuple[str, list[tuple[Hypernetwork, float]], dict[str, object]]:
@@ -318,6 +326,7 @@ def load(
     by_stage: bool = False,
     compile: bool = False,
     no_half_vae: bool = False,
+    safety_checker: str | Path | None = None,
 ) -> Pipeline:
     """Load a checkpoint (None: the bundled model). ``loras`` are merged into the weights for good
     (``(path, weight)`` pairs); ``lora_dir`` serves ``<lora:name:w>`` tags in prompts; the textual
@@ -335,7 +344,8 @@ def load(
     CPU; then see ``sfumato bench --compile`` for what it gains on this machine). ``device``: auto
     (CUDA when present), cpu, cuda, cuda:N or mps. ``no_half_vae``: the VAE computes in fp32 whatever
     the weights (A1111's --no-half-vae; without it a half-precision decode that yields NaN is redone
-    in fp32 once and the VAE stays fp32)."""
+    in fp32 once and the VAE stays fp32). ``safety_checker``: the SD safety checker's folder or file;
+    every image is checked and a flagged one hidden (``Pipeline.safety_action``: "black" or "blur")."""
     for option, on in (("low_memory", low_memory), ("by_stage", by_stage)):
         if on and loras:
             raise ParamError("loras", f"merging LoRAs into the weights needs them in memory; not with {option}")
@@ -366,4 +376,9 @@ def load(
             if m is not None:
                 m.vae.dtype_override = torch.float32
     embeddings = load_embeddings(embeddings_dir, model.spec) if embeddings_dir is not None else None
-    return Pipeline(model, refiner_model, lora_dir, embeddings, hypernet_dir, hires_model)
+    pipe = Pipeline(model, refiner_model, lora_dir, embeddings, hypernet_dir, hires_model)
+    if safety_checker is not None:
+        from .checkpoint.safety import load_safety_checker
+
+        pipe.safety_checker = load_safety_checker(safety_checker, dtype=pipe.engine.dtype, device=pipe.engine.device)
+    return pipe

@@ -58,6 +58,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="apply a prompt style from --styles-file (repeatable, in order)")
     p.add_argument("--styles-file", metavar="CSV", help="A1111's styles.csv (name,prompt,negative_prompt)")
     p.add_argument("--no-watermark", action="store_true", help="do not add the invisible watermark")
+    p.add_argument("--safety-checker", metavar="PATH",
+                   help="check every image with the SD safety checker (its folder, e.g. a diffusers model's "
+                        "safety_checker/, or its weights file); a flagged image is hidden and reported")
+    p.add_argument("--safety-action", choices=("black", "blur"), default="black",
+                   help="what a flagged image becomes (default black, as the reference)")
     p.add_argument("-o", "--output", default="output.png",
                    help="image path (.png, .jpg, .webp); a batch writes NAME-0.png, NAME-1.png, …")
     for name, kind in _GEN_FLAGS.items():
@@ -291,6 +296,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     # validate the request before loading any model: a throwaway copy with placeholder sizes
     _dry_validate(args.command, settings, extra)
     axes = _xyz_axes(args)
+    if args.safety_checker and not Path(args.safety_checker).exists():
+        raise SfumatoError(f"--safety-checker: not found: {args.safety_checker}")
     loras = [_lora_arg(text) for text in args.lora]
     memory = _memory_mode(args, model, settings["prompt"], loras)
     if args.hires_checkpoint and not Path(args.hires_checkpoint).exists():
@@ -301,6 +308,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 by_stage=memory == "by-stage", hypernet_dir=args.hypernet_dir, compile=args.compile)
     if args.vae_decoder:
         pipe.tiny_decoder = _tiny_decoder(args.vae_decoder, pipe.engine.latent_channels, pipe.engine.factor)
+    if args.safety_checker:
+        from ..checkpoint.safety import load_safety_checker
+
+        pipe.safety_checker = load_safety_checker(args.safety_checker, dtype=pipe.engine.dtype, device=pipe.engine.device)
+        pipe.safety_action = args.safety_action
     bars: list = []   # made at the first step: a request refused before sampling leaves no bar behind
 
     def progress(rec) -> None:
@@ -337,7 +349,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         bar.close()
     for item, path in zip(result.items, batch_paths(output, len(result.items))):
         save_image(item.image, path, item.infotext)
-        print(f"{path}  seed={item.seed}")
+        print(f"{path}  seed={item.seed}" + ("  flagged by the safety checker" if item.nsfw else ""))
     return 0
 
 

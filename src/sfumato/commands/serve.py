@@ -23,6 +23,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                                         "hold those, its styles.csv A1111's prompt styles")
     p.add_argument("--outputs-dir", help="keep every image made through the job API (the web UI) here, as PNGs "
                                          "with their parameters, browsable in the web UI's history (default: none kept)")
+    p.add_argument("--safety-checker", metavar="PATH",
+                   help="check every image with the SD safety checker (its folder or weights file); flagged "
+                        "images are hidden and reported (nsfw in the responses)")
+    p.add_argument("--safety-action", choices=("black", "blur"), default="black",
+                   help="what a flagged image becomes (default black)")
     p.add_argument("--listen", action="store_true", help="accept connections from other machines")
     p.add_argument("--api-auth", metavar="USER:PASS", help="require HTTP Basic auth on every route")
     p.add_argument("--allowed-hosts", metavar="NAMES",
@@ -72,7 +77,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = ServerConfig(model=model, models_dir=models_dir, listen=args.listen, api_auth=credentials,
                           max_queue=args.max_queue, watermark=not args.no_watermark, device=device,
                           dtype=args.dtype, allowed_hosts=allowed, host=host,
-                          outputs_dir=outputs_dir)
+                          outputs_dir=outputs_dir,
+                          safety_checker=Path(args.safety_checker) if args.safety_checker else None,
+                          safety_action=args.safety_action)
     app = create_app(config)
     uvicorn.run(app, host=host, port=args.port, log_level="info", proxy_headers=False, server_header=False)
     return 0

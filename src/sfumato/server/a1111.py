@@ -32,6 +32,7 @@ from ..adapters.hypernetwork import parse_hypernet_prompt
 from ..adapters.lora import parse_lora_prompt
 from ..pipeline.params import MASKED_CONTENT, GenerationParams, ParamError, check_prompt, prompt_workload
 from ..errors import SfumatoError
+from ..pipeline.safety import check_images, safety_infotext
 from ..pipeline.watermark import add_watermark
 from ..text.styles import apply_styles
 from .extensions import control_specs
@@ -495,8 +496,8 @@ def run_items(work: Work, job: Job, pipe: Pipeline, watermark: bool, first: int 
         def callback(progress: Progress) -> None:
             job.check_stop()
             latest[:] = [progress]
-            job.update(stage=progress.stage, step=progress.index + 1, steps=progress.total,
-                       preview=progress.preview()[0])
+            job.update(stage=progress.stage, step=progress.index + 1, steps=progress.total,   # no unchecked
+                       preview=progress.preview()[0] if pipe.safety_checker is None else None)   # previews
 
         collector = AttentionMaps(p.batch_size, pipe.embeddings) if work.attention_maps else None
         patches = [lambda: attention_hooks(pipe.model.unet, collector)] if collector is not None else []
@@ -523,20 +524,27 @@ def _word_maps(collector: AttentionMaps, prompt: str, image: Image.Image, index:
 
 
 def _partial(pipe: Pipeline, p: GenerationParams, progress: Progress, watermark: bool) -> list[ImageResult]:
+    """The images of an interrupted run's latest x̂0 (checked by the safety checker as finished ones are)."""
+    images = to_pil(pipe.engine.decode(progress.denoised))
+    flags: list = [None] * len(images)
+    if pipe.safety_checker is not None:
+        images, flags = check_images(pipe.safety_checker, images, pipe.safety_action)
     out = []
-    for i, image in enumerate(to_pil(pipe.engine.decode(progress.denoised))):
+    for i, image in enumerate(images):
         seed = p.seed + i
         subseed = p.subseed + i if p.subseed_strength > 0 else None
-        text = generation_infotext(replace(p, seed=seed), seed=seed, subseed=subseed,
-                                   model_name=pipe.model_name, model_hash=pipe.model_hash)
-        out.append(ImageResult(add_watermark(image) if watermark else image, seed, text))
+        text = generation_infotext(replace(p, seed=seed), seed=seed, subseed=subseed, model_name=pipe.model_name,
+                                   model_hash=pipe.model_hash, extra=safety_infotext(flags[i], pipe.safety_action))
+        out.append(ImageResult(add_watermark(image) if watermark else image, seed, text, flags[i]))
     return out
 
 
 def response(work: Work, pipe: Pipeline, items: list[ImageResult], started: float) -> dict[str, Any]:
     images = [encode_png(item.image, item.infotext) for item in items] if work.send_images else []
-    return {"images": images, "parameters": work.parameters,
-            "info": json.dumps(info(work, pipe, items, started))}
+    out = {"images": images, "parameters": work.parameters, "info": json.dumps(info(work, pipe, items, started))}
+    if any(item.nsfw is not None for item in items):   # the safety checker ran: its verdict per image
+        out["nsfw"] = [bool(item.nsfw) for item in items]
+    return out
 
 
 def info(work: Work, pipe: Pipeline, items: list[ImageResult], started: float) -> dict[str, Any]:

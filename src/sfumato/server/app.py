@@ -58,6 +58,8 @@ class ServerConfig:
     allowed_hosts: tuple[str, ...] | None = None
     host: str | None = None              # the address bound (one of the names answered)
     outputs_dir: Path | None = None      # the job API's images are kept here (web UI history); None: not kept
+    safety_checker: Path | None = None   # the SD safety checker's folder or file (None: no checking)
+    safety_action: str = "black"         # what a flagged image becomes: black or blur
 
 
 FIELDS = ("sd_model_checkpoint", "sd_vae", "refiner_checkpoint", "hr_checkpoint_name")   # what chose each model
@@ -72,6 +74,7 @@ class ModelHost:
         self.key: tuple[Entry, Entry | None, Entry | None, Entry | None] | None = (entry, None, None, None)
         self.sha256: dict[Path, str] = {}
         self._hashes: dict[tuple, str] = {}
+        self.checker = None   # the safety checker, loaded once, given to every pipeline
 
     def get(self, checkpoint: Entry, vae: Entry | None, fields: tuple[str, ...] = FIELDS,
             refiner: Entry | None = None, hires: Entry | None = None) -> Pipeline:
@@ -106,6 +109,7 @@ class ModelHost:
                 raise _load_error(e, *(named[0] if named else (checkpoint, "checkpoint", fields[0]))) from None
             self.key = key
         # prompt tags resolve through the catalog's folders: the names it lists are the files that load
+        self.pipe.safety_checker, self.pipe.safety_action = self.checker, self.config.safety_action
         self.pipe.lora_folder = self.catalog.folder("lora")
         self.pipe.hypernet_folder = self.catalog.folder("hypernetwork")
         if checkpoint.path.is_file() and checkpoint.path not in self.sha256:
@@ -191,6 +195,11 @@ def create_app(config: ServerConfig, pipeline: Pipeline | None = None) -> FastAP
     if pipeline is None:
         pipeline = load(default.path, dtype=config.dtype, device=config.device, embeddings_dir=_embeddings_dir(catalog))
     host = ModelHost(config, pipeline, default, catalog)
+    if config.safety_checker is not None:
+        from ..checkpoint.safety import load_safety_checker
+
+        host.checker = load_safety_checker(config.safety_checker, dtype=pipeline.engine.dtype,
+                                           device=pipeline.engine.device)
     host.get(default, None)
     state = State(config, catalog, host, JobQueue(config.max_queue), Defaults(default))
 

@@ -4,7 +4,7 @@
 
 /** One image in ``container`` (the gallery by default): its infotext, "Send to img2img",
  * "Send to upscale", "Reuse settings", and the words of its attention maps. */
-function addFigure({ b64, src, text, alt, maps, container }) {
+function addFigure({ b64, src, text, alt, maps, container, flagged }) {
   const figure = el("figure");
   const img = el("img", { src: src || `data:image/png;base64,${b64}`, alt: alt || "" });
   const original = img.src;
@@ -19,6 +19,7 @@ function addFigure({ b64, src, text, alt, maps, container }) {
   };
   const toUpscale = el("button", { type: "button", textContent: "Send to upscale" });
   toUpscale.onclick = () => { setTab("upscale"); setUpscaleSource(original); };
+  if (flagged) caption.append(el("p", { className: "flag", textContent: "Flagged by the safety checker" }));
   caption.append(pre, send, toUpscale, reuse);
   if (maps && maps.length) caption.append(attentionWords(img, original, maps));
   figure.append(img, caption);
@@ -61,7 +62,7 @@ function addToGallery(result, plot = false) {
     const text = texts[i - offset] ?? texts[0] ?? "";
     const grid = plot && i === 0;
     const alt = grid ? "X/Y/Z plot grid" : (info.all_prompts || [])[i - offset] || "";
-    addFigure({ b64, text, alt, maps: maps[i] });
+    addFigure({ b64, text, alt, maps: maps[i], flagged: (result.nsfw || [])[i] });
   });
 }
 
