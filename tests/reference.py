@@ -203,3 +203,25 @@ def tiny_sd_folder(root, name: str, unet: dict, vae: dict, seed: int):
     folder = Path(root) / name
     pipe.save_pretrained(folder)
     return folder, pipe
+
+
+def write_ldm_sd1(path, unet, vae, text, unet_cfg):
+    """A tiny SD 1-style single file in the original layout from diffusers / transformers modules (the
+    reference side of a parity test), with its spec in the metadata; returns ``path``."""
+    from sfumato.checkpoint.convert_text import hf_text_sd
+    from sfumato.checkpoint.convert_unet import diffusers_unet_to_ldm
+    from sfumato.checkpoint.convert_vae import diffusers_vae_to_ldm
+    from sfumato.checkpoint.io import save_file
+    from sfumato.checkpoint.specs import SPEC_METADATA_KEY, ModelSpec, TextSlot, spec_to_json
+    from sfumato.models.clip import TextEncoderConfig
+    from sfumato.models.vae import VAEConfig
+
+    spec = ModelSpec("custom", unet_cfg, VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1),
+                     (TextSlot("cond_stage_model.transformer.", TextEncoderConfig("hf", 32, 2, 2, mlp_ratio=2.0)),),
+                     resolution=64)
+    sd = {"model.diffusion_model." + k: v for k, v in diffusers_unet_to_ldm(unet.state_dict(), unet_cfg).items()}
+    sd |= {"first_stage_model." + k: v for k, v in diffusers_vae_to_ldm(vae.state_dict()).items()}
+    text_sd = {(k if k.startswith("text_model.") else "text_model." + k): v for k, v in text.state_dict().items()}
+    sd |= {"cond_stage_model.transformer." + k: v for k, v in hf_text_sd(text_sd).items()}
+    save_file({k: v.contiguous() for k, v in sd.items()}, path, {SPEC_METADATA_KEY: spec_to_json(spec)})
+    return path

@@ -14,19 +14,13 @@ from PIL import Image
 from torch import nn
 
 import sfumato.pipeline.control as control_module
-from reference import TINY_HF_TEXT, materialize, reference_tokens, scaled_linear_alphas_cumprod
+from reference import TINY_HF_TEXT, materialize, write_ldm_sd1, reference_tokens, scaled_linear_alphas_cumprod
 from sfumato.api import ControlSpec, load
 from sfumato.checkpoint.convert_controlnet import controlnet_config_from_diffusers, diffusers_controlnet_to_ldm
-from sfumato.checkpoint.convert_text import hf_text_sd
-from sfumato.checkpoint.convert_unet import diffusers_unet_to_ldm
-from sfumato.checkpoint.convert_vae import diffusers_vae_to_ldm
 from sfumato.checkpoint.io import save_file
-from sfumato.checkpoint.specs import SPEC_METADATA_KEY, ModelSpec, TextSlot, spec_to_json
 from sfumato.cli import main
-from sfumato.models.clip import TextEncoderConfig
 from sfumato.models.controlnet import ControlNet, ControlNetConfig
 from sfumato.models.unet import UNetConfig
-from sfumato.models.vae import VAEConfig
 from sfumato.pipeline.params import CONTROL_PREPROCESSORS, ParamError
 
 BLOCKS = dict(block_out_channels=(32, 64), layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -52,15 +46,7 @@ def world(tmp_path_factory):
     unet = materialize(lambda: UNet2DConditionModel(**TINY_UNET), 21)
     vae = materialize(lambda: AutoencoderKL(**TINY_VAE), 22)
     text = materialize(lambda: CLIPTextModel(CLIPTextConfig(**TINY_HF_TEXT)), 23)
-    spec = ModelSpec("custom", UNET_CFG, VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1),
-                     (TextSlot("cond_stage_model.transformer.", TextEncoderConfig("hf", 32, 2, 2, mlp_ratio=2.0)),),
-                     resolution=64)
-    sd = {"model.diffusion_model." + k: v for k, v in diffusers_unet_to_ldm(unet.state_dict(), UNET_CFG).items()}
-    sd |= {"first_stage_model." + k: v for k, v in diffusers_vae_to_ldm(vae.state_dict()).items()}
-    text_sd = {(k if k.startswith("text_model.") else "text_model." + k): v for k, v in text.state_dict().items()}
-    sd |= {"cond_stage_model.transformer." + k: v for k, v in hf_text_sd(text_sd).items()}
-    model_path = root / "tiny.safetensors"
-    save_file({k: v.contiguous() for k, v in sd.items()}, model_path, {SPEC_METADATA_KEY: spec_to_json(spec)})
+    model_path = write_ldm_sd1(root / "tiny.safetensors", unet, vae, text, UNET_CFG)
     cns, cn_paths = [], []
     for seed in (24, 25):
         cn = materialize(lambda: ControlNetModel(**BLOCKS), seed)

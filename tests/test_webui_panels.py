@@ -403,6 +403,7 @@ def _controlnet_units(page):
     assert units.count() == 2 and units.nth(1).locator("legend").inner_text() == "Unit 2"
     first = units.nth(0)
     assert first.locator(".cn-module option").all_inner_texts()[:3] == ["none", "canny", "threshold"]
+    assert "ip-adapter_clip_sd15" in first.locator(".cn-module option").all_inner_texts()   # IP-Adapter units too
     assert first.locator(".cn-model").input_value() == "canny-sd15 [0123abcd]"
     # draw the control image: a white stroke on black
     first.locator(".cn-canvas").scroll_into_view_if_needed()

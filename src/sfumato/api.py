@@ -21,6 +21,7 @@ from .checkpoint.folders import ModelFolder
 from .checkpoint.load import LoadedModel, load_model
 from .errors import NameNotFoundError, SfumatoError
 from .pipeline.control import control_infotext
+from .pipeline.image_prompt import ip_adapter_infotext
 from .pipeline import patches as patch
 from .pipeline.engine import Engine
 from .pipeline.generate import Generator, ProgressCallback
@@ -29,6 +30,7 @@ from .pipeline.infotext import generation_infotext
 from .pipeline.masks import check_outpaint, outpaint_canvas
 from .pipeline.params import ControlSpec as ControlSpec  # re-exported: txt2img(..., control=[ControlSpec(...)])
 from .pipeline.params import GenerationParams, ParamError
+from .pipeline.params import IPAdapterSpec as IPAdapterSpec  # re-exported: txt2img(..., ip_adapters=[IPAdapterSpec(...)])
 from .pipeline.safety import check_images, safety_infotext
 from .pipeline.watermark import add_watermark
 
@@ -247,6 +249,7 @@ class Pipeline:
             out.images, flags = check_images(self.safety_checker, out.images, self.safety_action)
         extra = {**hypernet_extra, "Lora hashes": lora_hashes, "TI hashes": self._ti_hashes(p),
                  **control_infotext(p.control),
+                 **ip_adapter_infotext(p.ip_adapters, self.generator.image_prompts.modules, len(p.control)),
                  "Noise level": p.noise_level}   # x4 upscaler
         items = []
         for i, (image, seed) in enumerate(zip(out.images, out.seeds)):

@@ -69,6 +69,24 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         flag = "--" + name.replace("_", "-")
         p.add_argument(flag, *_FLAG_ALIASES.get(name, ()), type=kind, default=None, help=_HELP.get(name))
     _add_control(p)
+    _add_ip_adapter(p)
+
+
+def _add_ip_adapter(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("IP-Adapter", "image prompts; each flag is repeatable: its i-th use belongs to the i-th "
+                                          "--ip-adapter (give it once per adapter, or leave it out for the default)")
+    g.add_argument("--ip-adapter", action="append", default=[], metavar="FILE",
+                   help="an IP-Adapter file (.safetensors or .bin; base or plus)")
+    g.add_argument("--ip-image", action="append", default=[], metavar="IMG", help="its image prompt (required)")
+    g.add_argument("--ip-scale", action="append", default=[], type=float, metavar="W",
+                   help="weight of its attention (1)")
+    g.add_argument("--ip-start", action="append", default=[], type=float, metavar="F",
+                   help="fraction of the steps at which it starts (0)")
+    g.add_argument("--ip-end", action="append", default=[], type=float, metavar="F",
+                   help="fraction of the steps at which it ends (1)")
+    g.add_argument("--ip-image-encoder", action="append", default=[], metavar="DIR",
+                   help="the CLIP image encoder (a CLIPVisionModelWithProjection folder or file; default: the "
+                        "image_encoder folder beside the adapter); given once, it serves every adapter")
 
 
 def _add_control(p: argparse.ArgumentParser) -> None:
@@ -211,6 +229,32 @@ def _control_specs(args: argparse.Namespace) -> list:
     return specs
 
 
+_IP_FIELDS = {"ip_scale": "scale", "ip_start": "start", "ip_end": "end", "ip_image_encoder": "image_encoder"}
+
+
+def _ip_specs(args: argparse.Namespace) -> list:
+    """The --ip-* flags as IPAdapterSpecs: the i-th use of each flag belongs to the i-th --ip-adapter (one
+    --ip-image-encoder may serve them all)."""
+    from ..pipeline.params import IPAdapterSpec
+
+    n = len(args.ip_adapter)
+    for name in ("ip_image", *_IP_FIELDS):
+        given, flag = len(getattr(args, name)), "--" + name.replace("_", "-")
+        if given and not n:
+            raise SfumatoError(f"{flag}: given without --ip-adapter")
+        shared = name == "ip_image_encoder" and given == 1
+        if given != n and not shared and (given or name == "ip_image"):
+            raise SfumatoError(f"{flag}: given {given} times for {n} --ip-adapter (once per adapter, in order)")
+    specs = []
+    for i, path in enumerate(args.ip_adapter):
+        if not Path(path).is_file():
+            raise SfumatoError(f"--ip-adapter: file not found: {path}")
+        options = {field: getattr(args, name)[i if len(getattr(args, name)) > 1 else 0]
+                   for name, field in _IP_FIELDS.items() if getattr(args, name)}
+        specs.append(IPAdapterSpec(path, _open_image(args.ip_image[i], "--ip-image"), **options))
+    return specs
+
+
 def _tiny_decoder(text: str, latent_channels: int, factor: int):
     from ..checkpoint.taesd import load_tiny_decoder
 
@@ -292,6 +336,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     control = _control_specs(args)
     if control:
         settings["control"] = control
+    ip_adapters = _ip_specs(args)
+    if ip_adapters:
+        settings["ip_adapters"] = ip_adapters
 
     # validate the request before loading any model: a throwaway copy with placeholder sizes
     _dry_validate(args.command, settings, extra)

@@ -19,7 +19,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="checkpoint to load first: a path, or a name inside --models-dir "
                                    "(default: the bundled model)")
     p.add_argument("--models-dir", help="folder of checkpoints that clients may switch to by name; "
-                                        "its VAE/, Lora/, embeddings/, hypernetworks/ and ControlNet/ subfolders "
+                                        "its VAE/, Lora/, embeddings/, hypernetworks/, ControlNet/, clip_vision/ and "
+                                        "upscalers/ subfolders "
                                         "hold those, its styles.csv A1111's prompt styles")
     p.add_argument("--outputs-dir", help="keep every image made through the job API (the web UI) here, as PNGs "
                                          "with their parameters, browsable in the web UI's history (default: none kept)")

@@ -19,6 +19,7 @@ from ..models.taesd import TinyDecoder
 from .control import ControlNets
 from .engine import Engine
 from .guidance import Guidance, StepClock
+from .image_prompt import ImagePrompts
 from .params import GenerationParams
 from .patches import Patch
 from .plan import Plan, img2img_sigmas, plan
@@ -36,6 +37,7 @@ class Generator:
         self.refiner = Engine(refiner, embeddings) if refiner is not None else None
         self.hires = Engine(hires, embeddings) if hires is not None else None   # the hires pass's own model
         self.controlnets = ControlNets()
+        self.image_prompts = ImagePrompts()   # IP-Adapters and their image encoders, cached like ControlNets
         self.tiny_decoder: TinyDecoder | None = None   # set: decodes the final images and the previews
 
     @property
@@ -53,10 +55,12 @@ class Generator:
         """Plan ``p`` and carry the plan out, with ``patches`` attached for the whole run."""
         the_plan = self.plan(p)
         controlnets = self.controlnets.get(p.control, self.base)   # loaded now: a bad file fails before any work
+        prompts = self.image_prompts.get(p.ip_adapters, self.base)   # loaded, checked and encoded now, likewise
         with ExitStack() as stack:
             for patch in patches:
                 stack.enter_context(patch())
-            return RunLoop(p, self.engines, Tools(controlnets, self.tiny_decoder, callback)).run(the_plan)
+            tools = Tools(controlnets, self.tiny_decoder, callback, prompts)
+            return RunLoop(p, self.engines, tools).run(the_plan)
 
 
 def guided_denoiser(engine: Engine, cond, uncond, p: GenerationParams, sigmas: Tensor):

@@ -95,6 +95,51 @@ class ControlSpec:
 
 
 @dataclass
+class IPAdapterSpec:
+    """One IP-Adapter of a request: the adapter file (``.safetensors`` or ``.bin``), the image prompt (PIL),
+    the weight of its attention (``scale``), its active span of the sampling run (step fractions
+    ``start`` ≤ i/steps ≤ ``end``; start = end: never) and the CLIP image encoder — a transformers
+    CLIPVisionModelWithProjection folder or a weights file; None: the ``image_encoder`` folder beside the
+    adapter file, as IP-Adapter's releases lay it out."""
+
+    model: str | Path
+    image: Image.Image = field(repr=False)
+    scale: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    image_encoder: str | Path | None = None
+
+    @property
+    def model_name(self) -> str:
+        return Path(self.model).stem
+
+    @property
+    def encoder_path(self) -> Path:
+        """The encoder named, or the ``image_encoder`` folder beside the adapter."""
+        return Path(self.image_encoder) if self.image_encoder is not None else \
+            Path(self.model).parent / "image_encoder"
+
+    def validate(self, prefix: str) -> None:
+        """Checks every field; errors name ``{prefix}.{field}``."""
+        if not isinstance(self.model, (str, Path)):
+            raise ParamError(f"{prefix}.model", f"must be a file path, got {type(self.model).__name__}")
+        if not Path(self.model).is_file():
+            raise ParamError(f"{prefix}.model", f"IP-Adapter file not found: {self.model}")
+        if not isinstance(self.image, Image.Image):
+            raise ParamError(f"{prefix}.image", f"must be a PIL image, got {type(self.image).__name__}")
+        _float_range(f"{prefix}.scale", self.scale, 0, 2)
+        _float_range(f"{prefix}.start", self.start, 0, 1)
+        _float_range(f"{prefix}.end", self.end, 0, 1)
+        if self.start > self.end:
+            raise ParamError(f"{prefix}.start", f"must not exceed end ({self.start} > {self.end})")
+        if self.image_encoder is not None and not isinstance(self.image_encoder, (str, Path)):
+            raise ParamError(f"{prefix}.image_encoder", f"must be a path, got {type(self.image_encoder).__name__}")
+        if not self.encoder_path.exists():
+            where = "" if self.image_encoder is not None else " (none given, and no image_encoder folder beside the adapter)"
+            raise ParamError(f"{prefix}.image_encoder", f"CLIP image encoder not found: {self.encoder_path}{where}")
+
+
+@dataclass
 class GenerationParams:
     prompt: str
     negative_prompt: str = ""
@@ -138,6 +183,8 @@ class GenerationParams:
     noise_level: int | None = None
     # ControlNets steering the base model (not the refiner), their residuals summed
     control: list[ControlSpec] = field(default_factory=list)
+    # IP-Adapters steering the base model (image prompts), their attention added in order
+    ip_adapters: list[IPAdapterSpec] = field(default_factory=list)
     # training-free accelerations (opt-in): ToMe token merging, DeepCache (1 = every step in full)
     tome_ratio: float = 0.0
     deepcache_interval: int = 1
@@ -234,6 +281,12 @@ class GenerationParams:
             if not isinstance(spec, ControlSpec):
                 raise ParamError(f"control[{i}]", f"must be a ControlSpec, got {type(spec).__name__}")
             spec.validate(f"control[{i}]")
+        if not isinstance(self.ip_adapters, (list, tuple)):
+            raise ParamError("ip_adapters", f"must be a list of IPAdapterSpec, got {type(self.ip_adapters).__name__}")
+        for i, spec in enumerate(self.ip_adapters):
+            if not isinstance(spec, IPAdapterSpec):
+                raise ParamError(f"ip_adapters[{i}]", f"must be an IPAdapterSpec, got {type(spec).__name__}")
+            spec.validate(f"ip_adapters[{i}]")
         if self.seed == -1:
             self.seed = random.randint(0, MAX_SEED - 64)
         if self.subseed == -1:

@@ -4,7 +4,8 @@ A patch is a function that returns a context manager: entering attaches, leaving
 the run fails half-way, so a failed run leaves the model exactly as it was. The run loop owns them
 all: run-scoped patches (LoRA weights, hypernetwork hooks, attention-map hooks) are entered by
 ``Generator.run`` around the whole run, pass-scoped ones (``pass_patches``: ToMe, DeepCache, a
-streamed UNet held in memory for the pass) by ``RunLoop`` around each sampler run, in one ExitStack.
+streamed UNet held in memory for the pass; ``image_prompts``: IP-Adapter hooks on the base model, which
+read the pass's step clock) by ``RunLoop`` around each sampler run, in one ExitStack.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 
 from ..adapters.hypernetwork import Hypernetwork, hypernetworks_applied
+from ..adapters.ip_adapter import ImagePrompt, image_prompts_applied
 from ..adapters.lora import apply_loras, remove_loras
 from ..adapters.tome import token_merging
 from ..checkpoint.load import LoadedModel
@@ -46,6 +48,12 @@ def loras(model: LoadedModel, files: Sequence[tuple[Path, float]], names: Sequen
 
 def hypernetworks(model: LoadedModel, nets: Sequence[tuple[Hypernetwork, float]]) -> Patch:
     return lambda: hypernetworks_applied(model.unet, nets)
+
+
+def image_prompts(model: LoadedModel, prompts: Sequence[ImagePrompt], clock: StepClock) -> Patch:
+    """IP-Adapter image prompts in ``model``'s cross-attention for one sampler pass, each active over its
+    span of the pass's step fractions (read from ``clock`` at every UNet call)."""
+    return lambda: image_prompts_applied(model.unet, prompts, lambda: clock.fraction)
 
 
 def pass_patches(model: LoadedModel, p: GenerationParams, clock: StepClock) -> list[Patch]:

@@ -3,8 +3,9 @@
 For each stage the loop makes the starting latents (noise, the init image's latents, or the previous
 stage's grown), the extra UNet inputs the stage names, then runs each pass: the engine's prompt
 conditioning, its denoiser (steered by ControlNets on base passes), guidance and the step clock
-around it, and the pass's patches (ToMe, DeepCache, a streamed UNet held in memory) attached for the
-sampler run only. Then the VAE decodes, and an inpainting result is pasted back into the original.
+around it, and the pass's patches (ToMe, DeepCache, a streamed UNet held in memory, and on the base model
+the request's IP-Adapter image prompts, which read the pass's step clock) attached for the sampler run
+only. Then the VAE decodes, and an inpainting result is pasted back into the original.
 Run-scoped patches (LoRA, hypernetworks, attention-map hooks) are attached by ``Generator.run``
 around the whole loop. Every patch is detached on the way out, also when the run fails.
 """
@@ -12,7 +13,7 @@ around the whole loop. Every patch is detached on the way out, also when the run
 from __future__ import annotations
 
 from contextlib import ExitStack
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -78,11 +79,12 @@ class Generated:
 @dataclass
 class Tools:
     """What a run uses beside the engines: the request's loaded ControlNets, a tiny decoder (final
-    images and previews), and the progress callback."""
+    images and previews), the progress callback, and the request's IP-Adapter image prompts."""
 
     controlnets: list
     tiny_decoder: object | None = None
     callback: ProgressCallback | None = None
+    image_prompts: list = field(default_factory=list)
 
 
 @dataclass
@@ -229,6 +231,8 @@ class RunLoop:
         with ExitStack() as stack:
             for patch in patches.pass_patches(engine.model, p, clock):
                 stack.enter_context(patch())
+            if pass_.engine == "base" and stage.kind != "upscale":   # image prompts steer the base model only
+                stack.enter_context(patches.image_prompts(engine.model, self.tools.image_prompts, clock)())
             x = get_sampler(stage.sampler or p.sampler)(clock.wrap(guidance), x, sigmas, callback=self._progress(engine, pass_),
                                        noise_sampler=noise_sampler)
         release_scratch()   # the pass's working memory back to the system before the next stage

@@ -38,7 +38,8 @@ def check_upscale_request(spec: ModelSpec, p: GenerationParams, factor: int, has
     if not 0 <= p.noise_level <= top:
         raise ParamError("noise_level", f"must be in [0, {top}] for {spec.family}, got {p.noise_level}")
     unsupported = {"mask": p.mask is not None, "hires_scale": p.hires_scale > 1, "depth_map": p.depth_map is not None,
-                   "control": bool(p.control), "refiner": has_refiner or p.refiner is not None}
+                   "control": bool(p.control), "ip_adapters": bool(p.ip_adapters),
+                   "refiner": has_refiner or p.refiner is not None}
     for name, used in unsupported.items():
         if used:
             raise ParamError(name, f"not supported when upscaling with {spec.family}")

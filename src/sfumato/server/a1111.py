@@ -299,7 +299,9 @@ def build_work(req: Txt2ImgRequest | Img2ImgRequest, defaults: Defaults, catalog
                                    "hr_checkpoint_name")
                 settings["hires_checkpoint"] = hires.stem
     if req.alwayson_scripts:   # sd-webui-controlnet's units (other extensions only when empty)
-        settings["control"] = control_specs(req.alwayson_scripts, catalog, limits, settings.get("init_image"))
+        settings["control"], ips = control_specs(req.alwayson_scripts, catalog, limits, settings.get("init_image"))
+        if ips:
+            settings["ip_adapters"] = ips
     _check_limits(settings, req.n_iter, limits)
     try:
         params = GenerationParams(**settings).validated()

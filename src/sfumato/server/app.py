@@ -443,7 +443,7 @@ def _add_a1111_routes(app: FastAPI, state: State) -> None:
 
     @app.get("/controlnet/module_list", tags=["ControlNet"])
     def controlnet_module_list(alias_names: bool = False) -> dict[str, Any]:
-        return {"module_list": list(extensions.MODULES), "module_detail": {}}
+        return {"module_list": [*extensions.MODULES, *extensions.IP_MODULES], "module_detail": {}}
 
     @app.post("/controlnet/detect", tags=["ControlNet"])
     async def controlnet_detect(body: dict[str, Any] = Body(...)) -> dict[str, Any]:

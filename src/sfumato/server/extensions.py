@@ -6,6 +6,11 @@ folder's ``ControlNet`` subfolder; its image (or, in img2img, the init image whe
 through the named preprocessor at the generation size (the extension's "pixel perfect"); ``weight``,
 ``guidance_start`` / ``guidance_end``, ``control_mode`` and ``resize_mode`` mean what they mean there.
 Preprocessors that are not implemented here are refused by name, never replaced by another.
+IP-Adapter units are the extension's too: a unit whose module is an ``ip-adapter_clip_*``
+preprocessor and whose model is an IP-Adapter file in the ControlNet folder becomes an
+``IPAdapterSpec`` (weight → scale, guidance start/end → its step window); its CLIP image encoder is
+the one the extension names for the module, ``clip_h`` (ViT-H/14) or ``clip_g`` (ViT-bigG/14), found
+in the models folder's ``clip_vision`` subfolder.
 Other always-on scripts are accepted only when they carry nothing to do (``{"args": []}`` or
 ``[False]``, as clients send for extensions they do not use).
 """
@@ -18,8 +23,8 @@ from typing import Any
 
 from PIL import Image
 
-from ..errors import ParamError
-from ..pipeline.params import ControlSpec
+from ..errors import ParamError, SfumatoError
+from ..pipeline.params import ControlSpec, IPAdapterSpec
 from .security import ApiError, Catalog, Limits, decode_image
 
 CONTROLNET_VERSION = 2
@@ -27,16 +32,19 @@ CONTROLNET_VERSION = 2
 MODULES = {"none": "none", "canny": "canny", "threshold": "threshold"}
 CONTROL_MODES = {0: "balanced", 1: "prompt", 2: "control", "balanced": "balanced",
                  "my prompt is more important": "prompt", "controlnet is more important": "control"}
+# the extension's IP-Adapter preprocessors → the CLIP image encoder each uses (in models-dir/clip_vision)
+IP_MODULES = {"ip-adapter_clip_sd15": "clip_h", "ip-adapter_clip_h": "clip_h", "ip-adapter_clip_sdxl_plus_vith": "clip_h",
+              "ip-adapter_clip_sdxl": "clip_g", "ip-adapter_clip_g": "clip_g"}
 RESIZE_MODES = {0: "stretch", 1: "crop", 2: "fill", "just resize": "stretch", "crop and resize": "crop",
                 "resize and fill": "fill", "scale to fit (inner fit)": "crop", "envelope (outer fit)": "fill",
                 "inner fit (scale to fit)": "crop", "outer fit (shrink to fit)": "fill"}
 
 
 def control_specs(scripts: dict[str, Any], catalog: Catalog, limits: Limits,
-                  init: Image.Image | None = None) -> list[ControlSpec]:
-    """The ControlNet units of ``alwayson_scripts`` as ControlSpecs (422 naming the unit's field);
-    every other script must be empty."""
-    specs: list[ControlSpec] = []
+                  init: Image.Image | None = None) -> tuple[list[ControlSpec], list[IPAdapterSpec]]:
+    """The ControlNet units of ``alwayson_scripts`` as ControlSpecs, and its IP-Adapter units (422
+    naming the unit's field); every other script must be empty."""
+    specs: list[ControlSpec | IPAdapterSpec] = []
     if not isinstance(scripts, dict):
         raise ApiError(422, "expected an object of {script name: {args: [...]}}", "alwayson_scripts")
     for name, value in scripts.items():
@@ -52,10 +60,11 @@ def control_specs(scripts: dict[str, Any], catalog: Catalog, limits: Limits,
             spec = _unit(unit, f"{field}[{i}]", catalog, limits, init)
             if spec is not None:
                 specs.append(spec)
-    return specs
+    return ([s for s in specs if isinstance(s, ControlSpec)], [s for s in specs if isinstance(s, IPAdapterSpec)])
 
 
-def _unit(unit: Any, field: str, catalog: Catalog, limits: Limits, init: Image.Image | None) -> ControlSpec | None:
+def _unit(unit: Any, field: str, catalog: Catalog, limits: Limits, init: Image.Image | None
+          ) -> ControlSpec | IPAdapterSpec | None:
     if unit in (False, None):
         return None
     if not isinstance(unit, dict):
@@ -67,9 +76,9 @@ def _unit(unit: Any, field: str, catalog: Catalog, limits: Limits, init: Image.I
         return None
     entry = catalog.find("controlnet", model, f"{field}.model")
     module = str(unit.get("module", "none")).lower()
-    if module not in MODULES:
-        raise ApiError(422, f"preprocessor {module!r} is not available here; available: {', '.join(MODULES)}",
-                       f"{field}.module")
+    if module not in MODULES and module not in IP_MODULES:
+        raise ApiError(422, f"preprocessor {module!r} is not available here; available: "
+                            f"{', '.join([*MODULES, *IP_MODULES])}", f"{field}.module")
     image = unit.get("image", unit.get("input_image"))
     if isinstance(image, dict):   # the older {"image": …, "mask": …} form
         if image.get("mask"):
@@ -83,6 +92,8 @@ def _unit(unit: Any, field: str, catalog: Catalog, limits: Limits, init: Image.I
         image = init   # as the extension does in img2img: the init image is the control image
     else:
         raise ApiError(422, "a unit needs an image in txt2img", f"{field}.image")
+    if module in IP_MODULES:
+        return _ip_adapter(unit, field, entry.path, image, catalog, module)
     hr = str(unit.get("hr_option", "Both")).lower()
     if hr not in ("both", "1", "0"):
         raise ApiError(422, "only 'Both' is supported (the ControlNet steers both passes)", f"{field}.hr_option")
@@ -102,6 +113,28 @@ def _unit(unit: Any, field: str, catalog: Catalog, limits: Limits, init: Image.I
         names = {"strength": "weight", "start": "guidance_start", "end": "guidance_end"}
         sub = e.field.removeprefix("unit.")
         raise ApiError(422, e.message, f"{field}.{names.get(sub, sub)}") from None
+    return spec
+
+
+def _ip_adapter(unit: dict, field: str, model, image: Image.Image, catalog: Catalog, module: str) -> IPAdapterSpec:
+    encoder = IP_MODULES[module]
+    if catalog.folder("clip_vision") is None:
+        raise ApiError(422, f"{module} needs the CLIP image encoder {encoder}: the server has no models folder",
+                       f"{field}.module")
+    try:
+        found = catalog.folder("clip_vision").find(encoder)
+    except SfumatoError:
+        raise ApiError(422, f"{module} needs the CLIP image encoder {encoder!r} in the models folder's clip_vision/",
+                       f"{field}.module") from None
+    spec = IPAdapterSpec(model, image, _number(unit.get("weight", 1.0), f"{field}.weight"),
+                         _number(unit.get("guidance_start", 0.0), f"{field}.guidance_start"),
+                         _number(unit.get("guidance_end", 1.0), f"{field}.guidance_end"), found.path)
+    try:
+        spec.validate("unit")
+    except ParamError as e:
+        names = {"scale": "weight", "start": "guidance_start", "end": "guidance_end", "image_encoder": "module"}
+        sub = e.field.removeprefix("unit.")
+        raise ApiError(422, e.public.split(": ", 1)[-1], f"{field}.{names.get(sub, sub)}") from None
     return spec
 
 

@@ -288,9 +288,9 @@ def decode_image(data: str, field: str, limits: Limits) -> Image.Image:
 
 # -- names resolved inside their folders -------------------------------------------------------
 
-KINDS = ("checkpoint", "vae", "lora", "embedding", "hypernetwork", "controlnet", "upscaler")
+KINDS = ("checkpoint", "vae", "lora", "embedding", "hypernetwork", "controlnet", "upscaler", "clip_vision")
 SUBFOLDERS = {"vae": "VAE", "lora": "Lora", "embedding": "embeddings", "hypernetwork": "hypernetworks",
-              "controlnet": "ControlNet", "upscaler": "upscalers"}
+              "controlnet": "ControlNet", "upscaler": "upscalers", "clip_vision": "clip_vision"}
 SUFFIXES = {
     "checkpoint": (".safetensors", ".ckpt"),
     "vae": (".safetensors", ".ckpt", ".pt"),
@@ -299,9 +299,11 @@ SUFFIXES = {
     "hypernetwork": (".pt",),
     "controlnet": (".safetensors", ".pth", ".ckpt", ".pt"),
     "upscaler": (".safetensors", ".ckpt"),
+    "clip_vision": (".safetensors", ".pth", ".bin"),
 }
 LABELS = {"checkpoint": "models folder", "vae": "VAE folder", "lora": "Lora folder", "embedding": "embeddings folder",
-          "hypernetwork": "hypernetworks folder", "controlnet": "ControlNet folder", "upscaler": "upscalers folder"}
+          "hypernetwork": "hypernetworks folder", "controlnet": "ControlNet folder", "upscaler": "upscalers folder",
+          "clip_vision": "clip_vision folder"}
 Entry = FolderEntry
 
 
@@ -318,8 +320,9 @@ class Catalog:
     """The models a server may load: its default model, and files inside ``models_dir``.
 
     Checkpoints (files, and diffusers folders holding ``model_index.json``) live in the folder
-    itself; VAEs, LoRAs, embeddings, hypernetworks, ControlNets and x4 upscalers in its ``VAE``,
-    ``Lora``, ``embeddings``, ``hypernetworks``, ``ControlNet`` and ``upscalers`` subfolders. Each
+    itself; VAEs, LoRAs, embeddings, hypernetworks, ControlNets (and IP-Adapters), CLIP image
+    encoders and x4 upscalers in its ``VAE``, ``Lora``, ``embeddings``, ``hypernetworks``,
+    ``ControlNet``, ``clip_vision`` and ``upscalers`` subfolders. Each
     kind is a ``checkpoint.folders.ModelFolder``: the one resolver
     the pipeline uses too, so a name the catalog answers is the file that loads.
     """
