@@ -96,7 +96,29 @@ LOW_SCALE_BUFFERS = tuple("low_scale_model." + name for name in
                           ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
                            "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod",
                            "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod"))
-V_FAMILIES = ("sd2-v", "sd-x4-upscaler")
+V_FAMILIES = ("sd2-v", "sd-x4-upscaler", "sd2-unclip-l", "sd2-unclip-h")
+# ldm's noise augmentor (CLIPEmbeddingNoiseAugmentation) stores its DDPM schedule; its statistics are not persistent
+AUGMENTOR_BUFFERS = tuple("noise_augmentor." + name for name in
+                          ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+                           "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod",
+                           "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod"))
+
+
+def _unclip_embedder(family: str) -> dict:
+    """sd21-unclip-l: the whole OpenAI CLIP ViT-L/14 (ldm's ClipImageEmbedder keeps clip.load's model, text
+    side included); -h: open_clip's ViT-H/14 with its text transformer deleted (FrozenOpenCLIPImageEmbedder)."""
+    from open_clip.transformer import VisionTransformer
+
+    width, layers, heads, out = (1024, 24, 16, 768) if family == "sd2-unclip-l" else (1280, 32, 16, 1024)
+    visual = _meta(lambda: VisionTransformer(image_size=224, patch_size=14, width=width, layers=layers, heads=heads,
+                                             mlp_ratio=4.0, output_dim=out))
+    sd = {"embedder.model.visual." + k: v for k, v in visual.state_dict().items()}
+    if family == "sd2-unclip-l":
+        sd |= _openclip("embedder.model.", 768, 12, 12)
+    else:
+        text = _openclip("embedder.model.", 1024, 24, 16)
+        sd |= {k: v for k, v in text.items() if not k.startswith("embedder.model.transformer.")}
+    return sd | {name: torch.empty(1000, device="meta") for name in AUGMENTOR_BUFFERS}
 UNET_PARAMETERS = {"sd-x4-upscaler": 450_000_000}   # at least; the others above 800M
 
 
@@ -116,6 +138,10 @@ def synthetic(family: str) -> dict:
         sd = (_unet({**SDXL_UNET_DIFFUSERS, "in_channels": in_ch}, family)
               | _clip_l("conditioner.embedders.0.transformer.")
               | _openclip("conditioner.embedders.1.model.", 1280, 32, 20))
+    elif family.startswith("sd2-unclip"):
+        adm = PRESETS[family].unet.adm_in_channels
+        sd = (_unet({**SD2_UNET_DIFFUSERS, "class_embed_type": "projection", "projection_class_embeddings_input_dim": adm},
+                    family) | _openclip("cond_stage_model.model.", 1024, 24, 16) | _unclip_embedder(family))
     elif family == "sdxl-refiner":
         sd = _unet(REFINER_UNET_DIFFUSERS, family) | _openclip("conditioner.embedders.0.model.", 1280, 32, 20)
     else:

@@ -25,10 +25,12 @@ def _client(spec, outputs_dir: Path | None = None) -> TestClient:
     return TestClient(app)
 
 
-@pytest.mark.parametrize("family, size", [("sd1", 512), ("sd2", 512), ("sd2-v", 768), ("sdxl", 1024)])
+@pytest.mark.parametrize("family, size", [("sd1", 512), ("sd2", 512), ("sd2-v", 768), ("sdxl", 1024),
+                                          ("sd2-unclip-h", 768)])
 def test_the_model_gives_its_native_size(family, size):
     info = _client(PRESETS[family]).get("/v1/ui/model").json()
-    assert info == {"family": family, "width": size, "height": size, "title": "model [0123456789]", "history": False}
+    assert info == {"family": family, "width": size, "height": size, "title": "model [0123456789]", "history": False,
+                    "unclip": family.startswith("sd2-unclip")}
 
 
 def test_no_model_between_two_is_a_503():

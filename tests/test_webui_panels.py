@@ -47,6 +47,12 @@ def folders(tmp_path_factory):
     for sub, name in (("Lora", "mini.safetensors"), ("hypernetworks", "hyper.pt")):
         (models / sub).mkdir(parents=True)
         (models / sub / name).write_bytes(b"stand-in")     # listed by name; never loaded here
+    (models / "sam").mkdir()
+    import torch
+
+    from test_sam import reference_sam
+
+    torch.save(reference_sam().state_dict(), models / "sam" / "sam_tiny.pth")   # a tiny random SAM
     (models / "styles.csv").write_text("name,prompt,negative_prompt\n"
                                        'reddish,"{prompt}, reddish",blurry\nsoft,"soft light",\n')
     return models, root / "outputs"
@@ -326,6 +332,32 @@ def test_inpaint_brush_eraser_invert_undo(page):
     _shot(page, "inpaint")
 
 
+def test_inpaint_anything_click_to_mask(page):
+    """Inpaint Anything: a click on the init image asks Segment Anything (the sam folder's model) for a
+    mask; the best-scoring one, grown, becomes the inpainting mask that is sent."""
+    page.click("button[data-mode=inpaint]")
+    assert page.locator("#sam-tools").is_visible()
+    assert page.locator("#sam-model option").all_inner_texts() == ["sam_tiny.pth"]
+    page.set_input_files("#init-file", _file(_png((64, 64))))
+    page.wait_for_function("() => state.init !== null")
+    page.check("#sam-click")
+    page.fill("#sam-grow", "2")
+    page.locator("#mask-canvas").scroll_into_view_if_needed()
+    box = page.locator("#mask-canvas").bounding_box()
+    with page.expect_request(lambda r: r.url.endswith("/sam/sam-predict")) as asked:
+        page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    assert asked.value.post_data_json["sam_positive_points"] == [[32, 32]]
+    page.locator("#status").filter(has_text=re.compile("^masked")).wait_for()
+    assert page.evaluate("state.masked")
+    _basic(page)
+    sent = _generate(page)
+    mask = np.asarray(_decode(sent["mask"]).convert("L")) > 127
+    assert mask.any()
+    page.click("#sam-reset")
+    assert not page.evaluate("state.masked")
+    page.uncheck("#sam-click")
+
+
 def test_outpaint_grows_the_canvas(page):
     page.click("button[data-mode=outpaint]")
     assert page.locator("#outpaint-tools").is_visible() and page.locator("#mask-tools").is_hidden()
@@ -378,6 +410,36 @@ def test_upscale_with_lanczos(page):
     assert _image_size(page, "#gallery figure img") == [128, 128]
     assert "Nearest" in page.locator("#gallery figure pre").first.inner_text()
     _shot(page, "upscale")
+
+
+def test_variations_on_the_bundled_unclip_variant(page):
+    """The panel says when the model takes no image embedding; on bundled-unclip (listed beside the
+    bundled model) two weighted images and a noise level go out as unclip_images and come back."""
+    page.click("button[data-mode=variations]")
+    assert page.locator("#variations-fields").is_visible() and page.locator("#img2img-fields").is_hidden()
+    assert "takes no image embedding" in page.inner_text("#unclip-note")
+    _basic(page, prompt="")
+    assert "choose an image" in _refused(page)
+    options = page.locator("#model option").all_inner_texts()
+    unclip = next(o for o in options if o.startswith("bundled-unclip"))
+    try:
+        page.select_option("#model", label=unclip)
+        page.locator("#status").filter(has_text=re.compile("^model loaded$")).wait_for()
+        assert "takes no image embedding" not in page.inner_text("#unclip-note")
+        page.set_input_files("#unclip-file-0", _file(_png((64, 64))))
+        page.set_input_files("#unclip-file-1", _file(_png((64, 64), (200, 40, 40)), "b.png"))
+        page.locator("#unclip-thumb-1").wait_for()
+        page.fill("#unclip-weight-1", "0.4")
+        page.fill("#unclip_noise_level", "50")
+        sent = _generate(page)
+        assert sent["mode"] == "txt2img" and sent["unclip_noise_level"] == 50
+        assert [u["weight"] for u in sent["unclip_images"]] == [1, 0.4]
+        assert _decode(sent["unclip_images"][1]["image"]).getpixel((0, 0)) == (200, 40, 40)
+        assert "unCLIP noise level: 50" in page.locator("#gallery figure pre").first.inner_text()
+        _shot(page, "variations")
+    finally:
+        page.select_option("#model", label=next(o for o in options if BUNDLED.match(o)))
+        page.locator("#status").filter(has_text=re.compile("^model loaded$")).wait_for()
 
 
 # -- ControlNet ---------------------------------------------------------------------------------------
@@ -576,7 +638,7 @@ def test_every_control_has_a_label_and_takes_focus(page):
     assert page.locator("#mask-tools").is_visible()
 
 
-TABS = ("txt2img", "img2img", "inpaint", "outpaint", "depth", "upscale", "history")
+TABS = ("txt2img", "img2img", "inpaint", "outpaint", "depth", "variations", "upscale", "history")
 
 
 @pytest.mark.parametrize("viewport", [(390, 844), (1280, 800)])

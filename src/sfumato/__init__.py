@@ -22,4 +22,15 @@ def load(path=None, *, vae=None, prediction=None, dtype=None, device="auto", ref
                  by_stage=by_stage, compile=compile, no_half_vae=no_half_vae, safety_checker=safety_checker)
 
 
-__all__ = ["load", "__version__"]
+def load_segmenter(path, *, device="auto"):
+    """A Segment Anything model (``sam_vit_{b,l,h}_*.pth``, its .safetensors, or a transformers SamModel
+    folder) as a :class:`sfumato.pipeline.segment.Segmenter`: ``set_image(image)`` once, then
+    ``predict(points=[(x, y, 1)], box=(x0, y0, x1, y1))`` → masks and scores."""
+    from .api import resolve_device
+    from .checkpoint.sam import load_sam
+    from .pipeline.segment import Segmenter
+
+    return Segmenter(load_sam(path, device=resolve_device(device)))
+
+
+__all__ = ["load", "load_segmenter", "__version__"]

@@ -32,6 +32,7 @@ from .pipeline.params import ControlSpec as ControlSpec  # re-exported: txt2img(
 from .pipeline.params import GenerationParams, ParamError
 from .pipeline.params import IPAdapterSpec as IPAdapterSpec  # re-exported: txt2img(..., ip_adapters=[IPAdapterSpec(...)])
 from .pipeline.safety import check_images, safety_infotext
+from .pipeline.unclip import unclip_infotext
 from .pipeline.watermark import add_watermark
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -212,6 +213,18 @@ class Pipeline:
                         **settings)
         return self.run(p, callback, watermark)
 
+    def variations(self, images: Sequence, prompt: str = "", negative_prompt: str = "", *, noise_level: int = 0,
+                   watermark: bool = True, callback: ProgressCallback | None = None, **settings) -> GenerationResult:
+        """Stable unCLIP models: new images from the CLIP image embedding of ``images`` (PIL images, or
+        (image, weight) pairs whose embeddings are summed by weight: two of 0.5 mix them), with an optional
+        prompt, the embedding noise-augmented to ``noise_level`` (0 … the model's maximum − 1; higher
+        levels keep less of the images). The model's native size unless width/height say otherwise."""
+        pairs = [item if isinstance(item, (list, tuple)) else (item, 1.0) for item in images]
+        if not pairs:
+            raise ParamError("unclip_images", "variations need at least one image")
+        return self.txt2img(prompt, negative_prompt, watermark=watermark, callback=callback,
+                            unclip_images=pairs, unclip_noise_level=noise_level, **settings)
+
     def params(self, **settings) -> GenerationParams:
         unknown = sorted(set(settings) - _FIELDS)
         if unknown:
@@ -250,7 +263,8 @@ class Pipeline:
         extra = {**hypernet_extra, "Lora hashes": lora_hashes, "TI hashes": self._ti_hashes(p),
                  **control_infotext(p.control),
                  **ip_adapter_infotext(p.ip_adapters, self.generator.image_prompts.modules, len(p.control)),
-                 "Noise level": p.noise_level}   # x4 upscaler
+                 "Noise level": p.noise_level,   # x4 upscaler
+                 **unclip_infotext(p, self.model.spec)}
         items = []
         for i, (image, seed) in enumerate(zip(out.images, out.seeds)):
             if watermark:

@@ -52,6 +52,10 @@ def _key_map(cfg: UNetConfig) -> dict[str, str]:
     add("time_embedding.linear_1", "time_embed.0")
     add("time_embedding.linear_2", "time_embed.2")
     if cfg.adm_in_channels is not None:
+        # unCLIP's "projection" class embedding and SDXL's add_embedding are both ldm's label_emb; the
+        # reverse map keeps the one added last (SDXL's)
+        add("class_embedding.linear_1", "label_emb.0.0")
+        add("class_embedding.linear_2", "label_emb.0.2")
         add("add_embedding.linear_1", "label_emb.0.0")
         add("add_embedding.linear_2", "label_emb.0.2")
     if cfg.num_classes is not None:
@@ -108,7 +112,7 @@ def ldm_unet_to_diffusers(sd: Mapping[str, Tensor], cfg: UNetConfig) -> dict[str
 _FIXED: dict[str, Any] = {
     "center_input_sample": False, "flip_sin_to_cos": True, "freq_shift": 0, "act_fn": "silu", "norm_eps": 1e-5,
     "mid_block_type": "UNetMidBlock2DCrossAttn", "dual_cross_attention": False,
-    "downsample_padding": 1, "mid_block_scale_factor": 1, "class_embed_type": None,
+    "downsample_padding": 1, "mid_block_scale_factor": 1,
     "resnet_time_scale_shift": "default", "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0,
     "time_embedding_type": "positional", "time_embedding_dim": None, "time_embedding_act_fn": None,
     "timestep_post_act": None, "time_cond_proj_dim": None, "conv_in_kernel": 3, "conv_out_kernel": 3,
@@ -184,6 +188,9 @@ def unet_config_from_diffusers(config: Mapping[str, Any]) -> UNetConfig:
     addition = config.get("addition_embed_type")
     if addition not in (None, "text_time"):
         raise ValueError(f"diffusers config addition_embed_type={addition!r} is not supported")
+    class_embed = config.get("class_embed_type")
+    if class_embed not in (None, "projection"):
+        raise ValueError(f"diffusers config class_embed_type={class_embed!r} is not supported (only 'projection')")
 
     return UNetConfig(
         in_channels=config.get("in_channels", 4),
@@ -197,7 +204,7 @@ def unet_config_from_diffusers(config: Mapping[str, Any]) -> UNetConfig:
         context_dim=_same(_per_level(config.get("cross_attention_dim", 1280), levels, "cross_attention_dim"),
                           "cross_attention_dim"),
         use_linear_in_transformer=bool(config.get("use_linear_projection", False)),
-        adm_in_channels=config.get("projection_class_embeddings_input_dim") if addition else None,
+        adm_in_channels=config.get("projection_class_embeddings_input_dim") if addition or class_embed else None,
         norm_groups=config.get("norm_num_groups", 32),
         num_classes=config.get("num_class_embeds"),
         disable_self_attentions=cross_levels if any(cross_levels) else None,

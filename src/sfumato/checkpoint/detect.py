@@ -40,6 +40,7 @@ IGNORABLE = tuple(
         r"^low_scale_model\.(?:betas|alphas_cumprod|alphas_cumprod_prev|sqrt_alphas_cumprod"
         r"|sqrt_one_minus_alphas_cumprod|log_one_minus_alphas_cumprod|sqrt_recip_alphas_cumprod"
         r"|sqrt_recipm1_alphas_cumprod)$",                        # the x4 upscaler's low-res noise schedule
+        r"^embedder\.(?!model\.visual\.)",                       # unCLIP's CLIP model beside its image tower
     )
 )
 

@@ -17,9 +17,10 @@ from ..errors import CheckpointError
 from .convert_text import hf_text_sd, hf_to_openclip
 from .convert_unet import diffusers_unet_to_ldm, unet_config_from_diffusers
 from .convert_vae import diffusers_vae_to_ldm
+from .convert_vision import hf_vision_to_ours, vision_config_from_hf
 from .io import load_file
 from .detect import detect_spec
-from .specs import SPEC_METADATA_KEY, UNET_PREFIX, VAE_PREFIX, ModelSpec, NoiseAugmentation, TextSlot, spec_to_json
+from .specs import SPEC_METADATA_KEY, UNET_PREFIX, VAE_PREFIX, ImageEmbedder, ModelSpec, NoiseAugmentation, TextSlot, spec_to_json
 from ..models.clip import TextEncoderConfig
 from ..models.vae import VAEConfig
 
@@ -75,6 +76,7 @@ def read_diffusers_folder(folder: Path) -> tuple[dict[str, Tensor], dict[str, st
     else:
         raise CheckpointError(f"{folder} has no text_encoder/ folder")
 
+    embedder = _unclip_parts(folder, out)
     sched_path = folder / "scheduler" / "scheduler_config.json"
     if sched_path.is_file():
         sched = _read_json(sched_path)
@@ -88,11 +90,36 @@ def read_diffusers_folder(folder: Path) -> tuple[dict[str, Tensor], dict[str, st
     try:
         detect_spec(out, metadata)
     except CheckpointError:  # not a known family's shape: carry the folder's own configuration
-        metadata[SPEC_METADATA_KEY] = spec_to_json(_custom_spec(folder, unet_cfg, metadata))
+        metadata[SPEC_METADATA_KEY] = spec_to_json(_custom_spec(folder, unet_cfg, metadata, embedder))
     return out, metadata
 
 
-def _custom_spec(folder: Path, unet_cfg, metadata: dict[str, str]) -> ModelSpec:
+def _unclip_parts(folder: Path, out: dict[str, Tensor]) -> ImageEmbedder | None:
+    """A StableUnCLIPImg2Img folder's image side in the original layout: ``image_encoder/``
+    (transformers ``CLIPVisionModelWithProjection``) under ``embedder.model.visual.``,
+    ``image_normalizer/``'s mean and std as the noise augmentor's ``data_mean`` / ``data_std``; the
+    ``image_noising_scheduler/`` must be the cosine (squaredcos_cap_v2) DDPM schedule."""
+    encoder, normalizer = folder / "image_encoder", folder / "image_normalizer"
+    if not encoder.is_dir():
+        return None
+    config = _read_json(encoder / "config.json")
+    vision = vision_config_from_hf(config)
+    out.update(_prefixed(hf_vision_to_ours(load_file(find_weights(encoder))[0]), "embedder.model.visual."))
+    if normalizer.is_dir():
+        stats, _ = load_file(find_weights(normalizer))
+        if set(stats) != {"mean", "std"}:
+            raise CheckpointError(f"{normalizer}: expected the tensors mean and std, got {sorted(stats)[:5]}")
+        out["noise_augmentor.data_mean"], out["noise_augmentor.data_std"] = stats["mean"], stats["std"]
+    sched_path = folder / "image_noising_scheduler" / "scheduler_config.json"
+    sched = _read_json(sched_path) if sched_path.is_file() else {}
+    if sched.get("beta_schedule", "squaredcos_cap_v2") != "squaredcos_cap_v2":
+        raise CheckpointError(f"unsupported beta_schedule {sched['beta_schedule']!r} in {sched_path}")
+    steps = sched.get("num_train_timesteps", 1000)
+    return ImageEmbedder(vision, timesteps=steps, max_noise_level=steps)
+
+
+def _custom_spec(folder: Path, unet_cfg, metadata: dict[str, str], embedder: ImageEmbedder | None = None
+                 ) -> ModelSpec:
     """A spec for a model of no preset family (tiny test models, custom sizes), from its config files."""
     te1, te2 = folder / "text_encoder", folder / "text_encoder_2"
     if te2.is_dir():
@@ -130,7 +157,8 @@ def _custom_spec(folder: Path, unet_cfg, metadata: dict[str, str]) -> ModelSpec:
     sched = _read_json(sched_path) if sched_path.is_file() else {}
     betas = (sched.get("beta_start", BETA_START), sched.get("beta_end", BETA_END))
     return ModelSpec("custom", unet_cfg, vae, (TextSlot(prefix, text_cfg),), prediction=prediction,
-                     resolution=vae_cfg.get("sample_size", 512), betas=betas, low_res=_low_res(folder))
+                     resolution=vae_cfg.get("sample_size", 512), betas=betas, low_res=_low_res(folder),
+                     image_embedder=embedder)
 
 
 def _low_res(folder: Path) -> NoiseAugmentation | None:

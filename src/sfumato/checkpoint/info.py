@@ -18,6 +18,8 @@ def describe_model(model: LoadedModel) -> dict:
     params = {"unet": _count(model.unet), "vae": _count(model.vae)}
     for i, enc in enumerate(model.text_encoders):
         params[f"text_encoder{'' if i == 0 else '_' + str(i + 1)}"] = _count(enc)
+    if model.image_embedder is not None:   # Stable unCLIP
+        params["image_encoder"] = _count(model.image_embedder)
     digest = sha256_file(path) if path.is_file() else None
     return {
         "path": str(path),

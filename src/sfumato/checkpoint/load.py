@@ -23,6 +23,8 @@ from torch import Tensor, nn
 
 from ..errors import CheckpointError
 from ..models.clip import build_text_encoder
+from ..models.clip_vision import CLIPVisionTower
+from ..models.unclip import NoiseAugmentor
 from ..models.layers import resolve_compute_dtype
 from ..models.unet import UNetModel
 from ..models.vae import AutoencoderKL
@@ -32,7 +34,7 @@ from .detect import detect_spec, is_ignorable, prediction_marker, resolve_predic
 from .io import CHECK_LEGACY_BYTES, check_finite, load_file, sniff_format
 from .stream import (MappedFile, fix_malloc_mmap_threshold, materialize, read_mapped, release, resident,
                      stream_weights, unet_units)
-from .specs import UNET_PREFIX, VAE_PREFIX, ModelSpec, TextSlot
+from .specs import BASE_KEY, BASE_SHA256_KEY, UNET_PREFIX, VAE_PREFIX, ModelSpec, TextSlot
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,8 @@ class LoadedModel:
     storage_dtypes: dict[str, str] = field(default_factory=dict)
     low_memory: bool = False   # weights streamed from the file unit by unit (checkpoint.stream)
     by_stage: bool = False     # each component's weights read from the file for its stage only
+    image_embedder: nn.Module | None = None    # Stable unCLIP: the CLIP image tower …
+    noise_augmentor: nn.Module | None = None   # … and its embedding noise augmentation
 
     @property
     def streamed(self) -> bool:
@@ -120,6 +124,8 @@ def load_model(
         raise CheckpointError(f"{option}: needs a single .safetensors file to stream weights from, got {path}")
     else:
         sd, metadata = read_checkpoint(path)
+    if BASE_KEY in metadata:
+        sd, metadata = _overlay(path, sd, metadata, files)
     if low_memory:
         fix_malloc_mmap_threshold()
     vae_sd = read_vae_file(vae) if vae is not None else None
@@ -184,15 +190,63 @@ def build_model(
     probe = spec.family == "sd2" and prediction is None and prediction_marker(sd, metadata) is None
     with resident(unet) if probe else nullcontext():
         spec, source = resolve_prediction(spec, sd, metadata, prediction, None if meta else unet)
+    embedder = augmentor = None
+    if spec.image_embedder is not None:
+        embedder = _build(lambda: CLIPVisionTower(spec.image_embedder.vision), parts["embedder"],
+                          "image embedder", dtype, device, files)
+        augmentor = _noise_augmentor(spec, parts["noise_augmentor"], device)
     ac = sd.get("alphas_cumprod")
     alphas_cumprod = ac.to(torch.float32).cpu() if ac is not None and not ac.is_meta else scaled_linear_alphas_cumprod(*spec.betas)
-    return LoadedModel(spec, unet, vae_m, encoders, alphas_cumprod, source, path, storage, low_memory, by_stage)
+    return LoadedModel(spec, unet, vae_m, encoders, alphas_cumprod, source, path, storage, low_memory, by_stage,
+                       embedder, augmentor)
+
+
+def _noise_augmentor(spec: ModelSpec, sd: dict[str, Tensor], device) -> nn.Module:
+    """unCLIP's noise augmentor: its schedule's square roots as the file has them (else computed), its
+    embedding statistics where the file has them (ldm keeps them out of the state dict: identity)."""
+    e = spec.image_embedder
+    module = NoiseAugmentor(e.dim, e.timesteps, e.max_noise_level)
+    own = module.state_dict()
+    for key, value in sd.items():
+        if key not in own:
+            continue
+        if tuple(value.shape) != tuple(own[key].shape):
+            raise CheckpointError(f"noise_augmentor.{key}: shape {list(value.shape)}, expected {list(own[key].shape)}")
+        if not value.is_meta:   # a meta build checks shapes only
+            own[key] = materialize(value, torch.float32, "cpu", [])
+    module.load_state_dict(own)
+    return module   # tiny: kept on the CPU, where the embedding is mixed and noised
+
+
+def _overlay(path: Path, sd: Mapping[str, Tensor], metadata: Mapping[str, str], files: list[MappedFile]):
+    """A variant stored as an overlay of a base file (the bundled model's unCLIP variant): the base's
+    tensors with the overlay's on top, and the overlay's metadata. The base is a bare file name in the
+    overlay's folder, checked against the sha256 the overlay records."""
+    from .io import sha256_file
+
+    name = metadata[BASE_KEY]
+    if not name or name != Path(name).name or name in (".", ".."):
+        raise CheckpointError(f"{path.name}: base {name!r} is not a file name in its folder")
+    base = path.parent / name
+    if not base.is_file():
+        raise CheckpointError(f"{path.name} is an overlay of {name}, which is not in {path.parent}")
+    expected = metadata.get(BASE_SHA256_KEY)
+    if expected is None or sha256_file(base) != expected:
+        raise CheckpointError(f"{path.name} is an overlay of another {name} (sha256 differs)")
+    if sniff_format(base) == "safetensors":
+        base_sd, _, mapped = read_mapped(base)
+        files.append(mapped)
+    else:
+        base_sd, _ = load_file(base)
+    return {**base_sd, **sd}, dict(metadata)
 
 
 def split_state_dict(sd: Mapping[str, Tensor], spec: ModelSpec) -> tuple[dict[str, dict[str, Tensor]], list[str]]:
     """Per-component state dicts with their prefixes stripped, and the keys no component claims."""
     prefixes = {"unet": UNET_PREFIX, "vae": VAE_PREFIX}
     prefixes.update({f"text{i}": slot.prefix for i, slot in enumerate(spec.text)})
+    if spec.image_embedder is not None:
+        prefixes.update({"embedder": spec.image_embedder.prefix, "noise_augmentor": "noise_augmentor."})
     parts: dict[str, dict[str, Tensor]] = {name: {} for name in prefixes}
     leftovers = []
     for key, value in sd.items():

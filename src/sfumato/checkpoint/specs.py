@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from ..models.clip import CLIP_L, OPENCLIP_BIGG, OPENCLIP_H, TextEncoderConfig
+from ..models.clip_vision import VIT_H14, VIT_L14, VisionConfig
 from ..models.unet import SD1_UNET, SD2_UNET, SDXL_REFINER_UNET, SDXL_UNET, UNetConfig
 from ..models.vae import SD_VAE, SDXL_VAE, VAEConfig
 from ..diffusion.schedule import BETA_END, BETA_START
@@ -50,6 +51,22 @@ class NoiseAugmentation:
 
 
 @dataclass(frozen=True)
+class ImageEmbedder:
+    """Stable unCLIP's image conditioning: a CLIP image tower under ``prefix`` whose projected
+    embedding (width ``vision.projection_dim``) is noise-augmented (``models/unclip.py``, its keys
+    under ``noise_augmentor.``) and, with its noise level's embedding, fed to ``label_emb``."""
+
+    vision: VisionConfig
+    prefix: str = "embedder.model.visual."
+    timesteps: int = 1000            # the augmentation's DDPM schedule (squaredcos_cap_v2)
+    max_noise_level: int = 1000      # levels 0 … max_noise_level − 1
+
+    @property
+    def dim(self) -> int:
+        return self.vision.projection_dim
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     family: str
     unet: UNetConfig
@@ -60,6 +77,7 @@ class ModelSpec:
     conditioning: str = "sd"  # "sd" (context only), "sdxl" (size/crop ids), "sdxl-refiner" (aesthetic score)
     betas: tuple[float, float] = (BETA_START, BETA_END)  # training schedule (scaled linear) unless the file has one
     low_res: NoiseAugmentation | None = None  # set for the x4 upscaler: its low-res image input
+    image_embedder: ImageEmbedder | None = None  # set for Stable unCLIP: its CLIP image conditioning
 
     @property
     def is_sdxl(self) -> bool:
@@ -73,6 +91,10 @@ class ModelSpec:
     @property
     def is_upscaler(self) -> bool:
         return self.low_res is not None
+
+    @property
+    def is_unclip(self) -> bool:
+        return self.image_embedder is not None
 
 
 _SD1_TEXT = (TextSlot("cond_stage_model.transformer.", CLIP_L),)
@@ -107,6 +129,12 @@ PRESETS: dict[str, ModelSpec] = {
     "sd2-depth": ModelSpec("sd2-depth", replace(SD2_UNET, in_channels=5), SD_VAE, _SD2_TEXT),
     "sd-x4-upscaler": ModelSpec("sd-x4-upscaler", X4_UNET, X4_VAE, _SD2_TEXT, prediction="v", resolution=512,
                                 betas=(0.0001, 0.02), low_res=NoiseAugmentation()),
+    # Stable unCLIP 2.1 (v2-1-stable-unclip-{l,h}-inference.yaml): SD 2.1-768 with a CLIP image embedding and
+    # its noise level's embedding (768 + 768, 1024 + 1024) as label_emb's input
+    "sd2-unclip-l": ModelSpec("sd2-unclip-l", replace(SD2_UNET, adm_in_channels=1536), SD_VAE, _SD2_TEXT,
+                              prediction="v", resolution=768, image_embedder=ImageEmbedder(VIT_L14)),
+    "sd2-unclip-h": ModelSpec("sd2-unclip-h", replace(SD2_UNET, adm_in_channels=2048), SD_VAE, _SD2_TEXT,
+                              prediction="v", resolution=768, image_embedder=ImageEmbedder(VIT_H14)),
     "sdxl": ModelSpec("sdxl", SDXL_UNET, SDXL_VAE, _SDXL_TEXT, resolution=1024, conditioning="sdxl"),
     "sdxl-inpaint": ModelSpec("sdxl-inpaint", _inpaint(SDXL_UNET), SDXL_VAE, _SDXL_TEXT, resolution=1024, conditioning="sdxl"),
     "sdxl-refiner": ModelSpec(
@@ -118,6 +146,8 @@ PRESETS: dict[str, ModelSpec] = {
 # -- specs carried in a file's metadata (the bundled model, custom small models) ------------------
 
 SPEC_METADATA_KEY = "sfumato.spec"
+BASE_KEY = "sfumato.base"                # an overlay file: the base file's name, in the same folder …
+BASE_SHA256_KEY = "sfumato.base_sha256"  # … and its sha256
 
 
 def spec_to_json(spec: ModelSpec) -> str:
@@ -134,8 +164,12 @@ def spec_from_json(text: str) -> ModelSpec:
         unet = UNetConfig(**_tuples(d.pop("unet")))
         vae = VAEConfig(**_tuples(d.pop("vae")))
         low_res = d.pop("low_res", None)
+        embedder = d.pop("image_embedder", None)
+        if embedder is not None:
+            embedder = ImageEmbedder(**{**embedder, "vision": VisionConfig(**embedder["vision"])})
         return ModelSpec(unet=unet, vae=vae, text=text_slots, **_tuples(d),
-                         low_res=NoiseAugmentation(**low_res) if low_res is not None else None)
+                         low_res=NoiseAugmentation(**low_res) if low_res is not None else None,
+                         image_embedder=embedder)
     except (TypeError, KeyError, json.JSONDecodeError) as e:
         raise ValueError(f"invalid {SPEC_METADATA_KEY} metadata: {e}") from None
 

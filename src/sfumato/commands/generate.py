@@ -169,8 +169,13 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("inpaint", help="repaint the masked part of an image")
     _add_common(p)
     p.add_argument("--init-image", required=True)
-    p.add_argument("--mask", required=True, help="white = repaint")
+    p.add_argument("--mask", help="white = repaint (or make it with --sam)")
     p.add_argument("--only-masked", action="store_true", help="work on the masked area at full resolution")
+    p.add_argument("--sam", metavar="FILE", help="Inpaint Anything: the mask is Segment Anything's for --sam-point / "
+                                                "--sam-box (sam_vit_*.pth or .safetensors)")
+    p.add_argument("--sam-point", action="append", default=[], metavar="X,Y[:neg]", help="a point on the object")
+    p.add_argument("--sam-box", metavar="X0,Y0,X1,Y1", help="a box around the object")
+    p.add_argument("--sam-grow", type=int, default=8, metavar="PX", help="grow the object's mask by PX (default 8)")
     p = subparsers.add_parser("outpaint", help="extend an image beyond its borders")
     _add_common(p)
     p.add_argument("--init-image", required=True)
@@ -186,8 +191,56 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--scale", type=float,
                    help="extras upscaling by this factor (A1111's 'Scale by'): with the x4 model, its output is "
                         "resized with Lanczos to it (the model runs again beyond 4)")
-    for name in ("txt2img", "img2img", "inpaint", "outpaint", "upscale"):
+    p = subparsers.add_parser("variations", help="new images from images (Stable unCLIP; the prompt is optional)")
+    _add_common(p)
+    p.add_argument("--image", action="append", required=True, metavar="FILE[:WEIGHT]",
+                   help="an image whose CLIP embedding conditions the model (repeatable: embeddings summed by "
+                        "weight, default 1; two images at 0.5 mix them)")
+    p.add_argument("--noise-level", type=int, default=0,
+                   help="noise added to the image embedding, 0 to the model's maximum − 1 (999); higher keeps "
+                        "less of the images; default 0")
+    for name in ("txt2img", "img2img", "inpaint", "outpaint", "upscale", "variations"):
         subparsers.choices[name].set_defaults(func=cmd_generate)
+
+
+def _inpaint_mask(args: argparse.Namespace, image):
+    """--mask, or with --sam the best-scoring Segment Anything mask of the prompts, grown."""
+    if (args.mask is None) == (args.sam is None):
+        raise SfumatoError("--mask: give a mask file or --sam with --sam-point / --sam-box (one of the two)")
+    if args.mask is not None:
+        return _open_image(args.mask, "--mask")
+    import numpy as np
+    from PIL import Image
+
+    from ..api import resolve_device
+    from ..checkpoint.sam import load_sam
+    from ..pipeline.masks import dilate
+    from ..pipeline.segment import Segmenter
+    from .segment import _numbers, parse_point
+
+    points = [parse_point(text) for text in args.sam_point]
+    box = tuple(_numbers(args.sam_box, 4, "--sam-box")) if args.sam_box else None
+    if not points and box is None:
+        raise SfumatoError("--sam-point: give at least one point or a --sam-box")
+    if not 0 <= args.sam_grow <= 256:
+        raise SfumatoError(f"--sam-grow: must be 0 to 256, got {args.sam_grow}")
+    segmenter = Segmenter(load_sam(args.sam, device=resolve_device(args.device)))
+    segmenter.set_image(image)
+    mask = dilate(segmenter.predict(points, box).best, args.sam_grow)
+    return Image.fromarray((mask * 255).astype(np.uint8))
+
+
+def _weighted_image(text: str) -> tuple:
+    """``FILE[:WEIGHT]`` → (opened image, weight)."""
+    path, weight = text, 1.0
+    head, sep, tail = text.rpartition(":")
+    if sep and head:
+        try:
+            weight = float(tail)
+            path = head
+        except ValueError:
+            pass
+    return _open_image(path, "--image"), weight
 
 
 def _lora_arg(text: str) -> tuple[str, float]:
@@ -299,7 +352,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         settings["prompt"] = args.prompt
     if args.command == "upscale" and (args.upscaler or args.scale is not None):
         return _extras(args)
-    if args.command == "upscale":
+    if args.command in ("upscale", "variations"):
         settings.setdefault("prompt", "")
     if "prompt" not in settings:
         raise SfumatoError("prompt: no prompt given")
@@ -315,15 +368,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise SfumatoError(f"--output: folder {output.parent} does not exist")
     if output.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
         raise SfumatoError(f"--output: unsupported image type {output.suffix!r} (use .png, .jpg or .webp)")
-    from ..data import BUNDLED_PATH
+    from ..data import BUNDLED_PATH, BUNDLED_UNCLIP_PATH
 
-    model = args.model or BUNDLED_PATH
+    model = args.model or (BUNDLED_UNCLIP_PATH if args.command == "variations" else BUNDLED_PATH)
 
     extra: dict = {}
     if args.command in ("img2img", "inpaint", "outpaint"):
         extra["init_image"] = _open_image(args.init_image, "--init-image")
     if args.command == "inpaint":
-        extra["mask"] = _open_image(args.mask, "--mask")
+        extra["mask"] = _inpaint_mask(args, extra["init_image"])
         extra["only_masked"] = args.only_masked
     if args.command == "outpaint":
         extra.update(left=args.left, right=args.right, up=args.up, down=args.down)
@@ -331,6 +384,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         extra["depth_map"] = _open_image(args.depth_map, "--depth-map")
     if args.command == "upscale":
         extra.update(init_image=_open_image(args.image, "--image"), noise_level=args.noise_level)
+    if args.command == "variations":
+        extra.update(unclip_images=[_weighted_image(text) for text in args.image], unclip_noise_level=args.noise_level)
     settings.pop("refiner", None)            # names from --from-png: the files come from --refiner,
     settings.pop("hires_checkpoint", None)   # --hires-checkpoint
     control = _control_specs(args)
@@ -500,6 +555,9 @@ def _dry_validate(command: str, settings: dict, extra: dict) -> None:
         scale = s.get("hires_scale", 1)
         s.update(width=s.get("width", 8), height=s.get("height", 8),
                  hires_scale=1 if isinstance(scale, (int, float)) and 1 <= scale <= 8 else scale)
+    for name in ("unclip_images", "unclip_noise_level"):
+        if name in extra:
+            s[name] = extra[name]
     if "init_image" in extra:
         s["init_image"] = extra["init_image"]
         if "mask" in extra:

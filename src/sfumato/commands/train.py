@@ -24,6 +24,21 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         if stage == "shapes":
             p.add_argument("--export", help="single-file output (default: OUT/bundled.safetensors)")
         p.set_defaults(func=cmd_train)
+    p = stages.add_parser("unclip", help="the bundled model's image-conditioned (Stable unCLIP) variant: image "
+                                         "encoder, then the UNet's image conditioning; exports an overlay file")
+    p.add_argument("--out", default="out/unclip", help="run folder (checkpoints, logs, stage weights)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, help="override the UNet stage's steps")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--export", help="output (default: OUT/bundled-unclip.safetensors); it names bundled.safetensors, "
+                                    "which must lie in the same folder, as its base")
+    p.set_defaults(func=cmd_train_unclip)
+    p = stages.add_parser("sam", help="a small Segment Anything on the shapes world (a demonstration; not shipped)")
+    p.add_argument("--out", default="out/sam", help="run folder (checkpoints, logs, the weights)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, help="override the steps")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.set_defaults(func=cmd_train_sam)
     from .personalize import add_commands as add_personalize_commands
 
     add_personalize_commands(stages)
@@ -43,6 +58,24 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N or mps")
     p.set_defaults(func=cmd_eval)
+    p = kinds.add_parser("variations", help="the bundled unCLIP variant: variations keep the scene, mixing keeps both")
+    p.add_argument("--model", help="unCLIP model file (default: the bundled variant)")
+    p.add_argument("-n", type=int, default=32, help="scenes (and mixing pairs)")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--cfg-scale", type=float, default=7.0)
+    p.add_argument("--noise-level", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="case k uses seed + k")
+    p.add_argument("--sheet", help="also write a contact sheet (inputs, variations, mixes) to this PNG")
+    p.add_argument("--json", help="write the report to this JSON file")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_eval_variations)
+    p = kinds.add_parser("sam", help="a shapes-world SAM: IoU of one click on held-out scenes")
+    p.add_argument("--model", required=True, help="the SAM file (sfumato train sam writes OUT/sam_shapes.safetensors)")
+    p.add_argument("-n", type=int, default=100)
+    p.add_argument("--sheet", help="also write an Inpaint Anything demonstration on the bundled model to this PNG")
+    p.add_argument("--threads", type=int, default=2)
+    p.set_defaults(func=cmd_eval_sam)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -77,4 +110,60 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(format_report(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+def cmd_train_unclip(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..train.unclip import UnCLIPRecipe, train_unclip
+
+    torch.set_num_threads(args.threads)
+    recipe = UnCLIPRecipe(seed=args.seed)
+    if args.steps is not None:
+        recipe = replace(recipe, unet=replace(recipe.unet, steps=args.steps))
+    print(train_unclip(recipe, Path(args.out), args.export))
+    return 0
+
+
+def cmd_eval_variations(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..data import BUNDLED_UNCLIP_PATH
+    from ..train.eval_unclip import evaluate_variations, format_variations
+
+    torch.set_num_threads(args.threads)
+    report = evaluate_variations(args.model or BUNDLED_UNCLIP_PATH, n=args.n, steps=args.steps,
+                                 cfg_scale=args.cfg_scale, seed=args.seed, noise_level=args.noise_level,
+                                 device=args.device, save=args.sheet)
+    print(format_variations(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+def cmd_train_sam(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..train.sam import SamRecipe, train_sam
+
+    torch.set_num_threads(args.threads)
+    recipe = SamRecipe(seed=args.seed)
+    if args.steps is not None:
+        recipe = replace(recipe, loop=replace(recipe.loop, steps=args.steps))
+    print(train_sam(recipe, Path(args.out)))
+    return 0
+
+
+def cmd_eval_sam(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..train.sam import demo_sheet, evaluate_sam
+
+    torch.set_num_threads(args.threads)
+    report = evaluate_sam(args.model, n=args.n)
+    print(f"{report['n']} held-out scenes, one click: mean IoU {report['mean_iou']:.4f}, "
+          f"IoU ≥ 0.9 in {100 * report['iou_at_least_0.9']:.1f}%")
+    if args.sheet:
+        demo_sheet(args.model, args.sheet)
     return 0

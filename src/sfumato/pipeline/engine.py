@@ -132,4 +132,10 @@ class Engine:
             uncond = build_schedule(self.conditioner, [p.negative_prompt] * n, p.steps, clip_skip=p.clip_skip,
                                     size=neg_size, negative=True)
         match_lengths(cond, uncond)
+        if self.spec.is_unclip:   # the image embedding as y; the uncond rows get zeros (as A1111, diffusers)
+            from .unclip import unclip_vectors
+
+            vectors = unclip_vectors(self.model, p, n)
+            cond.set_vectors(vectors)
+            uncond.set_vectors(torch.zeros_like(vectors))
         return cond, uncond

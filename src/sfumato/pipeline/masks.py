@@ -118,6 +118,24 @@ def outpaint_canvas(image: Image.Image, left: int, right: int, up: int, down: in
     return Image.fromarray(filled), Image.fromarray((mask * 255).astype(np.uint8))
 
 
+def dilate(mask: np.ndarray, amount: int) -> np.ndarray:
+    """A boolean mask grown by a square of side ``amount`` (OpenCV's ``dilate`` with a centred kernel of
+    ones: offsets −⌊amount/2⌋ … amount − 1 − ⌊amount/2⌋ on each axis)."""
+    out = mask.astype(bool)
+    lo, hi = -(amount // 2), amount - 1 - amount // 2
+    for axis in (0, 1):
+        n = out.shape[axis]
+        grown = out.copy()
+        for d in range(lo, hi + 1):
+            if d == 0 or abs(d) >= n:
+                continue
+            dst, src = [slice(None)] * 2, [slice(None)] * 2   # grown[i] |= out[i + d]
+            dst[axis], src[axis] = (slice(0, n - d), slice(d, n)) if d > 0 else (slice(-d, n), slice(0, n + d))
+            grown[tuple(dst)] |= out[tuple(src)]
+        out = grown
+    return out
+
+
 def paste_back(original: np.ndarray, generated: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Composite: generated where the (blurred) mask is 1, original where it is 0."""
     m = mask[..., None].astype(np.float32)

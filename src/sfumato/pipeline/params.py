@@ -22,6 +22,7 @@ MAX_PROMPT_LENGTH = 65536   # characters; the server allows fewer (server.securi
 MAX_AND_PARTS = 64          # composable-diffusion parts of one prompt: each is a UNet evaluation per step
 MAX_EMPHASIS = 1e4          # an emphasis or AND weight beyond this only overflows the conditioning
 MAX_HIRES_TOTAL_STEPS = 10000
+MAX_UNCLIP_IMAGES = 16      # image prompts mixed into one unCLIP embedding
 LCM_MAX_STEPS = 50          # diffusion.schedule.lcm_sigmas' distillation schedule
 MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")
 UPSCALERS = ("latent", "lanczos")
@@ -181,6 +182,10 @@ class GenerationParams:
     depth_map: Image.Image | None = field(default=None, repr=False)
     # x4 upscaler (init_image is the low-res image; width/height the 4x output): noise added to it
     noise_level: int | None = None
+    # Stable unCLIP: image prompts (PIL image, weight), their CLIP image embeddings summed by weight, and
+    # the level (0 … the model's maximum − 1) the embedding is noised to; none: the init image (A1111)
+    unclip_images: list[tuple[Image.Image, float]] = field(default_factory=list, repr=False)
+    unclip_noise_level: int = 0
     # ControlNets steering the base model (not the refiner), their residuals summed
     control: list[ControlSpec] = field(default_factory=list)
     # IP-Adapters steering the base model (image prompts), their attention added in order
@@ -270,6 +275,7 @@ class GenerationParams:
             _int_range("noise_level", self.noise_level, 0, 999)
             if self.init_image is None:
                 raise ParamError("noise_level", "upscaling needs the low-res image (init_image)")
+        self._check_unclip()
         for name in ("seed_resize_from_w", "seed_resize_from_h"):
             _int_range(name, getattr(self, name), -1, 8192)
         _int_range("eta_noise_seed_delta", self.eta_noise_seed_delta, 0, MAX_SEED)
@@ -292,6 +298,20 @@ class GenerationParams:
         if self.subseed == -1:
             self.subseed = random.randint(0, MAX_SEED - 64) if self.subseed_strength > 0 else -1
         return self
+
+    def _check_unclip(self) -> None:
+        if not isinstance(self.unclip_images, (list, tuple)):
+            raise ParamError("unclip_images", f"must be a list of (image, weight), got {type(self.unclip_images).__name__}")
+        if len(self.unclip_images) > MAX_UNCLIP_IMAGES:
+            raise ParamError("unclip_images", f"at most {MAX_UNCLIP_IMAGES} images, got {len(self.unclip_images)}")
+        for i, item in enumerate(self.unclip_images):
+            if not (isinstance(item, (list, tuple)) and len(item) == 2):
+                raise ParamError(f"unclip_images[{i}]", f"must be an (image, weight) pair, got {type(item).__name__}")
+            image, weight = item
+            if not isinstance(image, Image.Image):
+                raise ParamError(f"unclip_images[{i}]", f"must be a PIL image, got {type(image).__name__}")
+            _float_range(f"unclip_images[{i}].weight", weight, -10, 10)
+        _int_range("unclip_noise_level", self.unclip_noise_level, 0, 9999)
 
     def _check_hires_sampler(self) -> None:
         from ..diffusion.samplers import implied_scheduler, resolve_sampler

@@ -109,6 +109,7 @@ def plan(p: GenerationParams, base: Model, refiner: Model | None = None, hires: 
                       inputs="low_res")
         return Plan((stage,), "base")
     check_depth_request(base.spec, p)
+    check_unclip_request(base.spec, p)
     decoder = "refiner" if refiner is not None else "base"
     depth = "depth" if base.spec.is_depth else None
     control = bool(p.control)
@@ -138,6 +139,17 @@ def plan(p: GenerationParams, base: Model, refiner: Model | None = None, hires: 
                             sampler=p.hires_sampler))
         decoder = on if passes else decoder   # the hires model decodes what it made
     return Plan(tuple(stages), decoder)
+
+
+def check_unclip_request(spec, p: GenerationParams) -> None:
+    """Image prompts need a Stable unCLIP model, and a noise level its augmentation schedule has."""
+    embedder = spec.image_embedder
+    if p.unclip_images and embedder is None:
+        raise ParamError("unclip_images", f"the {spec.family} model takes no image embedding (a Stable unCLIP "
+                                          "model does: sd2-unclip-l, sd2-unclip-h, bundled-unclip)")
+    if embedder is not None and p.unclip_noise_level >= embedder.max_noise_level:
+        raise ParamError("unclip_noise_level", f"must be 0 to {embedder.max_noise_level - 1} for this model, "
+                                               f"got {p.unclip_noise_level}")
 
 
 def _check_hires_model(base: Model, hires: Model | None, refiner: bool) -> None:

@@ -35,7 +35,7 @@ from ..errors import SfumatoError
 from ..pipeline.safety import check_images, safety_infotext
 from ..pipeline.watermark import add_watermark
 from ..text.styles import apply_styles
-from .extensions import control_specs
+from .extensions import UnclipImage, control_specs, unclip_settings
 from .jobs import Job, Stopped
 from .security import A1111_FIELDS, ApiError, Catalog, Entry, Limits, decode_image
 
@@ -92,6 +92,11 @@ class _Processing(BaseModel):
     # sfumato's addition: per image, each prompt word's attention heat map over it (the response's
     # ``attention_maps``: [[{"word", "image"}, ...] per image])
     attention_maps: bool = False
+    # sfumato's addition, for Stable unCLIP models: image prompts whose CLIP embeddings are summed by
+    # weight (txt2img: variations; img2img without them embeds its init image, as A1111), and the
+    # noise level of that embedding (0 … the model's maximum − 1)
+    unclip_images: list[UnclipImage] = []
+    unclip_noise_level: int = 0
 
 
 class Txt2ImgRequest(_Processing):
@@ -298,6 +303,7 @@ def build_work(req: Txt2ImgRequest | Img2ImgRequest, defaults: Defaults, catalog
                     raise ApiError(422, "a hires checkpoint and a refiner together are not supported",
                                    "hr_checkpoint_name")
                 settings["hires_checkpoint"] = hires.stem
+    settings.update(unclip_settings(req.unclip_images, req.unclip_noise_level, limits))
     if req.alwayson_scripts:   # sd-webui-controlnet's units (other extensions only when empty)
         settings["control"], ips = control_specs(req.alwayson_scripts, catalog, limits, settings.get("init_image"))
         if ips:
@@ -309,6 +315,7 @@ def build_work(req: Txt2ImgRequest | Img2ImgRequest, defaults: Defaults, catalog
         field = A1111_FIELDS.get(e.field, e.field)
         raise ApiError(422, e.public.split(": ", 1)[-1], field) from None
     parameters = req.model_dump()
+    parameters["unclip_images"] = [{"weight": u.weight} for u in req.unclip_images]   # not the images again
     if img2img and not req.include_init_images:
         parameters.update(init_images=None, mask=None, depth_map=None)
     overridden = set(req.override_settings or {})

@@ -13,6 +13,8 @@ the one the extension names for the module, ``clip_h`` (ViT-H/14) or ``clip_g`` 
 in the models folder's ``clip_vision`` subfolder.
 Other always-on scripts are accepted only when they carry nothing to do (``{"args": []}`` or
 ``[False]``, as clients send for extensions they do not use).
+
+Also here: sfumato's own request fields for Stable unCLIP image prompts (``unclip_images``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import io
 from typing import Any
 
 from PIL import Image
+from pydantic import BaseModel, ConfigDict
 
 from ..errors import ParamError, SfumatoError
 from ..pipeline.params import ControlSpec, IPAdapterSpec
@@ -190,3 +193,25 @@ def detect(body: dict[str, Any], limits: Limits) -> dict[str, Any]:
         result.save(buffer, format="PNG")
         out.append(base64.b64encode(buffer.getvalue()).decode("ascii"))
     return {"images": out, "info": "Success"}
+
+
+# -- sfumato's own request fields: Stable unCLIP image prompts ---------------------------------------
+
+class UnclipImage(BaseModel):
+    """One Stable unCLIP image prompt: a base64 image and the weight its embedding is summed with."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
+
+    image: str
+    weight: float = 1.0
+
+
+def unclip_settings(images: list[UnclipImage], noise_level: int, limits: Limits) -> dict[str, Any]:
+    """``unclip_images`` decoded (bounded like every image field) and the embedding's noise level."""
+    from ..pipeline.params import MAX_UNCLIP_IMAGES
+
+    if len(images) > MAX_UNCLIP_IMAGES:
+        raise ApiError(422, f"at most {MAX_UNCLIP_IMAGES} images", "unclip_images")
+    decoded = [(decode_image(u.image, f"unclip_images[{i}].image", limits).convert("RGB"), u.weight)
+               for i, u in enumerate(images)]
+    return {"unclip_images": decoded, "unclip_noise_level": noise_level}

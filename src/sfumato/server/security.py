@@ -288,9 +288,9 @@ def decode_image(data: str, field: str, limits: Limits) -> Image.Image:
 
 # -- names resolved inside their folders -------------------------------------------------------
 
-KINDS = ("checkpoint", "vae", "lora", "embedding", "hypernetwork", "controlnet", "upscaler", "clip_vision")
+KINDS = ("checkpoint", "vae", "lora", "embedding", "hypernetwork", "controlnet", "upscaler", "clip_vision", "sam")
 SUBFOLDERS = {"vae": "VAE", "lora": "Lora", "embedding": "embeddings", "hypernetwork": "hypernetworks",
-              "controlnet": "ControlNet", "upscaler": "upscalers", "clip_vision": "clip_vision"}
+              "controlnet": "ControlNet", "upscaler": "upscalers", "clip_vision": "clip_vision", "sam": "sam"}
 SUFFIXES = {
     "checkpoint": (".safetensors", ".ckpt"),
     "vae": (".safetensors", ".ckpt", ".pt"),
@@ -300,10 +300,11 @@ SUFFIXES = {
     "controlnet": (".safetensors", ".pth", ".ckpt", ".pt"),
     "upscaler": (".safetensors", ".ckpt"),
     "clip_vision": (".safetensors", ".pth", ".bin"),
+    "sam": (".pth", ".safetensors"),
 }
 LABELS = {"checkpoint": "models folder", "vae": "VAE folder", "lora": "Lora folder", "embedding": "embeddings folder",
           "hypernetwork": "hypernetworks folder", "controlnet": "ControlNet folder", "upscaler": "upscalers folder",
-          "clip_vision": "clip_vision folder"}
+          "clip_vision": "clip_vision folder", "sam": "sam folder"}
 Entry = FolderEntry
 
 
@@ -321,8 +322,8 @@ class Catalog:
 
     Checkpoints (files, and diffusers folders holding ``model_index.json``) live in the folder
     itself; VAEs, LoRAs, embeddings, hypernetworks, ControlNets (and IP-Adapters), CLIP image
-    encoders and x4 upscalers in its ``VAE``, ``Lora``, ``embeddings``, ``hypernetworks``,
-    ``ControlNet``, ``clip_vision`` and ``upscalers`` subfolders. Each
+    encoders, x4 upscalers and Segment Anything models in its ``VAE``, ``Lora``, ``embeddings``,
+    ``hypernetworks``, ``ControlNet``, ``clip_vision``, ``upscalers`` and ``sam`` subfolders. Each
     kind is a ``checkpoint.folders.ModelFolder``: the one resolver
     the pipeline uses too, so a name the catalog answers is the file that loads.
     """
@@ -344,6 +345,11 @@ class Catalog:
         # the operator's own choice may lie anywhere; listed under its folder name when it lies there
         self.default = listed[0] if listed else FolderEntry("checkpoint", default.name, default.resolve(),
                                                             default.is_dir())
+        self.builtins = [self.default]   # checkpoints listed beside the folder's: the default, and with the
+        from ..data import BUNDLED_PATH, BUNDLED_UNCLIP_PATH   # bundled model its unCLIP variant
+
+        if default.resolve() == BUNDLED_PATH and BUNDLED_UNCLIP_PATH.is_file():
+            self.builtins.append(FolderEntry("checkpoint", BUNDLED_UNCLIP_PATH.name, BUNDLED_UNCLIP_PATH, False))
 
     def styles(self) -> dict:
         """A1111's prompt styles from ``models_dir/styles.csv`` (read again when it changes)."""
@@ -367,8 +373,9 @@ class Catalog:
     def entries(self, kind: str) -> list[Entry]:
         folder = self.folders.get(kind)
         found = folder.entries() if folder is not None else []
-        if kind == "checkpoint" and not any(e.path.resolve() == self.default.path.resolve() for e in found):
-            found.insert(0, self.default)
+        if kind == "checkpoint":
+            paths = {e.path.resolve() for e in found}
+            found = [e for e in self.builtins if e.path.resolve() not in paths] + found
         return found
 
     def find(self, kind: str, name: object, field: str) -> Entry:
@@ -376,10 +383,12 @@ class Catalog:
         model name, or a title ``name [hash]``); 422 naming ``field`` if there is none."""
         check_name(name, field)
         folder = self.folders.get(kind)
-        if kind == "checkpoint" and self.default not in (folder.entries() if folder is not None else []):
+        if kind == "checkpoint":
+            listed = folder.entries() if folder is not None else []
             key = strip_title_hash(name)
-            if key in (self.default.name, self.default.base, self.default.model_name):
-                return self.default
+            for entry in self.builtins:
+                if entry not in listed and key in (entry.name, entry.base, entry.model_name):
+                    return entry
         if folder is None:
             raise ApiError(422, f"unknown {kind} {name!r}: the server has no models folder (--models-dir)", field)
         try:

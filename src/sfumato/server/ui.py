@@ -27,6 +27,7 @@ def add_routes(app: FastAPI, state: "State") -> None:
             raise ApiError(503, "no model is loaded right now; try again in a moment")
         size = int(pipe.model.spec.resolution)
         return {"family": pipe.family, "width": size, "height": size, "title": state.title(entry),
+                "unclip": pipe.model.spec.is_unclip,
                 "history": state.config.outputs_dir is not None}
 
     def outputs():

@@ -216,6 +216,12 @@ class ConditioningSchedule:
         self.tokens = max(c.tokens for row in rows for _, c in row)
         self._rows = rows
         self._cache: dict[tuple[int, ...], Cond] = {}
+        self.vectors: Tensor | None = None
+
+    def set_vectors(self, vectors: Tensor) -> None:
+        """Give every row of image i the ``y`` vector ``vectors[i]`` (Stable unCLIP's image conditioning)."""
+        self.vectors = vectors
+        self._cache.clear()
 
     def pad_to(self, tokens: int) -> None:
         """Pad every context to ``tokens`` tokens (a multiple of 77) with the empty chunk."""
@@ -232,7 +238,10 @@ class ConditioningSchedule:
         picks = tuple(next(i for i, (end, _) in enumerate(row) if end > step) for row in self._rows)
         if picks not in self._cache:
             conds = [row[i][1].pad_to(self.tokens, self.empty) for row, i in zip(self._rows, picks)]
-            self._cache[picks] = Cond.cat(conds)
+            cond = Cond.cat(conds)
+            if self.vectors is not None:
+                cond = Cond(cond.context, self.vectors[self.owner.cpu()].to(cond.context.device))
+            self._cache[picks] = cond
         return self._cache[picks], self.weights
 
 

@@ -8,7 +8,7 @@ const SIDES = ["left", "right", "up", "down"];
 function buildRequest() {
   const tab = state.tab;
   const r = {
-    mode: tab === "txt2img" ? "txt2img" : "img2img", prompt: $("prompt").value,
+    mode: tab === "txt2img" || tab === "variations" ? "txt2img" : "img2img", prompt: $("prompt").value,
     negative_prompt: $("negative_prompt").value, sampler_name: $("sampler_name").value,
     scheduler: $("scheduler").value, cfg_scale: floatOf("cfg_scale"),
   };
@@ -16,6 +16,7 @@ function buildRequest() {
   const styles = selectedStyles();
   if (styles.length) r.styles = styles;
   if (r.mode === "img2img") img2imgFields(r);
+  if (tab === "variations") variationFields(r);
   hiresFields(r);
   seedFields(r);
   refinerFields(r);
@@ -145,7 +146,7 @@ function setTab(tab) {
   }
   const generating = GEN_TABS.includes(tab);
   $("gen-fields").hidden = !generating;
-  $("img2img-fields").hidden = !generating || tab === "txt2img";
+  $("img2img-fields").hidden = !generating || tab === "txt2img" || tab === "variations";
   $("upscale-fields").hidden = tab !== "upscale";
   $("actions").hidden = $("progress").hidden = tab === "history";
   $("generate").textContent = tab === "upscale" ? "Upscale" : "Generate";
@@ -186,5 +187,7 @@ document.addEventListener("keydown", (e) => {
 });
 setupCanvas();
 setupPanels();
+setupVariations();
+setupSegment();
 setTab("txt2img");
 loadLists().then(() => setStatus("ready"), (e) => setStatus(e.message, true));

@@ -130,7 +130,7 @@ function strokes(canvas, { begin, style, end }) {
 function setupBrush() {
   strokes($("mask-canvas"), {
     begin: () => {
-      if (!state.init) return false;
+      if (!state.init || $("sam-click").checked) return false;   // a click then selects (segment.js)
       rememberMask();
       return true;
     },

@@ -5,9 +5,9 @@
 const $ = (id) => document.getElementById(id);
 const state = {
   tab: "txt2img", job: null, events: null, init: null, masked: false, depth: null, upscale: null,
-  native: 64, modelInfo: null, historyOffset: 0,
+  native: 64, modelInfo: null, historyOffset: 0, unclip: [null, null],
 };
-const GEN_TABS = ["txt2img", "img2img", "inpaint", "outpaint", "depth"];
+const GEN_TABS = ["txt2img", "img2img", "inpaint", "outpaint", "depth", "variations"];
 
 async function api(method, path, body) {
   const options = { method, headers: {} };
@@ -74,7 +74,7 @@ async function loadLists() {
   $("refiner_checkpoint").replaceChildren(new Option("None", ""), ...models.map((m) => new Option(m.title, m.title)));
   $("hr_checkpoint_name").replaceChildren(new Option("same", ""), ...models.map((m) => new Option(m.title, m.title)));
   await Promise.all([loadModelInfo(), loadNetworks(), loadStyles(), loadControlNetLists(), loadUpscalers(),
-    loadAxes()]);
+    loadAxes(), loadSamModels()]);
 }
 
 // -- size: the model's native resolution and aspect presets ------------------------------------------
@@ -84,6 +84,7 @@ async function loadModelInfo() {
   state.modelInfo = info;
   if (info) state.native = info.width;
   applyAspect();
+  noteVariations();
 }
 
 /** Width and height near the native area for ``ratio`` ("16:9"): multiples of 64 for models of
