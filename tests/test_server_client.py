@@ -17,6 +17,7 @@ from PIL import Image
 import sfumato
 from conftest import live_server
 from sfumato.server.app import ServerConfig, create_app
+from sfumato.data import BUNDLED_UNCLIP_PATH
 from sfumato.train.bundled import BUNDLED_PATH
 
 SIZE = dict(width=64, height=64)
@@ -36,7 +37,8 @@ def api(pipe):
 def test_lists_models_samplers_and_schedulers(api):
     short_hash = hashlib.sha256(BUNDLED_PATH.read_bytes()).hexdigest()[:10]
     title = f"bundled.safetensors [{short_hash}]"
-    assert api.util_get_model_names() == [title]
+    unclip = f"bundled-unclip.safetensors [{hashlib.sha256(BUNDLED_UNCLIP_PATH.read_bytes()).hexdigest()[:10]}]"
+    assert sorted(api.util_get_model_names()) == sorted([title, unclip])   # the bundled model and its unCLIP variant
     assert api.util_get_current_model() == title
     names = api.util_get_sampler_names()
     assert {"Euler", "Euler a", "DPM++ 2M", "DPM++ 2M SDE", "DDIM", "UniPC"} <= set(names)

@@ -173,7 +173,7 @@ def test_names_resolve_only_inside_their_folders(app, client, dirs, name):
 
 def test_listings_skip_links_that_leave_the_folder(client):
     models = [m["filename"] for m in client.get("/sdapi/v1/sd-models").json()]
-    assert models == ["bundled.safetensors", "other.safetensors"]
+    assert models == ["bundled.safetensors", "bundled-unclip.safetensors", "other.safetensors"]
     assert [v["filename"] for v in client.get("/sdapi/v1/sd-vae").json()] == ["v.safetensors"]
     assert [lora["name"] for lora in client.get("/sdapi/v1/loras").json()] == ["style"]
     listed = client.get("/sdapi/v1/embeddings").json()

@@ -151,7 +151,10 @@ BASE_SHA256_KEY = "sfumato.base_sha256"  # … and its sha256
 
 
 def spec_to_json(spec: ModelSpec) -> str:
-    return json.dumps(dataclasses.asdict(spec), sort_keys=True)
+    d = dataclasses.asdict(spec)
+    if d["image_embedder"] is None:   # absent, as in every file written before unCLIP existed
+        del d["image_embedder"]
+    return json.dumps(d, sort_keys=True)
 
 
 def spec_from_json(text: str) -> ModelSpec:

@@ -195,6 +195,8 @@ def create_app(config: ServerConfig, pipeline: Pipeline | None = None) -> FastAP
     if pipeline is None:
         pipeline = load(default.path, dtype=config.dtype, device=config.device, embeddings_dir=_embeddings_dir(catalog))
     host = ModelHost(config, pipeline, default, catalog)
+    for entry in catalog.builtins[1:]:   # the bundled unCLIP variant: small, so titled with its hash from the start
+        host.sha256[entry.path] = host.hash_of(entry.path)
     if config.safety_checker is not None:
         from ..checkpoint.safety import load_safety_checker
 
