@@ -55,7 +55,7 @@ def unclip_vectors(model: LoadedModel, p: GenerationParams, n: int) -> Tensor:
     noise = torch.stack([torch.randn(dim, generator=torch.Generator().manual_seed(p.seed + i + NOISE_SEED_OFFSET))
                          for i in range(n)])
     levels = torch.full((n,), p.unclip_noise_level, dtype=torch.long)
-    return model.noise_augmentor.cpu()(mixed, levels, noise)
+    return model.noise_augmentor(mixed, levels, noise)   # the loader keeps it on the CPU
 
 
 def unclip_infotext(p: GenerationParams, spec) -> dict[str, object]:
