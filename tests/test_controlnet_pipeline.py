@@ -365,6 +365,24 @@ def test_cli_img2img_with_a_controlnet(world, images, tmp_path, capsys):
     assert 'ControlNet 0: "Module: scribble' in Image.open(tmp_path / "i.png").info["parameters"]
 
 
+def test_cli_control_annotator(world, images, tmp_path, capsys):
+    """--control-annotator gives its unit's network; 'none' holds the place of a unit without one."""
+    from sfumato.models.lineart import LineartNet
+
+    torch.manual_seed(6)
+    torch.save(LineartNet().state_dict(), tmp_path / "sk_model.pth")
+    a, b = world["cn_paths"]
+    out = tmp_path / "out"
+    out.mkdir()
+    args = _txt2img(world, out / "la.png", "--control-model", a, "--control-image", images / "c0.png",
+                    "--control-preprocessor", "canny", "--control-annotator", "none",
+                    "--control-model", b, "--control-image", images / "c1.png",
+                    "--control-preprocessor", "lineart_realistic", "--control-annotator", tmp_path / "sk_model.pth")
+    assert cli(args, capsys)[0] == 0
+    assert 'ControlNet 1: "Module: lineart_realistic, Model: control-25' in \
+        Image.open(out / "la.png").info["parameters"]
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--control-model", "A", "--control-model", "B", "--control-image", "I"],
      "--control-image: given 1 times for 2 --control-model"),
@@ -377,6 +395,10 @@ def test_cli_img2img_with_a_controlnet(world, images, tmp_path, capsys):
     (["--control-model", "A", "--control-image", "I", "--control-start", "2"], "control[0].start"),
     (["--control-model", "WRONG", "--control-image", "I"], "control[0].model: ControlNet (custom) does not fit"),
     (["--control-model", "A", "--control-image", "I", "--control-preprocessor", "hed"], "invalid choice: 'hed'"),
+    (["--control-model", "A", "--control-image", "I", "--control-preprocessor", "openpose"],
+     "control[0].annotator: the openpose preprocessor runs a network"),
+    (["--control-model", "A", "--control-image", "I", "--control-preprocessor", "openpose", "--control-annotator",
+      "missing.pth"], "control[0].annotator: annotator file not found"),
 ])
 def test_cli_bad_control_input(world, images, tmp_path, capsys, extra, message):
     names = {"A": world["cn_paths"][0], "B": world["cn_paths"][1], "I": images / "c0.png",
@@ -385,3 +407,44 @@ def test_cli_bad_control_input(world, images, tmp_path, capsys, extra, message):
     assert code == 2
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("preprocessor", ["lineart_realistic", "softedge_hed"])
+def test_an_annotator_preprocessor_feeds_its_map(world, preprocessor, tmp_path):
+    """An annotator preprocessor runs its network (from its weights file, through the allow-list) on
+    the control image at the generation size; the ControlNet's hint is exactly that map."""
+    from sfumato.models.hed import HEDNet
+    from sfumato.models.lineart import LineartNet
+    from sfumato.pipeline.annotate import hed_edges, lineart
+
+    torch.manual_seed(5)
+    net, fn = (LineartNet(), lineart) if preprocessor.startswith("lineart") else (HEDNet(), hed_edges)
+    with torch.no_grad():   # line art: contrast enough to draw lines; HED: small enough not to saturate
+        for p in net.parameters():
+            p.mul_(3.0 if preprocessor.startswith("lineart") else 0.5)
+    torch.save(net.state_dict(), tmp_path / "annotator.pth")
+    cn, hints = _recording(world)
+    image = smooth_image(9, size=96)
+    world["pipe"].txt2img(PROMPT, steps=2, seed=1, width=64, height=64,
+                          control=[ControlSpec(cn, image, preprocessor, annotator=tmp_path / "annotator.pth")])
+    want = fn(net.eval(), image.resize((64, 64), Image.LANCZOS))
+    assert want.std() > 1
+    assert torch.equal(hints[0][0], torch.from_numpy(want).permute(2, 0, 1).float() / 255)
+
+
+def test_annotator_preprocessors_need_their_file(world, tmp_path):
+    image = smooth_image(9)
+    with pytest.raises(ParamError, match="annotator") as e:
+        world["pipe"].txt2img(PROMPT, steps=2, control=[ControlSpec(world["cn_paths"][0], image, "openpose")])
+    assert e.value.field == "control[0].annotator"
+    from sfumato.models.hed import HEDNet
+
+    torch.save(HEDNet().state_dict(), tmp_path / "ControlNetHED.pth")
+    with pytest.raises(ParamError, match=r"is a HED edge model \(ControlNetHED.pth\), not an OpenPose body model") as e:
+        world["pipe"].txt2img(PROMPT, steps=2, control=[ControlSpec(world["cn_paths"][0], image, "openpose",
+                                                                    annotator=tmp_path / "ControlNetHED.pth")])
+    assert e.value.field == "control[0].annotator"
+    with pytest.raises(ParamError) as e:
+        world["pipe"].txt2img(PROMPT, steps=2, control=[ControlSpec(world["cn_paths"][0], image, "canny",
+                                                                    annotator=tmp_path / "ControlNetHED.pth")])
+    assert e.value.field == "control[0].annotator"

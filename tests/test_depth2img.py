@@ -136,3 +136,95 @@ def test_cli_txt2img_with_depth_map(tiny, tmp_path, capsys):
     assert Image.open(out).size == (32, 32)
     assert main(args) == 2
     assert "depth_map" in capsys.readouterr().err
+
+
+def test_depth_inferred_by_midas_equals_the_reference_map(loaded):
+    """--depth-model: the init image's depth inferred by a MiDaS DPT-Hybrid as ldm's depth2img does
+    (MiDaS' own transform, then the network) gives the same images as that map given by hand."""
+    import warnings
+
+    from controlnet_aux.midas.api import load_midas_transform
+    from controlnet_aux.midas.midas.dpt_depth import DPTDepthModel
+
+    from sfumato.models.midas import midas_from_state
+
+    warnings.filterwarnings("ignore", module="timm")
+    torch.manual_seed(0)
+    ref = DPTDepthModel(path=None, backbone="vitb_rn50_384", non_negative=True).eval()
+    with torch.no_grad():   # timm zero-initialises these two; the head's last bias lifts most values past its ReLU
+        ref.pretrained.model.pos_embed.normal_(0, 0.2)
+        ref.pretrained.model.cls_token.normal_(0, 0.2)
+        ref.scratch.output_conv[4].bias.add_(0.5)
+    sd = {k: v for k, v in ref.state_dict().items() if not k.startswith("pretrained.model.head.")}
+    ours = midas_from_state(sd)
+    ours.load_state_dict(sd)
+    init = _image(6, (48, 32))
+    sample = load_midas_transform("dpt_hybrid")({"image": np.asarray(init, dtype=np.float32) / 255.0})["image"]
+    with torch.no_grad():
+        depth = Image.fromarray(ref(torch.from_numpy(sample)[None])[0].numpy())
+    assert depth.size == (384, 256) and np.asarray(depth).std() > 0
+    kw = dict(strength=0.8, steps=4, cfg_scale=6.0, seed=7, sampler="euler", scheduler="normal", watermark=False)
+    by_hand = _pixels(loaded.img2img("a green square", init, "a red circle", depth_map=depth, **kw).images)
+    inferred = _pixels(loaded.img2img("a green square", init, "a red circle", depth_model=ours.eval(), **kw).images)
+    assert pixels_close(inferred, by_hand, 1) >= 0.999
+    with pytest.raises(ParamError, match="not both") as e:
+        loaded.img2img("x", init, depth_map=depth, depth_model=ours, steps=1)
+    assert e.value.field == "depth_model"
+    with pytest.raises(ParamError, match="init image") as e:
+        loaded.txt2img("x", steps=1, width=32, height=32, depth_model=ours)
+    assert e.value.field == "depth_model"
+
+
+def test_cli_depth_model_flag(tiny, tmp_path, capsys):
+    folder, _ = tiny
+    _image(7, (32, 32)).save(tmp_path / "init.png")
+    args = ["img2img", "a cube", "--model", str(folder), "--steps", "2", "--init-image", str(tmp_path / "init.png"),
+            "-o", str(tmp_path / "out.png"), "--depth-model", str(tmp_path / "missing.pt")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "depth_model" in err and "not found" in err
+    torch.save({"weight": torch.zeros(2)}, tmp_path / "other.pt")
+    assert main(args[:-1] + [str(tmp_path / "other.pt")]) == 2
+    assert "not an annotator" in capsys.readouterr().err
+
+
+def test_a_depth_checkpoint_carrying_its_midas_infers_depth(loaded, tmp_path):
+    """ldm's depth2img files (512-depth-ema) hold the MiDaS DPT-Hybrid under ``depth_model.model.``: it
+    loads with the model, and img2img without a depth map infers one from the init image with it,
+    giving what that network passed as ``depth_model`` gives."""
+    import warnings
+
+    from controlnet_aux.midas.midas.dpt_depth import DPTDepthModel
+
+    from sfumato.checkpoint.io import save_file
+    from sfumato.checkpoint.specs import SPEC_METADATA_KEY, UNET_PREFIX, VAE_PREFIX, spec_to_json
+    from sfumato.models.midas import midas_from_state
+
+    warnings.filterwarnings("ignore", module="timm")
+    torch.manual_seed(0)
+    ref = DPTDepthModel(path=None, backbone="vitb_rn50_384", non_negative=True).eval()
+    with torch.no_grad():
+        ref.pretrained.model.pos_embed.normal_(0, 0.2)
+        ref.scratch.output_conv[4].bias.add_(0.5)
+    m = loaded.model
+    sd = {}
+    for prefix, module in ((UNET_PREFIX, m.unet), (VAE_PREFIX, m.vae), (m.spec.text[0].prefix, m.text_encoders[0])):
+        sd.update({prefix + k: v.contiguous() for k, v in module.state_dict().items()})
+    # stored in fp16, as the published files are; the head (the ViT's classifier) is in them too
+    sd.update({"depth_model.model." + k: v.half().contiguous() for k, v in ref.state_dict().items()})
+    path = tmp_path / "tiny-depth.safetensors"
+    save_file(sd, path, {SPEC_METADATA_KEY: spec_to_json(m.spec), "sfumato.prediction": m.spec.prediction})
+    del sd
+    single = sfumato.load(path, dtype="fp32")
+    assert single.model.depth_estimator is not None
+    net = midas_from_state({k: v for k, v in ref.state_dict().items() if not k.startswith("pretrained.model.head.")})
+    net.load_state_dict({k: v.half().float() for k, v in ref.state_dict().items()
+                         if not k.startswith("pretrained.model.head.")})
+    init = _image(8, (48, 32))
+    kw = dict(strength=0.8, steps=3, cfg_scale=6.0, seed=2, sampler="euler", scheduler="normal", watermark=False)
+    inferred = _pixels(single.img2img("a green square", init, **kw).images)
+    given = _pixels(loaded.img2img("a green square", init, depth_model=net.eval(), **kw).images)
+    assert pixels_close(inferred, given, 1) >= 0.999
+    with pytest.raises(ParamError, match="infers depth from an init image") as e:
+        single.txt2img("x", steps=1, width=32, height=32)
+    assert e.value.field == "depth_map"

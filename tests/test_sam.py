@@ -325,6 +325,60 @@ def test_inpaint_anything_from_the_command_line(world, tmp_path, capsys):
         assert code == 2 and len(err.splitlines()) == 1, err
 
 
+def test_inpaint_anything_remove_from_the_command_line(world, tmp_path):
+    """``inpaint --remove``: no prompt needed; the object's mask is filled from its surroundings (masked
+    content "fill") and repainted, as the library's inpainting with those settings."""
+    from sfumato.api import load
+    from sfumato.pipeline.masks import dilate
+
+    init = scene(7, (64, 64))
+    src = tmp_path / "init.png"
+    init.save(src)
+    out = tmp_path / "out.png"
+    assert main(["inpaint", "--init-image", str(src), "--sam", str(world["st"]), "--sam-point", "30,30", "--remove",
+                 "--steps", "3", "--seed", "4", "--no-watermark", "-o", str(out)]) == 0
+    seg = Segmenter(load_sam(world["st"]))
+    seg.set_image(init)
+    mask = Image.fromarray((dilate(seg.predict([(30, 30, 1)]).best, 8) * 255).astype(np.uint8))
+    pipe = load(None, dtype=None, device="cpu")
+    want = pipe.inpaint("", init, mask, masked_content="fill", steps=3, seed=4, watermark=False).images[0]
+    assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(want))
+    original = pipe.inpaint("", init, mask, steps=3, seed=4, watermark=False).images[0]
+    assert not np.array_equal(np.asarray(original), np.asarray(want))   # the fill is what differs
+    assert main(["inpaint", "--init-image", str(src), "--sam", str(world["st"]), "--sam-point", "30,30", "--remove",
+                 "--masked-content", "original", "-o", str(out)]) == 2
+
+
+def test_inpaint_anything_in_one_api_call(server, world):
+    """img2img with ``sam_model_name`` and points: the mask is Segment Anything's best, grown by
+    ``sam_dilation``; the image equals the same request with that mask sent by hand."""
+    import requests
+
+    from sfumato.pipeline.masks import dilate
+
+    init = scene(8, (64, 64))
+    base = dict(prompt="a red circle on a blue background", init_images=[_b64(init)], steps=3, seed=5,
+                denoising_strength=0.8, inpainting_fill=0, width=64, height=64)
+    r = requests.post(f"{server}/sdapi/v1/img2img", timeout=120, json=dict(
+        base, sam_model_name="sam_tiny.pth", sam_positive_points=[[30, 30]], sam_dilation=4))
+    assert r.status_code == 200, r.text
+    seg = Segmenter(load_sam(world["pth"]))
+    seg.set_image(init)
+    mask = Image.fromarray((dilate(seg.predict([(30, 30, 1)]).best, 4) * 255).astype(np.uint8))
+    by_hand = requests.post(f"{server}/sdapi/v1/img2img", timeout=120, json=dict(base, mask=_b64(mask)))
+    assert by_hand.status_code == 200, by_hand.text
+    assert np.array_equal(np.asarray(_unb64(r.json()["images"][0])), np.asarray(_unb64(by_hand.json()["images"][0])))
+    for extra, field in ((dict(sam_model_name="sam_tiny.pth", sam_positive_points=[[500, 5]]), "sam_positive_points[0]"),
+                         (dict(sam_model_name="sam_tiny.pth", sam_positive_points=[[5, 5]], mask=_b64(mask)), "mask"),
+                         (dict(sam_positive_points=[[5, 5]]), "sam_model_name"),
+                         (dict(sam_model_name="missing.pth", sam_positive_points=[[5, 5]]), "sam_model_name"),
+                         (dict(sam_model_name="sam_tiny.pth"), "sam_positive_points"),
+                         (dict(sam_model_name="sam_tiny.pth", sam_positive_points=[[5, 5]], sam_dilation=-1),
+                          "sam_dilation")):
+        r = requests.post(f"{server}/sdapi/v1/img2img", timeout=60, json=dict(base, **extra))
+        assert r.status_code == 422 and r.json()["field"] == field, (extra, r.text)
+
+
 def test_the_shapes_world_sam_trains_and_loads(tmp_path):
     """``sfumato train sam`` (2 steps here): a file ``load_sam`` reads back at the demonstration's
     configuration, the true masks are the objects' own pixels, and ``eval sam`` scores it."""

@@ -353,6 +353,15 @@ def test_inpaint_anything_click_to_mask(page):
     sent = _generate(page)
     mask = np.asarray(_decode(sent["mask"]).convert("L")) > 127
     assert mask.any()
+    # remove: the same mask, masked content "fill", no prompt needed
+    page.fill("#prompt", "")
+    page.evaluate("setStatus('')")
+    with page.expect_request(lambda r: r.url.endswith("/v1/jobs") and r.method == "POST") as removed:
+        page.click("#sam-remove")
+    page.locator("#status").filter(has_text=re.compile("^done$")).wait_for()
+    body = removed.value.post_data_json
+    assert body["inpainting_fill"] == 0 and body["prompt"] == ""
+    assert np.array_equal(np.asarray(_decode(body["mask"]).convert("L")) > 127, mask)
     page.click("#sam-reset")
     assert not page.evaluate("state.masked")
     page.uncheck("#sam-click")
@@ -504,6 +513,61 @@ def _controlnet_units(page):
     assert "alwayson_scripts.controlnet.args[0].model" in page.inner_text("#status")
 
 
+def test_pose_editor(page):
+    """The OpenPose editor: a standing person to start, people added / removed, a keypoint dragged, the
+    JSON loaded (either editor's layout) and saved, the exact control image from the server, and
+    "Send to ControlNet" filling a new unit with it."""
+    from sfumato.pipeline.pose import default_person, parse_pose, render_pose
+
+    page.click("button[data-mode=pose]")
+    assert page.locator("#pose-fields").is_visible() and not page.locator("#generate").is_visible()
+    assert page.evaluate("pose.people.length") == 1
+    page.click("#pose-add")
+    assert page.evaluate("pose.people.length") == 2 and page.evaluate("pose.selected") == 1
+    page.click("#pose-remove")
+    assert page.evaluate("pose.people.length") == 1
+    # drag the first person's right wrist (keypoint 4) to the canvas' top left quarter
+    canvas = page.locator("#pose-canvas")
+    canvas.scroll_into_view_if_needed()
+    box = canvas.bounding_box()
+    wx, wy = page.evaluate("pose.people[0][4]")
+    page.mouse.move(box["x"] + wx * box["width"], box["y"] + wy * box["height"])
+    page.mouse.down()
+    page.mouse.move(box["x"] + 0.25 * box["width"], box["y"] + 0.25 * box["height"], steps=4)
+    page.mouse.up()
+    x, y = page.evaluate("pose.people[0][4]")
+    assert abs(x - 0.25) < 0.02 and abs(y - 0.25) < 0.02
+    saved = page.evaluate("poseJson()")
+    assert saved["canvas_width"] == 512 and len(saved["people"][0]["pose_keypoints_2d"]) == 54
+    # the exact control image: the server's render of that JSON, as `sfumato pose render` draws it
+    page.wait_for_function("() => { const i = $('pose-render'); return !i.hidden && i.complete && i.naturalWidth; }")
+    page.wait_for_timeout(400)   # the render after the last drag
+    shown = np.asarray(_decode(page.evaluate("$('pose-render').src")).convert("RGB"))
+    assert np.array_equal(shown, render_pose(parse_pose(page.evaluate("poseJson()"))))
+    # load fkunn1326's layout: two people on a 384×256 canvas
+    editor = {"width": 384, "height": 256, "keypoints": [[x * 384, y * 256] for x, y in default_person(384, 256)] * 2}
+    page.set_input_files("#pose-load", {"name": "pose.json", "mimeType": "application/json",
+                                        "buffer": json.dumps(editor).encode()})
+    page.locator("#status").filter(has_text="pose loaded: 2 people").wait_for()
+    assert page.evaluate("[pose.width, pose.height, pose.people.length]") == [384, 256, 2]
+    page.set_input_files("#pose-load", {"name": "bad.json", "mimeType": "application/json", "buffer": b"{oops"})
+    page.locator("#status.error").filter(has_text="pose JSON").wait_for()
+    # detection needs the annotator, and says where it goes
+    page.set_input_files("#pose-detect", _file(_png((64, 64))))
+    page.locator("#status.error").filter(has_text="annotators/").wait_for()
+    _shot(page, "pose", at="#pose-fields")
+    page.click("#pose-send")
+    page.locator("#status").filter(has_text=re.compile("^pose sent to ControlNet unit")).wait_for()
+    assert page.evaluate("state.tab") == "txt2img"
+    unit = page.locator(".cn-unit").last
+    assert unit.locator(".cn-enabled").is_checked() and unit.locator(".cn-module").input_value() == "none"
+    page.wait_for_function("() => [...document.querySelectorAll('.cn-canvas')].pop().width === 384")
+    sent = unit.locator(".cn-canvas").evaluate("c => c.toDataURL('image/png')")
+    want = render_pose(parse_pose(editor))
+    assert np.array_equal(np.asarray(_decode(sent).convert("RGB")), want) and want.any()
+    unit.locator(".cn-remove").click()
+
+
 # -- X/Y/Z plot and attention maps ---------------------------------------------------------------------
 
 def test_xyz_plot(page):
@@ -638,7 +702,7 @@ def test_every_control_has_a_label_and_takes_focus(page):
     assert page.locator("#mask-tools").is_visible()
 
 
-TABS = ("txt2img", "img2img", "inpaint", "outpaint", "depth", "variations", "upscale", "history")
+TABS = ("txt2img", "img2img", "inpaint", "outpaint", "depth", "variations", "upscale", "pose", "history")
 
 
 @pytest.mark.parametrize("viewport", [(390, 844), (1280, 800)])

@@ -41,6 +41,7 @@ IGNORABLE = tuple(
         r"|sqrt_one_minus_alphas_cumprod|log_one_minus_alphas_cumprod|sqrt_recip_alphas_cumprod"
         r"|sqrt_recipm1_alphas_cumprod)$",                        # the x4 upscaler's low-res noise schedule
         r"^embedder\.(?!model\.visual\.)",                       # unCLIP's CLIP model beside its image tower
+        r"^depth_model\.model\.pretrained\.model\.head\.",       # depth2img's MiDaS: its ViT's ImageNet classifier
     )
 )
 

@@ -53,6 +53,7 @@ class LoadedModel:
     by_stage: bool = False     # each component's weights read from the file for its stage only
     image_embedder: nn.Module | None = None    # Stable unCLIP: the CLIP image tower …
     noise_augmentor: nn.Module | None = None   # … and its embedding noise augmentation
+    depth_estimator: nn.Module | None = None   # SD 2 depth: the MiDaS DPT-Hybrid the file carries (fp32)
 
     @property
     def streamed(self) -> bool:
@@ -195,10 +196,27 @@ def build_model(
         embedder = _build(lambda: CLIPVisionTower(spec.image_embedder.vision), parts["embedder"],
                           "image embedder", dtype, device, files)
         augmentor = _noise_augmentor(spec, parts["noise_augmentor"], device)
+    estimator = None
+    if parts.get("depth_model"):   # ldm's depth2img checkpoints carry the MiDaS that made their training maps
+        from ..models.midas import midas_from_state
+
+        shapes = _shapes(parts["depth_model"])
+        try:
+            with torch.device("meta"):
+                midas_from_state(shapes)
+        except (KeyError, ValueError) as e:
+            raise CheckpointError(f"{path.name}: depth_model.model.* is not a MiDaS DPT ({e})") from None
+        estimator = _build(lambda: midas_from_state(shapes), parts["depth_model"], "depth model (MiDaS)",
+                           torch.float32, device, files)
     ac = sd.get("alphas_cumprod")
     alphas_cumprod = ac.to(torch.float32).cpu() if ac is not None and not ac.is_meta else scaled_linear_alphas_cumprod(*spec.betas)
     return LoadedModel(spec, unet, vae_m, encoders, alphas_cumprod, source, path, storage, low_memory, by_stage,
-                       embedder, augmentor)
+                       embedder, augmentor, estimator)
+
+
+def _shapes(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Keys and shapes only (meta tensors): enough to pick a configuration."""
+    return {k: torch.empty(v.shape, device="meta") for k, v in sd.items()}
 
 
 def _noise_augmentor(spec: ModelSpec, sd: dict[str, Tensor], device) -> nn.Module:
@@ -247,6 +265,8 @@ def split_state_dict(sd: Mapping[str, Tensor], spec: ModelSpec) -> tuple[dict[st
     prefixes.update({f"text{i}": slot.prefix for i, slot in enumerate(spec.text)})
     if spec.image_embedder is not None:
         prefixes.update({"embedder": spec.image_embedder.prefix, "noise_augmentor": "noise_augmentor."})
+    if spec.is_depth:
+        prefixes["depth_model"] = "depth_model.model."
     parts: dict[str, dict[str, Tensor]] = {name: {} for name in prefixes}
     leftovers = []
     for key, value in sd.items():

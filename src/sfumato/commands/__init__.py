@@ -16,7 +16,7 @@ import sys
 
 from ..errors import SfumatoError
 
-MODULES = ("generate", "info", "train", "batch", "serve", "merge", "bench", "segment")
+MODULES = ("generate", "info", "train", "batch", "serve", "merge", "bench", "segment", "pose")
 
 
 class _Parser(argparse.ArgumentParser):

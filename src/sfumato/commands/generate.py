@@ -90,14 +90,21 @@ def _add_ip_adapter(p: argparse.ArgumentParser) -> None:
 
 
 def _add_control(p: argparse.ArgumentParser) -> None:
-    from ..pipeline.params import CONTROL_PREPROCESSORS
+    from ..pipeline.params import CONTROL_ANNOTATORS, CONTROL_PREPROCESSORS
 
     g = p.add_argument_group("ControlNet", "each flag is repeatable: its i-th use belongs to the i-th --control-model "
                                           "(give it once per ControlNet, or leave it out for the default)")
     g.add_argument("--control-model", action="append", default=[], metavar="PATH", help="a ControlNet file or folder")
     g.add_argument("--control-image", action="append", default=[], metavar="FILE", help="its control image (required)")
-    g.add_argument("--control-preprocessor", action="append", default=[], choices=CONTROL_PREPROCESSORS,
-                   help="how the image becomes the control image (default none: use it as it is)")
+    g.add_argument("--control-preprocessor", action="append", default=[],
+                   choices=CONTROL_PREPROCESSORS + CONTROL_ANNOTATORS,
+                   help="how the image becomes the control image (default none: use it as it is; depth: its grey "
+                        "values as they are, no estimation; depth_midas estimates depth). openpose, softedge_hed*, "
+                        "scribble_hed, lineart_* and depth_midas run a network: give --control-annotator")
+    g.add_argument("--control-annotator", action="append", default=[], metavar="FILE",
+                   help="the annotator network's weights: body_pose_model.pth (openpose), ControlNetHED.pth (HED), "
+                        "sk_model.pth / sk_model2.pth (lineart_realistic / lineart_coarse), "
+                        "dpt_hybrid-midas-501f0c75.pt (depth_midas); 'none' for a unit without one")
     g.add_argument("--control-strength", action="append", default=[], type=float, metavar="W",
                    help="weight of its residuals (1)")
     g.add_argument("--control-start", action="append", default=[], type=float, metavar="F",
@@ -166,6 +173,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     _add_xyz(p)
     p.add_argument("--init-image", required=True)
     p.add_argument("--depth-map", metavar="FILE", help=_DEPTH_HELP)
+    p.add_argument("--depth-model", metavar="FILE",
+                   help="SD 2 depth model: infer the depth map from the init image with this MiDaS DPT "
+                        "(dpt_hybrid-midas-501f0c75.pt or dpt_large-midas-2f21e586.pt), as ldm's depth2img does")
     p = subparsers.add_parser("inpaint", help="repaint the masked part of an image")
     _add_common(p)
     p.add_argument("--init-image", required=True)
@@ -176,6 +186,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--sam-point", action="append", default=[], metavar="X,Y[:neg]", help="a point on the object")
     p.add_argument("--sam-box", metavar="X0,Y0,X1,Y1", help="a box around the object")
     p.add_argument("--sam-grow", type=int, default=8, metavar="PX", help="grow the object's mask by PX (default 8)")
+    p.add_argument("--remove", action="store_true",
+                   help="Inpaint Anything's remove: fill the masked object from its surroundings (masked content "
+                        "'fill') and repaint it under the prompt, which may be empty or name the background")
     p = subparsers.add_parser("outpaint", help="extend an image beyond its borders")
     _add_common(p)
     p.add_argument("--init-image", required=True)
@@ -259,7 +272,8 @@ def _lora_arg(text: str) -> tuple[str, float]:
 
 _CONTROL_FIELDS = {"control_preprocessor": "preprocessor", "control_strength": "strength", "control_start": "start",
                    "control_end": "end", "control_mode": "mode", "control_resize": "resize",
-                   "control_threshold_a": "threshold_a", "control_threshold_b": "threshold_b"}
+                   "control_threshold_a": "threshold_a", "control_threshold_b": "threshold_b",
+                   "control_annotator": "annotator"}
 
 
 def _control_specs(args: argparse.Namespace) -> list:
@@ -278,6 +292,8 @@ def _control_specs(args: argparse.Namespace) -> list:
         if not Path(path).exists():
             raise SfumatoError(f"--control-model: file not found: {path}")
         options = {field: getattr(args, name)[i] for name, field in _CONTROL_FIELDS.items() if getattr(args, name)}
+        if options.get("annotator") in ("none", ""):   # a placeholder for a unit without one
+            del options["annotator"]
         specs.append(ControlSpec(path, _open_image(args.control_image[i], "--control-image"), **options))
     return specs
 
@@ -352,8 +368,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         settings["prompt"] = args.prompt
     if args.command == "upscale" and (args.upscaler or args.scale is not None):
         return _extras(args)
-    if args.command in ("upscale", "variations"):
+    if args.command in ("upscale", "variations") or getattr(args, "remove", False):
         settings.setdefault("prompt", "")
+    if getattr(args, "remove", False):
+        if settings.get("masked_content", "fill") != "fill":
+            raise SfumatoError("--remove: fills the object from its surroundings; leave out --masked-content")
+        settings["masked_content"] = "fill"
     if "prompt" not in settings:
         raise SfumatoError("prompt: no prompt given")
     if args.style:
@@ -382,6 +402,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         extra.update(left=args.left, right=args.right, up=args.up, down=args.down)
     if getattr(args, "depth_map", None) is not None:
         extra["depth_map"] = _open_image(args.depth_map, "--depth-map")
+    if getattr(args, "depth_model", None) is not None:
+        extra["depth_model"] = args.depth_model
     if args.command == "upscale":
         extra.update(init_image=_open_image(args.image, "--image"), noise_level=args.noise_level)
     if args.command == "variations":

@@ -17,15 +17,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 from PIL import Image
 from torch import Tensor
 
 from ..adapters.controlnet import PREPROCESSORS, ControlUnit, controlled_unet, load_controlnet
 from ..diffusion.denoiser import Denoiser
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ParamError
 from ..models.controlnet import ControlNet
+from .annotate import ANNOTATORS, annotator_network
 from .infotext import format_value
-from ..errors import ParamError
 from .params import ControlSpec
 
 if TYPE_CHECKING:
@@ -76,11 +77,13 @@ def _check_fits(cn: ControlNet, base, field: str) -> None:
                                     f"{theirs} in the model")
 
 
-def control_image(spec: ControlSpec, width: int, height: int, crop: Crop | None = None) -> Image.Image | np.ndarray:
+def control_image(spec: ControlSpec, width: int, height: int, crop: Crop | None = None,
+                  device: str | torch.device = "cpu") -> Image.Image | np.ndarray:
     """The spec's image for a generation of `width`×`height`: cropped like the init image (the box
     scaled to the control image's size), then, for a preprocessor, resized to the generation size
-    (Lanczos) and preprocessed there, so edges are one output pixel wide. Without a preprocessor
-    the image is left at its size: the unit resizes it in float (bilinear, antialiased)."""
+    (Lanczos) and preprocessed there, so edges are one output pixel wide (an annotator network runs
+    on ``device``). Without a preprocessor the image is left at its size: the unit resizes it in
+    float (bilinear, antialiased)."""
     a = spec.image
     image = Image.fromarray(a[:, :, 0] if a.ndim == 3 and a.shape[2] == 1 else a) if isinstance(a, np.ndarray) else a
     if crop is not None:
@@ -92,6 +95,9 @@ def control_image(spec: ControlSpec, width: int, height: int, crop: Crop | None 
         return image
     if image.size != (width, height):
         image = image.convert("RGB").resize((width, height), Image.LANCZOS)
+    if spec.preprocessor in ANNOTATORS:
+        kind, fn = ANNOTATORS[spec.preprocessor]
+        return fn(annotator_network(spec.annotator, kind, "annotator", device), image)
     return PREPROCESSORS[spec.preprocessor](image, **preprocessor_args(spec))
 
 
@@ -128,8 +134,9 @@ def control_units(specs: Sequence[ControlSpec], models: Sequence[ControlNet], wi
     units = []
     for i, (spec, model) in enumerate(zip(specs, models, strict=True)):
         try:
-            units.append(ControlUnit(model, control_image(spec, width, height, crop), spec.strength, spec.start,
-                                     spec.end, spec.mode))
+            device = next(model.parameters()).device
+            units.append(ControlUnit(model, control_image(spec, width, height, crop, device), spec.strength,
+                                     spec.start, spec.end, spec.mode))
         except ParamError as e:
             raise ParamError(f"control[{i}].{e.field}", e.message) from None
     return units

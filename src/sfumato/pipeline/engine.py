@@ -38,6 +38,7 @@ class Engine:
         self.denoiser = Denoiser(self.unet_call, self.schedule, model.spec.prediction)
         self.latent_channels = model.spec.unet.out_channels
         self.factor = 2 ** (len(model.spec.vae.ch_mult) - 1)
+        self.depth_estimator = getattr(model, "depth_estimator", None) is not None
 
     @property
     def name(self) -> str:

@@ -28,6 +28,9 @@ MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")
 UPSCALERS = ("latent", "lanczos")
 RNGS = ("cpu", "nv")
 CONTROL_PREPROCESSORS = ("none", "canny", "threshold", "scribble", "depth")  # adapters.controlnet.PREPROCESSORS
+# the preprocessors that run an annotator network (pipeline.annotate.ANNOTATORS): their spec names its weights
+CONTROL_ANNOTATORS = ("openpose", "softedge_hed", "softedge_hedsafe", "scribble_hed", "lineart_realistic",
+                      "lineart_coarse", "depth_midas")
 # sd-webui-controlnet's control modes: Balanced; "My prompt is more important" (residuals scaled
 # 0.825^(12−i), deepest kept); "ControlNet is more important" (that, and none on the uncond rows)
 CONTROL_MODES = ("balanced", "prompt", "control")
@@ -42,7 +45,10 @@ class ControlSpec:
     preprocessor, the strength of its residuals and its active span of the sampling run (step
     fractions ``start`` ≤ i/steps ≤ ``end``). The image is fitted to the generation size by ``resize``
     (``CONTROL_RESIZE``); ``mode`` is the control mode (``CONTROL_MODES``); ``threshold_a`` /
-    ``threshold_b`` are the preprocessor's (canny: low, high; threshold, scribble: the level)."""
+    ``threshold_b`` are the preprocessor's (canny: low, high; threshold, scribble: the level). An
+    annotator preprocessor (``CONTROL_ANNOTATORS``: OpenPose, HED, line art, MiDaS) runs the network
+    in ``annotator``: its weights file (``body_pose_model.pth``, ``ControlNetHED.pth``, ``sk_model.pth``,
+    ``dpt_hybrid-midas-501f0c75.pt``, …) or a loaded network."""
 
     model: str | Path | Any
     image: Image.Image | np.ndarray = field(repr=False)
@@ -54,6 +60,7 @@ class ControlSpec:
     resize: str = "stretch"
     threshold_a: float | None = None
     threshold_b: float | None = None
+    annotator: str | Path | Any | None = None
 
     @property
     def model_name(self) -> str:
@@ -75,9 +82,19 @@ class ControlSpec:
                                                     f"got {image.dtype} {image.shape}")
         elif not isinstance(image, Image.Image):
             raise ParamError(f"{prefix}.image", f"must be a PIL image or a uint8 array, got {type(image).__name__}")
-        if self.preprocessor not in CONTROL_PREPROCESSORS:
-            raise ParamError(f"{prefix}.preprocessor", f"must be one of {', '.join(CONTROL_PREPROCESSORS)}, "
+        if self.preprocessor not in CONTROL_PREPROCESSORS + CONTROL_ANNOTATORS:
+            raise ParamError(f"{prefix}.preprocessor", f"must be one of "
+                                                       f"{', '.join(CONTROL_PREPROCESSORS + CONTROL_ANNOTATORS)}, "
                                                        f"got {self.preprocessor!r}")
+        if self.preprocessor in CONTROL_ANNOTATORS:
+            if self.annotator is None:
+                raise ParamError(f"{prefix}.annotator", f"the {self.preprocessor} preprocessor runs a network: "
+                                                        "give its weights file")
+            if isinstance(self.annotator, (str, Path)) and not Path(self.annotator).is_file():
+                raise ParamError(f"{prefix}.annotator", f"annotator file not found: {self.annotator}")
+        elif self.annotator is not None:
+            raise ParamError(f"{prefix}.annotator", f"the {self.preprocessor} preprocessor takes no annotator "
+                                                    f"(those that do: {', '.join(CONTROL_ANNOTATORS)})")
         for name, valid in (("mode", CONTROL_MODES), ("resize", CONTROL_RESIZE)):
             if getattr(self, name) not in valid:
                 raise ParamError(f"{prefix}.{name}", f"must be one of {', '.join(valid)}, got {getattr(self, name)!r}")
@@ -180,6 +197,8 @@ class GenerationParams:
     refiner_switch: float = 0.8
     # depth2img (SD 2's depth model): the depth map, greyscale, white = near (as MiDaS writes it)
     depth_map: Image.Image | None = field(default=None, repr=False)
+    # … or a MiDaS DPT model (weights file or loaded network) that infers it from the init image
+    depth_model: str | Path | Any | None = field(default=None, repr=False)
     # x4 upscaler (init_image is the low-res image; width/height the 4x output): noise added to it
     noise_level: int | None = None
     # Stable unCLIP: image prompts (PIL image, weight), their CLIP image embeddings summed by weight, and
@@ -271,6 +290,11 @@ class GenerationParams:
         _float_range("refiner_switch", self.refiner_switch, 0, 1)
         if self.depth_map is not None and not isinstance(self.depth_map, Image.Image):
             raise ParamError("depth_map", f"must be a PIL image, got {type(self.depth_map).__name__}")
+        if self.depth_model is not None:
+            if self.depth_map is not None:
+                raise ParamError("depth_model", "give a depth map or a depth model to infer one, not both")
+            if isinstance(self.depth_model, (str, Path)) and not Path(self.depth_model).is_file():
+                raise ParamError("depth_model", f"MiDaS model file not found: {self.depth_model}")
         if self.noise_level is not None:
             _int_range("noise_level", self.noise_level, 0, 999)
             if self.init_image is None:

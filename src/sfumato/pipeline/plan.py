@@ -32,6 +32,7 @@ class Model(Protocol):
     spec: ModelSpec
     schedule: DiscreteSchedule
     factor: int
+    depth_estimator: bool   # an SD 2 depth checkpoint that carries its MiDaS
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class ModelInfo:
     """A model described by its spec alone (its training schedule): for planning without loading it."""
 
     spec: ModelSpec
+    depth_estimator: bool = False
 
     @property
     def schedule(self) -> DiscreteSchedule:
@@ -108,7 +110,7 @@ def plan(p: GenerationParams, base: Model, refiner: Model | None = None, hires: 
         stage = Stage("upscale", (p.width, p.height), sigmas, (Pass("base", "base", 0, len(sigmas) - 1),),
                       inputs="low_res")
         return Plan((stage,), "base")
-    check_depth_request(base.spec, p)
+    check_depth_request(base.spec, p, base.depth_estimator)
     check_unclip_request(base.spec, p)
     decoder = "refiner" if refiner is not None else "base"
     depth = "depth" if base.spec.is_depth else None

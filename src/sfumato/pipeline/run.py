@@ -29,7 +29,7 @@ from ..diffusion.samplers import NoiseSampler, StepRecord, get_sampler, resolve_
 from ..models.layers import release_scratch
 from . import masks, patches
 from .control import ControlledDenoiser, Crop, control_units
-from .depth import depth_conditioning
+from .depth import depth_conditioning, inferred_depth
 from .engine import Engine
 from .guidance import Guidance, StepClock
 from .images import to_pil, to_tensor
@@ -110,6 +110,7 @@ class RunLoop:
     def __init__(self, p: GenerationParams, engines: dict[str, Engine], tools: Tools):
         self.p, self.engines, self.tools = p, engines, tools
         self.init: _Init | None = None
+        self._depth: Image.Image | None = None   # depth2img's map, inferred once per run when not given
         self.seeds = [p.seed + i for i in range(p.batch_size)]
         self.subseeds = [p.subseed + i for i in range(p.batch_size)] if p.subseed_strength > 0 else []
 
@@ -177,7 +178,9 @@ class RunLoop:
         r, p, n = self.engines["base"], self.p, self.p.batch_size
         width, height = stage.size
         if stage.inputs == "depth":
-            return depth_conditioning(p.depth_map, height // r.factor, width // r.factor, n)
+            if self._depth is None:
+                self._depth = inferred_depth(p, r.device, getattr(r.model, "depth_estimator", None))
+            return depth_conditioning(self._depth, height // r.factor, width // r.factor, n)
         if stage.inputs == "inpaint":   # the (rounded) mask and the latent of the image with the masked area blanked
             m = torch.from_numpy(np.round(work_mask if work_mask is not None else np.zeros(work.shape[:2]))).float()
             masked = to_tensor([Image.fromarray(work)]) * (1 - m[None, None])

@@ -138,6 +138,14 @@ class Img2ImgRequest(_Processing):
     outpaint_down: int = 0
     # sfumato's addition: the depth map of SD 2's depth model (greyscale, white = near)
     depth_map: str | None = None
+    # sfumato's addition, Inpaint Anything in one call: the mask is Segment Anything's best for these
+    # prompts on the init image (a model of the models folder's sam/, named as /sam/sam-predict takes
+    # it), grown by sam_dilation pixels. "Remove" is inpainting_fill 0 (fill from the surroundings).
+    sam_model_name: str | None = None
+    sam_positive_points: list[list[float]] = []
+    sam_negative_points: list[list[float]] = []
+    sam_box: list[float] | None = None
+    sam_dilation: int = 8
 
 
 class Txt2ImgJob(Txt2ImgRequest):
@@ -293,7 +301,7 @@ def build_work(req: Txt2ImgRequest | Img2ImgRequest, defaults: Defaults, catalog
             req.refiner_switch_at not in (0, 1):
         raise ApiError(422, "needs refiner_checkpoint", "refiner_switch_at")
     if img2img:
-        settings.update(_img2img_settings(req, limits))
+        settings.update(_img2img_settings(req, limits, catalog))
     elif req.enable_hr:
         settings.update(_hires_settings(req))
         if req.hr_checkpoint_name not in (None, "", "Use same checkpoint"):
@@ -390,7 +398,7 @@ def _hires_settings(req: Txt2ImgRequest) -> dict[str, Any]:
                 hires_prompt=req.hr_prompt or None, hires_negative_prompt=req.hr_negative_prompt or None)
 
 
-def _img2img_settings(req: Img2ImgRequest, limits: Limits) -> dict[str, Any]:
+def _img2img_settings(req: Img2ImgRequest, limits: Limits, catalog: Catalog) -> dict[str, Any]:
     if not req.init_images:
         raise ApiError(422, "img2img needs one init image", "init_images")
     if len(req.init_images) > 1:
@@ -401,10 +409,20 @@ def _img2img_settings(req: Img2ImgRequest, limits: Limits) -> dict[str, Any]:
     if req.depth_map:
         out["depth_map"] = decode_image(req.depth_map, "depth_map", limits)
     mask = None
-    if req.mask:
+    if req.sam_model_name:
+        if req.mask:
+            raise ApiError(422, "give a mask or sam_model_name (Segment Anything makes the mask), not both", "mask")
+        from .segment import object_mask
+
+        mask = object_mask(catalog, init, req.sam_model_name, req.sam_positive_points, req.sam_negative_points,
+                           req.sam_box, req.sam_dilation)
+    elif req.sam_positive_points or req.sam_negative_points or req.sam_box:
+        raise ApiError(422, "Segment Anything prompts need the model that reads them", "sam_model_name")
+    elif req.mask:
         mask = _mask_channel(decode_image(req.mask, "mask", limits))
         if mask.size != init.size:
             mask = mask.resize(init.size, Image.LANCZOS)
+    if mask is not None:
         if req.inpainting_mask_invert not in (0, 1):
             raise ApiError(422, "must be 0 or 1", "inpainting_mask_invert")
         if req.inpainting_mask_invert:

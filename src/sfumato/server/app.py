@@ -28,11 +28,11 @@ from pydantic import Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..version import __version__
-from ..api import Pipeline, load
+from ..api import Pipeline, load, resolve_device
 from ..checkpoint.io import sha256_file
 from ..checkpoint.load import check_file, read_vae_file
 from ..errors import SfumatoError
-from . import a1111, extensions, extras, history, segment, ui, xyz
+from . import a1111, extensions, extras, history, pose, segment, ui, xyz
 from .a1111 import Defaults, Img2ImgJob, Img2ImgRequest, PngInfoRequest, Txt2ImgJob, Txt2ImgRequest, Work
 from .jobs import Job, JobQueue, QueueFull, wait
 from .security import LOOPBACK_HOSTS, ApiError, Catalog, Entry, Guard, Limits, decode_image, machine_hosts
@@ -221,6 +221,7 @@ def create_app(config: ServerConfig, pipeline: Pipeline | None = None) -> FastAP
     _add_job_routes(app, state)
     extras.add_routes(app, state)
     segment.add_routes(app, state)
+    pose.add_routes(app, state)
     ui.add_routes(app, state)
     app.mount("/", StaticFiles(directory=STATIC, html=True), name="ui")
     app.add_middleware(Guard, credentials=config.api_auth, loopback_only=not config.listen,
@@ -446,11 +447,12 @@ def _add_a1111_routes(app: FastAPI, state: State) -> None:
 
     @app.get("/controlnet/module_list", tags=["ControlNet"])
     def controlnet_module_list(alias_names: bool = False) -> dict[str, Any]:
-        return {"module_list": [*extensions.MODULES, *extensions.IP_MODULES], "module_detail": {}}
+        return {"module_list": extensions.available_modules(state.catalog), "module_detail": {}}
 
     @app.post("/controlnet/detect", tags=["ControlNet"])
     async def controlnet_detect(body: dict[str, Any] = Body(...)) -> dict[str, Any]:
-        return await run_in_threadpool(extensions.detect, body, state.config.limits)
+        return await run_in_threadpool(extensions.detect, body, state.config.limits, state.catalog,
+                                       resolve_device(state.config.device))
 
 
 def _ram() -> dict[str, Any]:

@@ -33,6 +33,48 @@ from .security import ApiError, Catalog, Limits, decode_image
 CONTROLNET_VERSION = 2
 # the extension's preprocessor ("module") names that are implemented here → ours
 MODULES = {"none": "none", "canny": "canny", "threshold": "threshold"}
+# … and those that run an annotator network: module → (ours, the weights' file stems in models-dir/annotators,
+# the names the extension downloads them under). "depth" and "hed" are the extension's older names.
+ANNOTATOR_MODULES = {
+    "openpose": ("openpose", ("body_pose_model",)),
+    "softedge_hed": ("softedge_hed", ("ControlNetHED",)), "hed": ("softedge_hed", ("ControlNetHED",)),
+    "softedge_hedsafe": ("softedge_hedsafe", ("ControlNetHED",)),
+    "scribble_hed": ("scribble_hed", ("ControlNetHED",)),
+    "lineart_realistic": ("lineart_realistic", ("sk_model",)),
+    "lineart_coarse": ("lineart_coarse", ("sk_model2",)),
+    "depth_midas": ("depth_midas", ("dpt_hybrid-midas-501f0c75", "dpt_large-midas-2f21e586")),
+    "depth": ("depth_midas", ("dpt_hybrid-midas-501f0c75", "dpt_large-midas-2f21e586")),
+}
+
+
+def annotator_file(module: str, catalog: Catalog):
+    """The weights file of an annotator module in the models folder's ``annotators`` (any depth), or None."""
+    folder = catalog.folder("annotator")
+    if folder is None:
+        return None
+    stems = ANNOTATOR_MODULES[module][1]
+    found = [e for e in folder.entries() if e.stem in stems]
+    found.sort(key=lambda e: (stems.index(e.stem), e.name))
+    return found[0].path if found else None
+
+
+def available_modules(catalog: Catalog) -> list[str]:
+    return [*MODULES, *(m for m in ANNOTATOR_MODULES if annotator_file(m, catalog) is not None), *IP_MODULES]
+
+
+def resolve_module(module: str, catalog: Catalog, field: str) -> tuple[str, Any]:
+    """A unit's module → (our preprocessor, its annotator file or None); 422 naming ``field`` otherwise."""
+    if module in MODULES:
+        return MODULES[module], None
+    if module in ANNOTATOR_MODULES:
+        path = annotator_file(module, catalog)
+        if path is None:
+            names = " or ".join(ANNOTATOR_MODULES[module][1])
+            raise ApiError(422, f"preprocessor {module!r} runs a network: put {names} (.pth, .pt or .safetensors) "
+                                "in the models folder's annotators/", field)
+        return ANNOTATOR_MODULES[module][0], path
+    raise ApiError(422, f"preprocessor {module!r} is not available here; available: "
+                        f"{', '.join(available_modules(catalog))}", field)
 CONTROL_MODES = {0: "balanced", 1: "prompt", 2: "control", "balanced": "balanced",
                  "my prompt is more important": "prompt", "controlnet is more important": "control"}
 # the extension's IP-Adapter preprocessors → the CLIP image encoder each uses (in models-dir/clip_vision)
@@ -79,9 +121,8 @@ def _unit(unit: Any, field: str, catalog: Catalog, limits: Limits, init: Image.I
         return None
     entry = catalog.find("controlnet", model, f"{field}.model")
     module = str(unit.get("module", "none")).lower()
-    if module not in MODULES and module not in IP_MODULES:
-        raise ApiError(422, f"preprocessor {module!r} is not available here; available: "
-                            f"{', '.join([*MODULES, *IP_MODULES])}", f"{field}.module")
+    preprocessor, annotator = resolve_module(module, catalog, f"{field}.module") if module not in IP_MODULES \
+        else (None, None)
     image = unit.get("image", unit.get("input_image"))
     if isinstance(image, dict):   # the older {"image": …, "mask": …} form
         if image.get("mask"):
@@ -106,14 +147,14 @@ def _unit(unit: Any, field: str, catalog: Catalog, limits: Limits, init: Image.I
         if value is None:
             raise ApiError(422, f"unknown {name} {unit.get(name)!r}", f"{field}.{name}")
     thresholds = [_threshold(unit.get(name), f"{field}.{name}") for name in ("threshold_a", "threshold_b")]
-    spec = ControlSpec(entry.path, image, MODULES[module], _number(unit.get("weight", 1.0), f"{field}.weight"),
+    spec = ControlSpec(entry.path, image, preprocessor, _number(unit.get("weight", 1.0), f"{field}.weight"),
                        _number(unit.get("guidance_start", 0.0), f"{field}.guidance_start"),
                        _number(unit.get("guidance_end", 1.0), f"{field}.guidance_end"), mode, resize,
-                       *thresholds if MODULES[module] != "none" else (None, None))
+                       *thresholds if preprocessor in ("canny", "threshold") else (None, None), annotator=annotator)
     try:
         spec.validate("unit")
     except ParamError as e:
-        names = {"strength": "weight", "start": "guidance_start", "end": "guidance_end"}
+        names = {"strength": "weight", "start": "guidance_start", "end": "guidance_end", "annotator": "module"}
         sub = e.field.removeprefix("unit.")
         raise ApiError(422, e.message, f"{field}.{names.get(sub, sub)}") from None
     return spec
@@ -158,16 +199,20 @@ def _threshold(value: Any, field: str) -> float | None:
     return _number(value, field)
 
 
-def detect(body: dict[str, Any], limits: Limits) -> dict[str, Any]:
+def detect(body: dict[str, Any], limits: Limits, catalog: Catalog, device: str = "cpu") -> dict[str, Any]:
     """``POST /controlnet/detect``: the named preprocessor on each image (its short side brought to
-    ``controlnet_processor_res`` first when that is positive)."""
+    ``controlnet_processor_res`` first when that is positive). For ``openpose`` the response also
+    carries ``poses``, each image's people in the OpenPose JSON format (as the extension returns them
+    to its pose editor)."""
     from ..adapters.controlnet import PREPROCESSORS
+    from ..pipeline.annotate import ANNOTATORS, annotator_network, detect_poses
     from ..pipeline.control import preprocessor_args
+    from ..pipeline.pose import pose_json, render_pose
 
     module = str(body.get("controlnet_module", "none")).lower()
-    if module not in MODULES:
-        raise ApiError(422, f"preprocessor {module!r} is not available here; available: {', '.join(MODULES)}",
-                       "controlnet_module")
+    if module in IP_MODULES:
+        raise ApiError(422, f"{module} makes an image embedding, not a control image", "controlnet_module")
+    preprocessor, annotator = resolve_module(module, catalog, "controlnet_module")
     images = body.get("controlnet_input_images", body.get("controlnet_images"))
     if not isinstance(images, list) or not images or len(images) > 16:
         raise ApiError(422, "expected a list of 1 to 16 base64 images", "controlnet_input_images")
@@ -175,9 +220,15 @@ def detect(body: dict[str, Any], limits: Limits) -> dict[str, Any]:
     if isinstance(res, bool) or not isinstance(res, int) or not -1 <= res <= 4096:
         raise ApiError(422, f"must be an integer in [-1, 4096], got {res!r}", "controlnet_processor_res")
     thresholds = [_threshold(body.get(f"controlnet_threshold_{k}"), f"controlnet_threshold_{k}") for k in "ab"]
-    spec = ControlSpec("unused", Image.new("RGB", (1, 1)), MODULES[module], threshold_a=thresholds[0],
+    spec = ControlSpec("unused", Image.new("RGB", (1, 1)), preprocessor, threshold_a=thresholds[0],
                        threshold_b=thresholds[1])
-    out = []
+    net = None
+    if annotator is not None:
+        try:
+            net = annotator_network(annotator, ANNOTATORS[preprocessor][0], "controlnet_module", device)
+        except ParamError as e:
+            raise ApiError(422, e.message, "controlnet_module") from None
+    out, poses = [], []
     for i, data in enumerate(images):
         image = decode_image(data, f"controlnet_input_images[{i}]", limits).convert("RGB")
         if res > 0 and min(image.size) != res:
@@ -185,14 +236,24 @@ def detect(body: dict[str, Any], limits: Limits) -> dict[str, Any]:
             image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
                                  Image.LANCZOS)
         try:
-            result = image if spec.preprocessor == "none" else \
-                Image.fromarray(PREPROCESSORS[spec.preprocessor](image, **preprocessor_args(spec)))
+            if preprocessor == "openpose":
+                pose = detect_poses(net, image)
+                poses.append(pose_json(pose))
+                result = Image.fromarray(render_pose(pose))
+            elif net is not None:
+                result = Image.fromarray(ANNOTATORS[preprocessor][1](net, image))
+            else:
+                result = image if preprocessor == "none" else \
+                    Image.fromarray(PREPROCESSORS[preprocessor](image, **preprocessor_args(spec)))
         except ValueError as e:
             raise ApiError(422, str(e), "controlnet_threshold_a") from None
         buffer = io.BytesIO()
         result.save(buffer, format="PNG")
         out.append(base64.b64encode(buffer.getvalue()).decode("ascii"))
-    return {"images": out, "info": "Success"}
+    response: dict[str, Any] = {"images": out, "info": "Success"}
+    if preprocessor == "openpose":
+        response["poses"] = poses
+    return response
 
 
 # -- sfumato's own request fields: Stable unCLIP image prompts ---------------------------------------

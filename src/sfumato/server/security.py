@@ -288,9 +288,11 @@ def decode_image(data: str, field: str, limits: Limits) -> Image.Image:
 
 # -- names resolved inside their folders -------------------------------------------------------
 
-KINDS = ("checkpoint", "vae", "lora", "embedding", "hypernetwork", "controlnet", "upscaler", "clip_vision", "sam")
+KINDS = ("checkpoint", "vae", "lora", "embedding", "hypernetwork", "controlnet", "upscaler", "clip_vision", "sam",
+         "annotator")
 SUBFOLDERS = {"vae": "VAE", "lora": "Lora", "embedding": "embeddings", "hypernetwork": "hypernetworks",
-              "controlnet": "ControlNet", "upscaler": "upscalers", "clip_vision": "clip_vision", "sam": "sam"}
+              "controlnet": "ControlNet", "upscaler": "upscalers", "clip_vision": "clip_vision", "sam": "sam",
+              "annotator": "annotators"}
 SUFFIXES = {
     "checkpoint": (".safetensors", ".ckpt"),
     "vae": (".safetensors", ".ckpt", ".pt"),
@@ -301,10 +303,11 @@ SUFFIXES = {
     "upscaler": (".safetensors", ".ckpt"),
     "clip_vision": (".safetensors", ".pth", ".bin"),
     "sam": (".pth", ".safetensors"),
+    "annotator": (".pth", ".pt", ".safetensors"),
 }
 LABELS = {"checkpoint": "models folder", "vae": "VAE folder", "lora": "Lora folder", "embedding": "embeddings folder",
           "hypernetwork": "hypernetworks folder", "controlnet": "ControlNet folder", "upscaler": "upscalers folder",
-          "clip_vision": "clip_vision folder", "sam": "sam folder"}
+          "clip_vision": "clip_vision folder", "sam": "sam folder", "annotator": "annotators folder"}
 Entry = FolderEntry
 
 
@@ -322,8 +325,9 @@ class Catalog:
 
     Checkpoints (files, and diffusers folders holding ``model_index.json``) live in the folder
     itself; VAEs, LoRAs, embeddings, hypernetworks, ControlNets (and IP-Adapters), CLIP image
-    encoders, x4 upscalers and Segment Anything models in its ``VAE``, ``Lora``, ``embeddings``,
-    ``hypernetworks``, ``ControlNet``, ``clip_vision``, ``upscalers`` and ``sam`` subfolders. Each
+    encoders, x4 upscalers, Segment Anything models and the ControlNet annotators' networks in its
+    ``VAE``, ``Lora``, ``embeddings``, ``hypernetworks``, ``ControlNet``, ``clip_vision``,
+    ``upscalers``, ``sam`` and ``annotators`` subfolders. Each
     kind is a ``checkpoint.folders.ModelFolder``: the one resolver
     the pipeline uses too, so a name the catalog answers is the file that loads.
     """

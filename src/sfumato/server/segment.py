@@ -89,43 +89,78 @@ class SamModels:
         return self._segmenter
 
 
-def predict(req: SamPredictRequest, catalog: Catalog, limits: Limits, models: SamModels) -> dict[str, Any]:
-    if req.dino_enabled:
-        raise ApiError(422, "GroundingDINO text prompts are not supported; send points or sam_box", "dino_enabled")
-    entry = catalog.find("sam", req.sam_model_name, "sam_model_name")
-    image = decode_image(req.input_image, "input_image", limits)
+_SHARED: list[SamModels] = []   # the server's (one per process: the latest server made)
+
+
+def shared_models() -> SamModels:
+    """The SAM models the routes use, for an img2img request's Inpaint Anything mask (CPU when no
+    server has set them up)."""
+    if not _SHARED:
+        _SHARED.append(SamModels("cpu"))
+    return _SHARED[-1]
+
+
+def run_sam(catalog: Catalog, models: SamModels, name: str, image: Image.Image, positive: list, negative: list,
+            box: list | None, fields: dict[str, str]):
+    """Segment Anything on an image for point / box prompts; 422 naming the request's fields
+    (``fields`` maps model, positive, negative, box to their names)."""
+    entry = catalog.find("sam", name, fields["model"])
     points = []
-    for field, label in (("sam_positive_points", 1), ("sam_negative_points", 0)):
-        for i, p in enumerate(getattr(req, field)):
+    for field, label, given in ((fields["positive"], 1, positive), (fields["negative"], 0, negative)):
+        for i, p in enumerate(given):
             if len(p) != 2:
                 raise ApiError(422, f"a point is [x, y], got {len(p)} numbers", f"{field}[{i}]")
             points.append((p[0], p[1], label, f"{field}[{i}]"))
     if len(points) > MAX_POINTS:
-        raise ApiError(422, f"at most {MAX_POINTS} points", "sam_positive_points")
-    box = req.sam_box
+        raise ApiError(422, f"at most {MAX_POINTS} points", fields["positive"])
     if box is not None and len(box) != 4:
-        raise ApiError(422, "a box is [x0, y0, x1, y1]", "sam_box")
+        raise ApiError(422, "a box is [x0, y0, x1, y1]", fields["box"])
     if not points and box is None:
-        raise ApiError(422, "give at least one point (or sam_box)", "sam_positive_points")
+        raise ApiError(422, f"give at least one point (or {fields['box']})", fields["positive"])
     with models.lock:
         try:
             segmenter = models.segmenter(entry.path)
         except CheckpointError as e:
-            raise ApiError(422, e.public, "sam_model_name") from None
+            raise ApiError(422, e.public, fields["model"]) from None
         segmenter.set_image(image)
         try:
-            result = segmenter.predict([p[:3] for p in points], tuple(box) if box is not None else None)
+            return entry, segmenter.predict([p[:3] for p in points], tuple(box) if box is not None else None)
         except ParamError as e:
             field = e.field
             if field.startswith("points["):
                 field = points[int(field[7:-1])][3]
             elif field == "box":
-                field = "sam_box"
+                field = fields["box"]
             raise ApiError(422, e.message, field) from None
+
+
+PREDICT_FIELDS = {"model": "sam_model_name", "positive": "sam_positive_points", "negative": "sam_negative_points",
+                  "box": "sam_box"}
+
+
+def predict(req: SamPredictRequest, catalog: Catalog, limits: Limits, models: SamModels) -> dict[str, Any]:
+    if req.dino_enabled:
+        raise ApiError(422, "GroundingDINO text prompts are not supported; send points or sam_box", "dino_enabled")
+    image = decode_image(req.input_image, "input_image", limits)
+    entry, result = run_sam(catalog, models, req.sam_model_name, image, req.sam_positive_points,
+                            req.sam_negative_points, req.sam_box, PREDICT_FIELDS)
     outputs = [views(image, mask) for mask in result.masks]
     return {"msg": f"{len(outputs)} masks from {entry.name}",
             "blended_images": [encode(v[0]) for v in outputs], "masks": [encode(v[1]) for v in outputs],
             "masked_images": [encode(v[2]) for v in outputs], "scores": [float(s) for s in result.scores]}
+
+
+def object_mask(catalog: Catalog, image: Image.Image, name: str, positive: list, negative: list, box: list | None,
+                dilation: int) -> Image.Image:
+    """Inpaint Anything's mask for an img2img request: the best-scoring mask of the prompts, grown by
+    ``dilation`` pixels (the request's ``sam_*`` fields)."""
+    if not 0 <= dilation <= MAX_DILATE:
+        raise ApiError(422, f"must be 0 to {MAX_DILATE}", "sam_dilation")
+    _, result = run_sam(catalog, shared_models(), name, image, positive, negative, box, PREDICT_FIELDS)
+    mask = dilate(result.best, dilation)
+    if not mask.any():
+        raise ApiError(422, "Segment Anything found no object at these prompts (an empty mask)", "sam_positive_points")
+    return Image.fromarray((mask * 255).astype(np.uint8))
 
 
 def dilate_mask(req: DilateMaskRequest, limits: Limits) -> dict[str, Any]:
@@ -145,6 +180,7 @@ def add_routes(app, state) -> None:
     from ..api import resolve_device
 
     models = SamModels(resolve_device(state.config.device))
+    _SHARED[:] = [models]
     limits = state.config.limits
 
     @app.get("/sam/heartbeat", tags=["Segment Anything"])

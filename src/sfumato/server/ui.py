@@ -28,6 +28,7 @@ def add_routes(app: FastAPI, state: "State") -> None:
         size = int(pipe.model.spec.resolution)
         return {"family": pipe.family, "width": size, "height": size, "title": state.title(entry),
                 "unclip": pipe.model.spec.is_unclip,
+                "depth_estimator": getattr(pipe.model, "depth_estimator", None) is not None,
                 "history": state.config.outputs_dir is not None}
 
     def outputs():

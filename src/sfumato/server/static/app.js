@@ -47,15 +47,18 @@ function img2imgFields(r) {
     });
   }
   if (tab === "depth") {
-    if (!state.depth) throw new Error("depth: choose a depth map image first");
-    r.depth_map = state.depth;
+    const infers = state.modelInfo && state.modelInfo.depth_estimator;   // a depth checkpoint carrying MiDaS
+    if (!state.depth && !infers) {
+      throw new Error("depth: choose a depth map image first (a depth checkpoint that carries its MiDaS infers it)");
+    }
+    if (state.depth) r.depth_map = state.depth;
   }
 }
 
 async function generate() {
   if (state.job || $("generate").disabled) return;
   if (state.tab === "upscale") return upscale();
-  if (state.tab === "history") return;
+  if (state.tab === "history" || state.tab === "pose") return;
   let request;
   try {
     request = buildRequest();
@@ -148,7 +151,8 @@ function setTab(tab) {
   $("gen-fields").hidden = !generating;
   $("img2img-fields").hidden = !generating || tab === "txt2img" || tab === "variations";
   $("upscale-fields").hidden = tab !== "upscale";
-  $("actions").hidden = $("progress").hidden = tab === "history";
+  $("pose-fields").hidden = tab !== "pose";
+  $("actions").hidden = $("progress").hidden = tab === "history" || tab === "pose";
   $("generate").textContent = tab === "upscale" ? "Upscale" : "Generate";
   for (const part of document.querySelectorAll("[data-only]")) part.hidden = part.dataset.only !== tab;
   if (LEGENDS[tab]) $("init-legend").textContent = LEGENDS[tab];
@@ -189,5 +193,6 @@ setupCanvas();
 setupPanels();
 setupVariations();
 setupSegment();
+setupPose();
 setTab("txt2img");
 loadLists().then(() => setStatus("ready"), (e) => setStatus(e.message, true));

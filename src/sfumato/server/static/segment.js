@@ -81,4 +81,10 @@ function setupSegment() {
     clearMask();
     setStatus("new selection");
   };
+  // Inpaint Anything's remove: the object's area filled from its surroundings, then repainted
+  $("sam-remove").onclick = () => {
+    if (!state.masked) return setStatus("remove: click the object (or paint its mask) first", true);
+    $("inpainting_fill").value = "0";
+    generate();
+  };
 }
