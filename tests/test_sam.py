@@ -379,6 +379,21 @@ def test_inpaint_anything_in_one_api_call(server, world):
         assert r.status_code == 422 and r.json()["field"] == field, (extra, r.text)
 
 
+def test_detail_pass_refines_boxes_with_sam(world):
+    """A detail pass's boxes given a SAM file become the objects' masks (the box as the prompt,
+    the single-mask output) instead of rectangles."""
+    from sfumato.pipeline.detail import DetailSpec, region_masks
+
+    image = scene(9, (96, 64))
+    masks = region_masks(DetailSpec("box", boxes=[(10, 8, 50, 40)], sam=world["st"], dilate=0), image)
+    seg = Segmenter(load_sam(world["st"]))
+    seg.set_image(image)
+    want = seg.predict([], (10, 8, 50, 40), multimask=False).best
+    assert want.any() and len(masks) == 1 and np.array_equal(masks[0], want)
+    rect = region_masks(DetailSpec("box", boxes=[(10, 8, 50, 40)], dilate=0), image)[0]
+    assert rect.sum() == 40 * 32 and not np.array_equal(rect, want)
+
+
 def test_the_shapes_world_sam_trains_and_loads(tmp_path):
     """``sfumato train sam`` (2 steps here): a file ``load_sam`` reads back at the demonstration's
     configuration, the true masks are the objects' own pixels, and ``eval sam`` scores it."""

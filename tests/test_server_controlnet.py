@@ -87,7 +87,7 @@ def test_img2img_units_without_an_image_use_the_init_image(world):
     ({"ControlNet": {"args": [{"model": "control_tiny", "module": "none"}]}}, "alwayson_scripts.ControlNet.args[0].image"),
     ({"ControlNet": {"args": [{"model": "control_tiny", "module": "none", "image": "", "weight": "x"}]}},
      "alwayson_scripts.ControlNet.args[0].image"),
-    ({"ADetailer": {"args": [True, {"ad_model": "face"}]}}, "alwayson_scripts.ADetailer"),
+    ({"ADetailer": {"args": [True, {"ad_model": "face"}]}}, "alwayson_scripts.ADetailer.args[1].ad_model"),
 ])
 def test_bad_units_name_the_field(world, scripts, field):
     *_, api = world

@@ -53,6 +53,10 @@ def folders(tmp_path_factory):
     from test_sam import reference_sam
 
     torch.save(reference_sam().state_dict(), models / "sam" / "sam_tiny.pth")   # a tiny random SAM
+    from test_detail import yolo_onnx
+
+    (models / "adetailer").mkdir()
+    yolo_onnx(models / "adetailer" / "face_yolov8n.onnx")   # a detector that always finds the same two boxes
     (models / "styles.csv").write_text("name,prompt,negative_prompt\n"
                                        'reddish,"{prompt}, reddish",blurry\nsoft,"soft light",\n')
     return models, root / "outputs"
@@ -566,6 +570,26 @@ def test_pose_editor(page):
     want = render_pose(parse_pose(editor))
     assert np.array_equal(np.asarray(_decode(sent).convert("RGB")), want) and want.any()
     unit.locator(".cn-remove").click()
+
+
+def test_detail_pass(page):
+    """The detail pass section sends the ADetailer extension's args; the server runs them (the
+    image's infotext names the detector)."""
+    _basic(page)
+    page.click("#detail-panel summary")
+    assert page.locator("#ad_model option").all_inner_texts() == ["face_yolov8n.onnx"]
+    page.check("#ad_enable")
+    page.fill("#ad_prompt", "a blue square")
+    page.fill("#ad_denoising_strength", "0.5")
+    sent = _generate(page)
+    flag, skip, tab = sent["alwayson_scripts"]["ADetailer"]["args"]
+    assert flag is True and skip is False
+    assert tab["ad_model"] == "face_yolov8n.onnx" and tab["ad_prompt"] == "a blue square"
+    assert tab["ad_denoising_strength"] == 0.5 and tab["ad_inpaint_only_masked_padding"] == 32
+    page.locator("#gallery figure").first.wait_for()
+    assert "ADetailer model: face_yolov8n.onnx" in page.locator("#gallery figure pre").first.inner_text()
+    page.uncheck("#ad_enable")
+    page.click("#detail-panel summary")
 
 
 # -- X/Y/Z plot and attention maps ---------------------------------------------------------------------

@@ -21,6 +21,8 @@ from .checkpoint.folders import ModelFolder
 from .checkpoint.load import LoadedModel, load_model
 from .errors import NameNotFoundError, SfumatoError
 from .pipeline.control import control_infotext
+from .pipeline.detail import DetailSpec as DetailSpec  # re-exported: txt2img(..., detail=[DetailSpec(...)])
+from .pipeline.detail import detail_infotext, region_masks, region_params
 from .pipeline.image_prompt import ip_adapter_infotext
 from .pipeline import patches as patch
 from .pipeline.engine import Engine
@@ -257,6 +259,9 @@ class Pipeline:
         if nets:
             run_patches.append(patch.hypernetworks(self.model, nets))
         out = self.generator.run(replace(p, prompt=prompt), callback, run_patches)
+        if p.detail:   # ADetailer: each image's regions inpainted again, before the checker and the watermark
+            out.images = [self._detail(replace(p, prompt=prompt), image, seed, run_patches, callback)
+                          for image, seed in zip(out.images, out.seeds)]
         flags = [None] * len(out.images)
         if self.safety_checker is not None:   # on the images as made, before the watermark (as the reference)
             out.images, flags = check_images(self.safety_checker, out.images, self.safety_action)
@@ -264,7 +269,7 @@ class Pipeline:
                  **control_infotext(p.control),
                  **ip_adapter_infotext(p.ip_adapters, self.generator.image_prompts.modules, len(p.control)),
                  "Noise level": p.noise_level,   # x4 upscaler
-                 **unclip_infotext(p, self.model.spec)}
+                 **unclip_infotext(p, self.model.spec), **detail_infotext(p.detail)}
         items = []
         for i, (image, seed) in enumerate(zip(out.images, out.seeds)):
             if watermark:
@@ -275,6 +280,18 @@ class Pipeline:
                                        extra={**extra, **safety_infotext(flags[i], self.safety_action)})
             items.append(ImageResult(image, seed, text, flags[i]))
         return GenerationResult([item.image for item in items], p, items, out.latents)
+
+    def _detail(self, p: GenerationParams, image: Image.Image, seed: int, patches: Sequence[Patch],
+                callback: ProgressCallback | None) -> Image.Image:
+        """The detail passes on one finished image: each spec's regions, in order, each inpainted with
+        only-masked at the image's size; region j of a pass takes seed + j (as ADetailer)."""
+        for k, spec in enumerate(p.detail):
+            if parse_lora_prompt(spec.prompt)[1] or parse_hypernet_prompt(spec.prompt)[1]:
+                raise ParamError(f"detail[{k}].prompt", "LoRA and hypernetwork tags belong in the main prompt")
+            for j, mask in enumerate(region_masks(spec, image, f"detail[{k}]", str(self.engine.device))):
+                q = region_params(p, spec, image, mask, seed + j).validated()
+                image = self.generator.run(q, callback, patches).images[0]
+        return image
 
     def _hypernets(self, prompt: str) -> tuple[str, list[tuple[Hypernetwork, float]], dict[str, object]]:
         """The prompt without its ``<hypernet:…>`` tags, the hypernetworks they name (loaded from

@@ -152,6 +152,54 @@ DEVICE_HELP = "auto (CUDA when present, else MPS, else the CPU), cpu, cuda, cuda
 _DEPTH_HELP = "depth map for SD 2's depth model (greyscale, white = near, as MiDaS writes it)"
 
 
+def _add_detail(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("detail pass (ADetailer)", "regions of the finished image inpainted again, each at the "
+                                                        "generation's resolution (only masked)")
+    g.add_argument("--detail", action="append", default=[], metavar="DETECTOR:PROMPT:STRENGTH",
+                   help="repeatable; DETECTOR: a YOLO ONNX file (e.g. face_yolov8n.onnx), box=X0,Y0,X1,Y1[;…] or "
+                        "mask=FILE; an empty PROMPT is the main prompt; STRENGTH defaults to 0.4")
+    g.add_argument("--detail-sam", metavar="FILE", help="refine each box into the object's mask (Segment Anything)")
+    g.add_argument("--detail-confidence", type=float, default=0.3, metavar="C", help="detector threshold (0.3)")
+    g.add_argument("--detail-padding", type=int, default=32, metavar="PX", help="context around a region (32)")
+    g.add_argument("--detail-dilate", type=int, default=4, metavar="PX",
+                   help="grow (or, negative, shrink) each region's mask (4)")
+
+
+def _detail_specs(args: argparse.Namespace) -> list:
+    from ..pipeline.detail import DetailSpec
+
+    specs = []
+    for text in getattr(args, "detail", []):
+        detector, sep, rest = text.partition(":")
+        if not sep:
+            rest = ""
+        prompt, strength = rest, 0.4
+        head, sep, tail = rest.rpartition(":")
+        if sep:
+            try:
+                prompt, strength = head, float(tail)
+            except ValueError:
+                pass
+        options: dict = dict(prompt=prompt, strength=strength, confidence=args.detail_confidence,
+                             padding=args.detail_padding, dilate=args.detail_dilate, sam=args.detail_sam)
+        if detector.startswith("box="):
+            boxes = []
+            for part in detector[4:].split(";"):
+                try:
+                    values = tuple(float(v) for v in part.split(","))
+                except ValueError:
+                    values = ()
+                if len(values) != 4:
+                    raise SfumatoError(f"--detail: a box is X0,Y0,X1,Y1, got {part!r}")
+                boxes.append(values)
+            specs.append(DetailSpec("box", boxes=boxes, **options))
+        elif detector.startswith("mask="):
+            specs.append(DetailSpec("mask", mask=_open_image(detector[5:], "--detail"), **options))
+        else:
+            specs.append(DetailSpec(detector, **options))
+    return specs
+
+
 def _add_xyz(p: argparse.ArgumentParser) -> None:
     for k in "xyz":
         p.add_argument(f"--xyz-{k}", metavar="AXIS=VALUES",
@@ -165,12 +213,14 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("txt2img", help="generate images from a prompt")
     _add_common(p)
     _add_xyz(p)
+    _add_detail(p)
     p.add_argument("--attention-maps", metavar="DIR",
                    help="also write a heat map per prompt word (cross-attention, DAAM) as overlays into DIR")
     p.add_argument("--depth-map", metavar="FILE", help=_DEPTH_HELP)
     p = subparsers.add_parser("img2img", help="transform an image under a prompt")
     _add_common(p)
     _add_xyz(p)
+    _add_detail(p)
     p.add_argument("--init-image", required=True)
     p.add_argument("--depth-map", metavar="FILE", help=_DEPTH_HELP)
     p.add_argument("--depth-model", metavar="FILE",
@@ -416,6 +466,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     ip_adapters = _ip_specs(args)
     if ip_adapters:
         settings["ip_adapters"] = ip_adapters
+    detail = _detail_specs(args)
+    if detail:
+        settings["detail"] = detail
 
     # validate the request before loading any model: a throwaway copy with placeholder sizes
     _dry_validate(args.command, settings, extra)

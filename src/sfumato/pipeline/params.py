@@ -209,6 +209,8 @@ class GenerationParams:
     control: list[ControlSpec] = field(default_factory=list)
     # IP-Adapters steering the base model (image prompts), their attention added in order
     ip_adapters: list[IPAdapterSpec] = field(default_factory=list)
+    # detail passes (ADetailer): regions of each finished image inpainted again (pipeline.detail.DetailSpec)
+    detail: list[Any] = field(default_factory=list)
     # training-free accelerations (opt-in): ToMe token merging, DeepCache (1 = every step in full)
     tome_ratio: float = 0.0
     deepcache_interval: int = 1
@@ -311,6 +313,14 @@ class GenerationParams:
             if not isinstance(spec, ControlSpec):
                 raise ParamError(f"control[{i}]", f"must be a ControlSpec, got {type(spec).__name__}")
             spec.validate(f"control[{i}]")
+        from .detail import DetailSpec
+
+        if not isinstance(self.detail, (list, tuple)):
+            raise ParamError("detail", f"must be a list of DetailSpec, got {type(self.detail).__name__}")
+        for i, spec in enumerate(self.detail):
+            if not isinstance(spec, DetailSpec):
+                raise ParamError(f"detail[{i}]", f"must be a DetailSpec, got {type(spec).__name__}")
+            spec.validate(f"detail[{i}]")
         if not isinstance(self.ip_adapters, (list, tuple)):
             raise ParamError("ip_adapters", f"must be a list of IPAdapterSpec, got {type(self.ip_adapters).__name__}")
         for i, spec in enumerate(self.ip_adapters):

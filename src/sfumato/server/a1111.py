@@ -35,6 +35,7 @@ from ..errors import SfumatoError
 from ..pipeline.safety import check_images, safety_infotext
 from ..pipeline.watermark import add_watermark
 from ..text.styles import apply_styles
+from .adetailer import detail_specs
 from .extensions import UnclipImage, control_specs, unclip_settings
 from .jobs import Job, Stopped
 from .security import A1111_FIELDS, ApiError, Catalog, Entry, Limits, decode_image
@@ -316,6 +317,10 @@ def build_work(req: Txt2ImgRequest | Img2ImgRequest, defaults: Defaults, catalog
         settings["control"], ips = control_specs(req.alwayson_scripts, catalog, limits, settings.get("init_image"))
         if ips:
             settings["ip_adapters"] = ips
+        for name, value in req.alwayson_scripts.items():
+            if str(name).lower() == "adetailer":
+                args = value.get("args", []) if isinstance(value, dict) else value
+                settings["detail"] = detail_specs(args, catalog, f"alwayson_scripts.{name}.args")
     _check_limits(settings, req.n_iter, limits)
     try:
         params = GenerationParams(**settings).validated()

@@ -97,6 +97,8 @@ def control_specs(scripts: dict[str, Any], catalog: Catalog, limits: Limits,
         field = f"alwayson_scripts.{name}.args"
         if not isinstance(args, list):
             raise ApiError(422, "expected a list", field)
+        if str(name).lower() == "adetailer":   # the detail passes: server.adetailer
+            continue
         if str(name).lower() != "controlnet":
             if any(a not in (False, None, {}, [], "") for a in args):
                 raise ApiError(422, f"the extension {name!r} is not available on this server", f"alwayson_scripts.{name}")

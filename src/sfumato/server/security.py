@@ -289,10 +289,10 @@ def decode_image(data: str, field: str, limits: Limits) -> Image.Image:
 # -- names resolved inside their folders -------------------------------------------------------
 
 KINDS = ("checkpoint", "vae", "lora", "embedding", "hypernetwork", "controlnet", "upscaler", "clip_vision", "sam",
-         "annotator")
+         "annotator", "adetailer")
 SUBFOLDERS = {"vae": "VAE", "lora": "Lora", "embedding": "embeddings", "hypernetwork": "hypernetworks",
               "controlnet": "ControlNet", "upscaler": "upscalers", "clip_vision": "clip_vision", "sam": "sam",
-              "annotator": "annotators"}
+              "annotator": "annotators", "adetailer": "adetailer"}
 SUFFIXES = {
     "checkpoint": (".safetensors", ".ckpt"),
     "vae": (".safetensors", ".ckpt", ".pt"),
@@ -304,10 +304,12 @@ SUFFIXES = {
     "clip_vision": (".safetensors", ".pth", ".bin"),
     "sam": (".pth", ".safetensors"),
     "annotator": (".pth", ".pt", ".safetensors"),
+    "adetailer": (".onnx",),
 }
 LABELS = {"checkpoint": "models folder", "vae": "VAE folder", "lora": "Lora folder", "embedding": "embeddings folder",
           "hypernetwork": "hypernetworks folder", "controlnet": "ControlNet folder", "upscaler": "upscalers folder",
-          "clip_vision": "clip_vision folder", "sam": "sam folder", "annotator": "annotators folder"}
+          "clip_vision": "clip_vision folder", "sam": "sam folder", "annotator": "annotators folder",
+          "adetailer": "adetailer folder"}
 Entry = FolderEntry
 
 
@@ -327,7 +329,8 @@ class Catalog:
     itself; VAEs, LoRAs, embeddings, hypernetworks, ControlNets (and IP-Adapters), CLIP image
     encoders, x4 upscalers, Segment Anything models and the ControlNet annotators' networks in its
     ``VAE``, ``Lora``, ``embeddings``, ``hypernetworks``, ``ControlNet``, ``clip_vision``,
-    ``upscalers``, ``sam`` and ``annotators`` subfolders. Each
+    ``upscalers``, ``sam`` and ``annotators`` subfolders, and ADetailer's ONNX detectors in
+    ``adetailer``. Each
     kind is a ``checkpoint.folders.ModelFolder``: the one resolver
     the pipeline uses too, so a name the catalog answers is the file that loads.
     """

@@ -21,6 +21,7 @@ function buildRequest() {
   seedFields(r);
   refinerFields(r);
   controlnetFields(r);
+  detailFields(r);
   xyzFields(r);
   if ($("attention_maps").checked) r.attention_maps = true;
   return r;

@@ -73,7 +73,7 @@ async function loadLists() {
   $("hr_sampler_name").replaceChildren(new Option("same", ""), ...samplers.map((s) => new Option(s.name, s.name)));
   $("refiner_checkpoint").replaceChildren(new Option("None", ""), ...models.map((m) => new Option(m.title, m.title)));
   $("hr_checkpoint_name").replaceChildren(new Option("same", ""), ...models.map((m) => new Option(m.title, m.title)));
-  await Promise.all([loadModelInfo(), loadNetworks(), loadStyles(), loadControlNetLists(), loadUpscalers(),
+  await Promise.all([loadModelInfo(), loadNetworks(), loadStyles(), loadControlNetLists(), loadUpscalers(), loadDetectors(),
     loadAxes(), loadSamModels()]);
 }
 

@@ -1,0 +1,264 @@
+"""The detail pass (what ADetailer does): find regions of a finished image, then inpaint each one at
+the generation's resolution with "only masked", its own prompt and strength, one after the other.
+
+Detectors, none of which runs an unsafe pickle:
+
+* a YOLO-format ONNX detector (``face_yolov8n.onnx``: ultralytics' export of ADetailer's models) run
+  by onnxruntime: letterboxed to its input size (grey 114 borders), YOLOv8's ``(1, 4 + classes, N)``
+  output, boxes above ``confidence`` kept after class-agnostic non-maximum suppression (IoU 0.7);
+* ``box``: boxes given with the request;
+* ``mask``: a mask given with the request (one region);
+
+and each box may be refined into the object's own mask by Segment Anything (``sam``: a SAM file,
+the box as its prompt). Boxes become masks as ADetailer makes them (the filled rectangle); then, in
+ADetailer's order: kept by area ratio, the ``k_largest``, grown (``dilate`` > 0) or shrunk (< 0) by a
+square kernel, and optionally merged (and inverted) into one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from ..errors import ParamError
+
+MERGE = ("none", "merge", "merge and invert")
+MAX_REGIONS = 32
+NMS_IOU = 0.7
+
+
+@dataclass
+class DetailSpec:
+    """One detail pass (ADetailer's tab). ``detector``: a YOLO ONNX file, ``"box"`` (``boxes``) or
+    ``"mask"`` (``mask``). ``prompt`` / ``negative_prompt``: empty means the request's. ``steps``,
+    ``cfg_scale``, ``sampler``: None means the request's."""
+
+    detector: str | Path
+    prompt: str = ""
+    negative_prompt: str = ""
+    strength: float = 0.4
+    confidence: float = 0.3
+    k_largest: int = 0
+    min_ratio: float = 0.0
+    max_ratio: float = 1.0
+    dilate: int = 4
+    merge: str = "none"
+    mask_blur: int = 4
+    padding: int = 32
+    steps: int | None = None
+    cfg_scale: float | None = None
+    sampler: str | None = None
+    boxes: list[tuple[float, float, float, float]] = field(default_factory=list)
+    mask: Image.Image | None = field(default=None, repr=False)
+    sam: str | Path | None = None
+    name: str | None = None   # what the infotext calls the detector (default: the file name)
+
+    @property
+    def label(self) -> str:
+        return self.name or (Path(self.detector).name if self.detector not in ("box", "mask") else str(self.detector))
+
+    def validate(self, prefix: str) -> None:
+        from .params import _float_range, _int_range
+
+        d = self.detector
+        if d == "box":
+            if not self.boxes:
+                raise ParamError(f"{prefix}.boxes", "the box detector needs at least one box (x0, y0, x1, y1)")
+            for i, b in enumerate(self.boxes):
+                if len(b) != 4 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in b) \
+                        or not (b[0] < b[2] and b[1] < b[3]):
+                    raise ParamError(f"{prefix}.boxes[{i}]", f"must be (x0, y0, x1, y1) with x0 < x1, y0 < y1, got {b!r}")
+        elif d == "mask":
+            if not isinstance(self.mask, Image.Image):
+                raise ParamError(f"{prefix}.mask", "the mask detector needs a mask image (white = the region)")
+        elif not (isinstance(d, (str, Path)) and str(d).lower().endswith(".onnx")):
+            raise ParamError(f"{prefix}.detector", f"must be a YOLO ONNX file, 'box' or 'mask', got {d!r}")
+        elif not Path(d).is_file():
+            raise ParamError(f"{prefix}.detector", f"detector file not found: {d}")
+        if self.sam is not None and not Path(self.sam).is_file():
+            raise ParamError(f"{prefix}.sam", f"Segment Anything file not found: {self.sam}")
+        for name in ("prompt", "negative_prompt"):
+            if not isinstance(getattr(self, name), str):
+                raise ParamError(f"{prefix}.{name}", "must be text")
+        _float_range(f"{prefix}.strength", self.strength, 0, 1)
+        _float_range(f"{prefix}.confidence", self.confidence, 0, 1)
+        _float_range(f"{prefix}.min_ratio", self.min_ratio, 0, 1)
+        _float_range(f"{prefix}.max_ratio", self.max_ratio, 0, 1)
+        if self.min_ratio > self.max_ratio:
+            raise ParamError(f"{prefix}.min_ratio", f"must not exceed max_ratio ({self.min_ratio} > {self.max_ratio})")
+        _int_range(f"{prefix}.k_largest", self.k_largest, 0, MAX_REGIONS)
+        _int_range(f"{prefix}.dilate", self.dilate, -128, 128)
+        _int_range(f"{prefix}.mask_blur", self.mask_blur, 0, 64)
+        _int_range(f"{prefix}.padding", self.padding, 0, 256)
+        if self.merge not in MERGE:
+            raise ParamError(f"{prefix}.merge", f"must be one of {', '.join(MERGE)}, got {self.merge!r}")
+        if self.steps is not None:
+            _int_range(f"{prefix}.steps", self.steps, 1, 1000)
+        if self.cfg_scale is not None:
+            _float_range(f"{prefix}.cfg_scale", self.cfg_scale, 0, 100)
+
+
+# -- detectors ------------------------------------------------------------------------------------------
+
+_SESSIONS: dict[tuple, Any] = {}
+
+
+def _session(path: Path, field_name: str):
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ParamError(field_name, "a YOLO ONNX detector needs onnxruntime: pip install 'sfumato[detail]'") from None
+    key = (str(path.resolve()), path.stat().st_mtime_ns)
+    if key not in _SESSIONS:
+        try:
+            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as e:  # noqa: BLE001 — onnxruntime raises its own types for unreadable graphs
+            raise ParamError(field_name, f"{path.name} is not an ONNX model onnxruntime can run "
+                                         f"({type(e).__name__})") from None
+        shape = session.get_inputs()[0].shape
+        if len(shape) != 4 or not all(isinstance(v, int) for v in shape[2:]):
+            raise ParamError(field_name, f"{path.name}: expected a (1, 3, H, W) image input of fixed size, got {shape}")
+        _SESSIONS.clear()
+        _SESSIONS[key] = session
+    return _SESSIONS[key]
+
+
+def letterbox(image: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, float, tuple[float, float]]:
+    """The image scaled to fit ``size`` (h, w), centred on grey 114: (array, gain, (pad x, pad y))."""
+    import cv2
+
+    h, w = image.shape[:2]
+    gain = min(size[0] / h, size[1] / w)
+    nw, nh = int(round(w * gain)), int(round(h * gain))
+    px, py = (size[1] - nw) / 2, (size[0] - nh) / 2
+    resized = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_LINEAR) if (nw, nh) != (w, h) else image
+    top, left = int(round(py - 0.1)), int(round(px - 0.1))
+    out = np.full((size[0], size[1], 3), 114, dtype=np.uint8)
+    out[top:top + nh, left:left + nw] = resized
+    return out, gain, (left, top)
+
+
+def _nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> list[int]:
+    order, keep = list(np.argsort(-scores, kind="stable")), []
+    while order:
+        i = order.pop(0)
+        keep.append(i)
+        rest = []
+        for j in order:
+            x0, y0 = max(boxes[i, 0], boxes[j, 0]), max(boxes[i, 1], boxes[j, 1])
+            x1, y1 = min(boxes[i, 2], boxes[j, 2]), min(boxes[i, 3], boxes[j, 3])
+            inter = max(0.0, x1 - x0) * max(0.0, y1 - y0)
+            union = (boxes[i, 2] - boxes[i, 0]) * (boxes[i, 3] - boxes[i, 1]) + \
+                (boxes[j, 2] - boxes[j, 0]) * (boxes[j, 3] - boxes[j, 1]) - inter
+            if union <= 0 or inter / union <= iou:
+                rest.append(j)
+        order = rest
+    return keep
+
+
+def yolo_boxes(path: Path, image: Image.Image, confidence: float, field_name: str = "detector"
+               ) -> list[tuple[float, float, float, float]]:
+    """A YOLOv8-format ONNX detector's boxes (x0, y0, x1, y1 in the image's pixels), best first."""
+    session = _session(Path(path), field_name)
+    inp = session.get_inputs()[0]
+    rgb = np.asarray(image.convert("RGB"))
+    boxed, gain, (px, py) = letterbox(rgb, tuple(inp.shape[2:]))
+    x = np.ascontiguousarray(boxed.transpose(2, 0, 1)[None], dtype=np.float32) / 255.0
+    out = session.run(None, {inp.name: x})[0]
+    if out.ndim != 3 or out.shape[0] != 1 or out.shape[1] < 5:
+        raise ParamError(field_name, f"{Path(path).name}: expected YOLOv8's (1, 4 + classes, N) output, got {out.shape}")
+    pred = out[0].T.astype(np.float64)                 # (N, 4 + classes): cx, cy, w, h, class scores
+    scores = pred[:, 4:].max(1)
+    pred, scores = pred[scores > confidence], scores[scores > confidence]
+    xyxy = np.stack([pred[:, 0] - pred[:, 2] / 2, pred[:, 1] - pred[:, 3] / 2,
+                     pred[:, 0] + pred[:, 2] / 2, pred[:, 1] + pred[:, 3] / 2], 1)
+    keep = _nms(xyxy, scores, NMS_IOU)[:MAX_REGIONS * 4]
+    h, w = rgb.shape[:2]
+    boxes = []
+    for i in keep:
+        x0, y0, x1, y1 = (xyxy[i] - [px, py, px, py]) / gain
+        boxes.append((float(np.clip(x0, 0, w)), float(np.clip(y0, 0, h)), float(np.clip(x1, 0, w)),
+                      float(np.clip(y1, 0, h))))
+    return boxes
+
+
+def _box_mask(box, size: tuple[int, int]) -> np.ndarray:
+    w, h = size
+    m = np.zeros((h, w), dtype=bool)
+    x0, y0, x1, y1 = (int(v) for v in box)
+    m[max(0, y0):max(0, y1), max(0, x0):max(0, x1)] = True
+    return m
+
+
+def region_masks(spec: DetailSpec, image: Image.Image, prefix: str = "detail[0]", device: str = "cpu"
+                 ) -> list[np.ndarray]:
+    """The spec's regions in the image as boolean masks, in ADetailer's order of processing."""
+    import cv2
+
+    size = image.size
+    if spec.detector == "mask":
+        m = spec.mask.convert("L")
+        if m.size != size:
+            m = m.resize(size, Image.NEAREST)
+        masks = [np.asarray(m) > 127]
+    else:
+        boxes = list(spec.boxes) if spec.detector == "box" else \
+            yolo_boxes(Path(spec.detector), image, spec.confidence, f"{prefix}.detector")
+        if spec.sam is not None and boxes:
+            from ..checkpoint.sam import load_sam
+            from .segment import Segmenter
+
+            segmenter = Segmenter(load_sam(spec.sam, device=device))
+            segmenter.set_image(image)
+            masks = [segmenter.predict([], tuple(b), multimask=False).best for b in boxes]
+        else:
+            masks = [_box_mask(b, size) for b in boxes]
+    area = size[0] * size[1]
+    masks = [m for m in masks if m.any() and spec.min_ratio <= m.sum() / area <= spec.max_ratio]
+    if spec.k_largest:
+        masks = sorted(masks, key=lambda m: -int(m.sum()))[:spec.k_largest]
+    if spec.dilate:
+        kernel = np.ones((abs(spec.dilate), abs(spec.dilate)), np.uint8)
+        op = cv2.dilate if spec.dilate > 0 else cv2.erode
+        masks = [op(m.astype(np.uint8), kernel, iterations=1) > 0 for m in masks]
+        masks = [m for m in masks if m.any()]
+    if spec.merge != "none" and masks:
+        merged = np.logical_or.reduce(masks)
+        masks = [~merged if spec.merge == "merge and invert" else merged]
+    return masks[:MAX_REGIONS]
+
+
+# -- the pass ---------------------------------------------------------------------------------------------
+
+def region_params(p, spec: DetailSpec, image: Image.Image, mask: np.ndarray, seed: int):
+    """The inpainting request for one region: the finished image and the region's mask, only masked at
+    the image's size (rounded down to 8), the spec's prompt, strength and overrides."""
+    from .params import GenerationParams
+
+    return GenerationParams(
+        prompt=spec.prompt or p.prompt, negative_prompt=spec.negative_prompt or p.negative_prompt,
+        steps=spec.steps or p.steps, cfg_scale=p.cfg_scale if spec.cfg_scale is None else spec.cfg_scale,
+        sampler=spec.sampler or p.sampler, scheduler=p.scheduler if spec.sampler is None else None,
+        seed=seed, width=image.width // 8 * 8, height=image.height // 8 * 8, clip_skip=p.clip_skip, rng=p.rng,
+        eta_noise_seed_delta=p.eta_noise_seed_delta, init_image=image,
+        mask=Image.fromarray((mask * 255).astype(np.uint8)), strength=spec.strength, mask_blur=spec.mask_blur,
+        only_masked=True, only_masked_padding=spec.padding, masked_content="original")
+
+
+def detail_infotext(specs: list[DetailSpec]) -> dict[str, object]:
+    """ADetailer's infotext entries (the second tab's keys end in " 2nd", and so on)."""
+    out: dict[str, object] = {}
+    for i, s in enumerate(specs):
+        suffix = "" if i == 0 else f" {i + 1}{'nd' if i == 1 else 'rd' if i == 2 else 'th'}"
+        out.update({f"ADetailer model{suffix}": s.label, f"ADetailer prompt{suffix}": s.prompt or None,
+                    f"ADetailer negative prompt{suffix}": s.negative_prompt or None,
+                    f"ADetailer confidence{suffix}": s.confidence, f"ADetailer dilate erode{suffix}": s.dilate,
+                    f"ADetailer mask blur{suffix}": s.mask_blur, f"ADetailer denoising strength{suffix}": s.strength,
+                    f"ADetailer inpaint only masked{suffix}": "True",
+                    f"ADetailer inpaint padding{suffix}": s.padding})
+    return out
