@@ -110,6 +110,7 @@ def test_a_pass_equals_inpainting_each_region_by_hand(pipe):
     (DetailSpec("box"), "detail[0].boxes"),
     (DetailSpec("box", boxes=[(5, 5, 2, 9)]), "detail[0].boxes[0]"),
     (DetailSpec("mask"), "detail[0].mask"),
+    (DetailSpec("mask", mask=Image.new("L", (64, 64))), "detail[0].mask"),
     (DetailSpec("face.pt"), "detail[0].detector"),
     (DetailSpec("missing.onnx"), "detail[0].detector"),
     (DetailSpec("box", boxes=[(1, 1, 9, 9)], strength=2), "detail[0].strength"),

@@ -107,8 +107,13 @@ def test_cli_pose_render(tmp_path, capsys):
     assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), reference_render(data))
     # a new pose JSON: one default person on a chosen canvas
     new = tmp_path / "new.json"
-    assert main(["pose", "new", "--width", "384", "--height", "512", "-o", str(new)]) == 0
-    assert parse_pose(new.read_text()).people[0] == default_person(384, 512)
+    assert main(["pose", "new", "--width", "512", "--height", "512", "-o", str(new)]) == 0
+    np.testing.assert_allclose(np.array(parse_pose(new.read_text()).people[0]), np.array(default_person(512, 512)))
+    assert main(["pose", "new", "--width", "384", "--height", "256", "--people", "2", "-o", str(new)]) == 0
+    two = parse_pose(new.read_text())
+    a, b = (np.array(p) * [384, 256] for p in two.people)
+    assert len(two.people) == 2 and (a[:, 0] < 192).all() and (b[:, 0] > 192).all()
+    np.testing.assert_allclose(np.ptp(a, 0)[0] / np.ptp(a, 0)[1], 169 / 397, rtol=1e-6)   # the figure's proportions
     bad = tmp_path / "bad.json"
     bad.write_text('{"canvas_width": 64}')
     assert main(["pose", "render", str(bad), "-o", str(tmp_path / "x.png")]) == 2

@@ -21,7 +21,7 @@ from .checkpoint.folders import ModelFolder
 from .checkpoint.load import LoadedModel, load_model
 from .errors import NameNotFoundError, SfumatoError
 from .pipeline.control import control_infotext
-from .pipeline.detail import DetailSpec as DetailSpec  # re-exported: txt2img(..., detail=[DetailSpec(...)])
+from .pipeline.params import DetailSpec as DetailSpec  # re-exported: txt2img(..., detail=[DetailSpec(...)])
 from .pipeline.detail import detail_infotext, region_masks, region_params
 from .pipeline.image_prompt import ip_adapter_infotext
 from .pipeline import patches as patch
@@ -108,6 +108,24 @@ class GenerationResult:
         return [item.seed for item in self.items]
 
 
+@dataclass
+class AnimationResult:
+    """An AnimateDiff clip: its frames, their rate, the infotext (the request's, with A1111's
+    ``AnimateDiff`` entry) and the final latents (frames, C, h, w)."""
+
+    frames: list[Image.Image]
+    fps: int
+    infotext: str
+    params: GenerationParams
+    latents: torch.Tensor | None = field(default=None, repr=False)
+
+    def save(self, path: str | Path) -> None:
+        """``.gif`` / ``.webp`` (Pillow) or ``.mp4`` (PyAV), the infotext in its metadata."""
+        from .pipeline.animate import save_clip
+
+        save_clip(self.frames, path, self.fps, self.infotext)
+
+
 class Pipeline:
     """A loaded model (and optional refiner). ``lora_folder`` (``lora_dir``) is where ``<lora:name:w>``
     prompt tags are looked up; each run applies the prompt's LoRAs and removes them afterwards.
@@ -183,6 +201,47 @@ class Pipeline:
         settings.setdefault("height", size)
         p = self.params(prompt=prompt, negative_prompt=negative_prompt, **settings)
         return self.run(p, callback, watermark, patches)
+
+    def animate(self, prompt: str, negative_prompt: str = "", *, motion_module, frames: int = 16, fps: int = 8,
+                context: int | None = None, overlap: int = -1, stride: int = 1, closed_loop: bool = False,
+                watermark: bool = True, callback=None, **settings) -> AnimationResult:
+        """An AnimateDiff clip: ``motion_module`` is a motion-module file or MotionAdapter folder (or a
+        loaded ``models.motion.MotionAdapter``); ``prompt`` may travel (lines ``N: text``);
+        ``init_image`` / ``strength`` start every frame from an image. See ``pipeline.animate``."""
+        from .pipeline.animate import AnimationSettings, animation_infotext, run_animation
+
+        adapter, name = self._motion_module(motion_module)
+        size = self.model.spec.resolution
+        settings.setdefault("width", size)
+        settings.setdefault("height", size)
+        p = self.params(prompt=prompt, negative_prompt=negative_prompt, **settings)
+        s = AnimationSettings(frames=frames, fps=fps, context=context, overlap=overlap, stride=stride,
+                              closed_loop=closed_loop)
+        images, latents = run_animation(self.engine, adapter, p, s, callback)
+        if watermark:
+            images = [add_watermark(image) for image in images]
+        text = generation_infotext(p, seed=p.seed, model_name=self.model_name, model_hash=self.model_hash)
+        return AnimationResult(images, fps, animation_infotext(text, name, adapter, s), p, latents)
+
+    def _motion_module(self, source):
+        """A loaded motion module and its name (a file is loaded once per version of the file)."""
+        from .checkpoint.motion import load_motion_module
+        from .models.motion import MotionAdapter
+
+        if isinstance(source, MotionAdapter):
+            return source, "motion_module"
+        path = Path(source)
+        if not path.exists():
+            raise ParamError("motion_module", f"motion module not found: {source}")
+        key = (str(path.resolve()), path.stat().st_mtime_ns)
+        cached = getattr(self, "_motion_cache", None)
+        if cached is None or cached[0] != key:
+            try:
+                adapter = load_motion_module(path)
+            except SfumatoError as e:
+                raise ParamError("motion_module", str(e)) from None
+            self._motion_cache = cached = (key, adapter)
+        return cached[1], path.stem if path.is_file() else path.name
 
     def img2img(self, prompt: str, init_image: Image.Image, negative_prompt: str = "", *, watermark: bool = True,
                 callback: ProgressCallback | None = None, **settings) -> GenerationResult:

@@ -16,7 +16,7 @@ import sys
 
 from ..errors import SfumatoError
 
-MODULES = ("generate", "info", "train", "batch", "serve", "merge", "bench", "segment", "pose")
+MODULES = ("generate", "info", "train", "batch", "serve", "merge", "bench", "segment", "pose", "animate")
 
 
 class _Parser(argparse.ArgumentParser):

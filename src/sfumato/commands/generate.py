@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from ..errors import SfumatoError
+from .units import add_control, add_detail, add_ip_adapter, control_specs, detail_specs, ip_specs
 
 # generation flags → GenerationParams fields (defaults live in GenerationParams; None = not given)
 _GEN_FLAGS = {
@@ -68,61 +69,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     for name, kind in _GEN_FLAGS.items():
         flag = "--" + name.replace("_", "-")
         p.add_argument(flag, *_FLAG_ALIASES.get(name, ()), type=kind, default=None, help=_HELP.get(name))
-    _add_control(p)
-    _add_ip_adapter(p)
-
-
-def _add_ip_adapter(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("IP-Adapter", "image prompts; each flag is repeatable: its i-th use belongs to the i-th "
-                                          "--ip-adapter (give it once per adapter, or leave it out for the default)")
-    g.add_argument("--ip-adapter", action="append", default=[], metavar="FILE",
-                   help="an IP-Adapter file (.safetensors or .bin; base or plus)")
-    g.add_argument("--ip-image", action="append", default=[], metavar="IMG", help="its image prompt (required)")
-    g.add_argument("--ip-scale", action="append", default=[], type=float, metavar="W",
-                   help="weight of its attention (1)")
-    g.add_argument("--ip-start", action="append", default=[], type=float, metavar="F",
-                   help="fraction of the steps at which it starts (0)")
-    g.add_argument("--ip-end", action="append", default=[], type=float, metavar="F",
-                   help="fraction of the steps at which it ends (1)")
-    g.add_argument("--ip-image-encoder", action="append", default=[], metavar="DIR",
-                   help="the CLIP image encoder (a CLIPVisionModelWithProjection folder or file; default: the "
-                        "image_encoder folder beside the adapter); given once, it serves every adapter")
-
-
-def _add_control(p: argparse.ArgumentParser) -> None:
-    from ..pipeline.params import CONTROL_ANNOTATORS, CONTROL_PREPROCESSORS
-
-    g = p.add_argument_group("ControlNet", "each flag is repeatable: its i-th use belongs to the i-th --control-model "
-                                          "(give it once per ControlNet, or leave it out for the default)")
-    g.add_argument("--control-model", action="append", default=[], metavar="PATH", help="a ControlNet file or folder")
-    g.add_argument("--control-image", action="append", default=[], metavar="FILE", help="its control image (required)")
-    g.add_argument("--control-preprocessor", action="append", default=[],
-                   choices=CONTROL_PREPROCESSORS + CONTROL_ANNOTATORS,
-                   help="how the image becomes the control image (default none: use it as it is; depth: its grey "
-                        "values as they are, no estimation; depth_midas estimates depth). openpose, softedge_hed*, "
-                        "scribble_hed, lineart_* and depth_midas run a network: give --control-annotator")
-    g.add_argument("--control-annotator", action="append", default=[], metavar="FILE",
-                   help="the annotator network's weights: body_pose_model.pth (openpose), ControlNetHED.pth (HED), "
-                        "sk_model.pth / sk_model2.pth (lineart_realistic / lineart_coarse), "
-                        "dpt_hybrid-midas-501f0c75.pt (depth_midas); 'none' for a unit without one")
-    g.add_argument("--control-strength", action="append", default=[], type=float, metavar="W",
-                   help="weight of its residuals (1)")
-    g.add_argument("--control-start", action="append", default=[], type=float, metavar="F",
-                   help="fraction of the steps at which it starts (0)")
-    g.add_argument("--control-end", action="append", default=[], type=float, metavar="F",
-                   help="fraction of the steps at which it ends (1)")
-    from ..pipeline.params import CONTROL_MODES, CONTROL_RESIZE
-
-    g.add_argument("--control-mode", action="append", default=[], choices=CONTROL_MODES,
-                   help="balanced (default); prompt: 'My prompt is more important'; control: 'ControlNet is more "
-                        "important' (sd-webui-controlnet's control modes)")
-    g.add_argument("--control-resize", action="append", default=[], choices=CONTROL_RESIZE,
-                   help="how the image meets the generation's aspect: stretch (default, Just Resize), crop "
-                        "(Crop and Resize), fill (Resize and Fill)")
-    g.add_argument("--control-threshold-a", action="append", default=[], type=float, metavar="A",
-                   help="the preprocessor's first threshold (canny: low, default 100; threshold/scribble: 127)")
-    g.add_argument("--control-threshold-b", action="append", default=[], type=float, metavar="B",
-                   help="the preprocessor's second threshold (canny: high, default 200)")
+    add_control(p)
+    add_ip_adapter(p)
 
 
 _HELP = {
@@ -152,54 +100,6 @@ DEVICE_HELP = "auto (CUDA when present, else MPS, else the CPU), cpu, cuda, cuda
 _DEPTH_HELP = "depth map for SD 2's depth model (greyscale, white = near, as MiDaS writes it)"
 
 
-def _add_detail(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("detail pass (ADetailer)", "regions of the finished image inpainted again, each at the "
-                                                        "generation's resolution (only masked)")
-    g.add_argument("--detail", action="append", default=[], metavar="DETECTOR:PROMPT:STRENGTH",
-                   help="repeatable; DETECTOR: a YOLO ONNX file (e.g. face_yolov8n.onnx), box=X0,Y0,X1,Y1[;…] or "
-                        "mask=FILE; an empty PROMPT is the main prompt; STRENGTH defaults to 0.4")
-    g.add_argument("--detail-sam", metavar="FILE", help="refine each box into the object's mask (Segment Anything)")
-    g.add_argument("--detail-confidence", type=float, default=0.3, metavar="C", help="detector threshold (0.3)")
-    g.add_argument("--detail-padding", type=int, default=32, metavar="PX", help="context around a region (32)")
-    g.add_argument("--detail-dilate", type=int, default=4, metavar="PX",
-                   help="grow (or, negative, shrink) each region's mask (4)")
-
-
-def _detail_specs(args: argparse.Namespace) -> list:
-    from ..pipeline.detail import DetailSpec
-
-    specs = []
-    for text in getattr(args, "detail", []):
-        detector, sep, rest = text.partition(":")
-        if not sep:
-            rest = ""
-        prompt, strength = rest, 0.4
-        head, sep, tail = rest.rpartition(":")
-        if sep:
-            try:
-                prompt, strength = head, float(tail)
-            except ValueError:
-                pass
-        options: dict = dict(prompt=prompt, strength=strength, confidence=args.detail_confidence,
-                             padding=args.detail_padding, dilate=args.detail_dilate, sam=args.detail_sam)
-        if detector.startswith("box="):
-            boxes = []
-            for part in detector[4:].split(";"):
-                try:
-                    values = tuple(float(v) for v in part.split(","))
-                except ValueError:
-                    values = ()
-                if len(values) != 4:
-                    raise SfumatoError(f"--detail: a box is X0,Y0,X1,Y1, got {part!r}")
-                boxes.append(values)
-            specs.append(DetailSpec("box", boxes=boxes, **options))
-        elif detector.startswith("mask="):
-            specs.append(DetailSpec("mask", mask=_open_image(detector[5:], "--detail"), **options))
-        else:
-            specs.append(DetailSpec(detector, **options))
-    return specs
-
-
 def _add_xyz(p: argparse.ArgumentParser) -> None:
     for k in "xyz":
         p.add_argument(f"--xyz-{k}", metavar="AXIS=VALUES",
@@ -213,14 +113,14 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("txt2img", help="generate images from a prompt")
     _add_common(p)
     _add_xyz(p)
-    _add_detail(p)
+    add_detail(p)
     p.add_argument("--attention-maps", metavar="DIR",
                    help="also write a heat map per prompt word (cross-attention, DAAM) as overlays into DIR")
     p.add_argument("--depth-map", metavar="FILE", help=_DEPTH_HELP)
     p = subparsers.add_parser("img2img", help="transform an image under a prompt")
     _add_common(p)
     _add_xyz(p)
-    _add_detail(p)
+    add_detail(p)
     p.add_argument("--init-image", required=True)
     p.add_argument("--depth-map", metavar="FILE", help=_DEPTH_HELP)
     p.add_argument("--depth-model", metavar="FILE",
@@ -290,6 +190,8 @@ def _inpaint_mask(args: argparse.Namespace, image):
     segmenter = Segmenter(load_sam(args.sam, device=resolve_device(args.device)))
     segmenter.set_image(image)
     mask = dilate(segmenter.predict(points, box).best, args.sam_grow)
+    if not mask.any():
+        raise SfumatoError("--sam-point: Segment Anything found no object at these prompts (an empty mask)")
     return Image.fromarray((mask * 255).astype(np.uint8))
 
 
@@ -318,60 +220,6 @@ def _lora_arg(text: str) -> tuple[str, float]:
     if not Path(path).is_file():
         raise SfumatoError(f"--lora: file not found: {path}")
     return path, weight
-
-
-_CONTROL_FIELDS = {"control_preprocessor": "preprocessor", "control_strength": "strength", "control_start": "start",
-                   "control_end": "end", "control_mode": "mode", "control_resize": "resize",
-                   "control_threshold_a": "threshold_a", "control_threshold_b": "threshold_b",
-                   "control_annotator": "annotator"}
-
-
-def _control_specs(args: argparse.Namespace) -> list:
-    """The --control-* flags as ControlSpecs: the i-th use of each flag belongs to the i-th --control-model."""
-    from ..pipeline.params import ControlSpec
-
-    n = len(args.control_model)
-    for name in ("control_image", *_CONTROL_FIELDS):
-        given, flag = len(getattr(args, name)), "--" + name.replace("_", "-")
-        if given and not n:
-            raise SfumatoError(f"{flag}: given without --control-model")
-        if given != n and (given or name == "control_image"):
-            raise SfumatoError(f"{flag}: given {given} times for {n} --control-model (once per ControlNet, in order)")
-    specs = []
-    for i, path in enumerate(args.control_model):
-        if not Path(path).exists():
-            raise SfumatoError(f"--control-model: file not found: {path}")
-        options = {field: getattr(args, name)[i] for name, field in _CONTROL_FIELDS.items() if getattr(args, name)}
-        if options.get("annotator") in ("none", ""):   # a placeholder for a unit without one
-            del options["annotator"]
-        specs.append(ControlSpec(path, _open_image(args.control_image[i], "--control-image"), **options))
-    return specs
-
-
-_IP_FIELDS = {"ip_scale": "scale", "ip_start": "start", "ip_end": "end", "ip_image_encoder": "image_encoder"}
-
-
-def _ip_specs(args: argparse.Namespace) -> list:
-    """The --ip-* flags as IPAdapterSpecs: the i-th use of each flag belongs to the i-th --ip-adapter (one
-    --ip-image-encoder may serve them all)."""
-    from ..pipeline.params import IPAdapterSpec
-
-    n = len(args.ip_adapter)
-    for name in ("ip_image", *_IP_FIELDS):
-        given, flag = len(getattr(args, name)), "--" + name.replace("_", "-")
-        if given and not n:
-            raise SfumatoError(f"{flag}: given without --ip-adapter")
-        shared = name == "ip_image_encoder" and given == 1
-        if given != n and not shared and (given or name == "ip_image"):
-            raise SfumatoError(f"{flag}: given {given} times for {n} --ip-adapter (once per adapter, in order)")
-    specs = []
-    for i, path in enumerate(args.ip_adapter):
-        if not Path(path).is_file():
-            raise SfumatoError(f"--ip-adapter: file not found: {path}")
-        options = {field: getattr(args, name)[i if len(getattr(args, name)) > 1 else 0]
-                   for name, field in _IP_FIELDS.items() if getattr(args, name)}
-        specs.append(IPAdapterSpec(path, _open_image(args.ip_image[i], "--ip-image"), **options))
-    return specs
 
 
 def _tiny_decoder(text: str, latent_channels: int, factor: int):
@@ -460,13 +308,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         extra.update(unclip_images=[_weighted_image(text) for text in args.image], unclip_noise_level=args.noise_level)
     settings.pop("refiner", None)            # names from --from-png: the files come from --refiner,
     settings.pop("hires_checkpoint", None)   # --hires-checkpoint
-    control = _control_specs(args)
+    control = control_specs(args)
     if control:
         settings["control"] = control
-    ip_adapters = _ip_specs(args)
+    ip_adapters = ip_specs(args)
     if ip_adapters:
         settings["ip_adapters"] = ip_adapters
-    detail = _detail_specs(args)
+    detail = detail_specs(args)
     if detail:
         settings["detail"] = detail
 

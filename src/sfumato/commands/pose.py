@@ -84,10 +84,10 @@ def cmd_new(args: argparse.Namespace) -> int:
     out = _output(args.output)
     if not 1 <= args.people <= 8:
         raise SfumatoError(f"--people: must be 1 to 8, got {args.people}")
-    base = default_person(args.width, args.height)
-    n = args.people
-    people = tuple(tuple((0.5 + (x - 0.5) / n + (i + 0.5) / n - 0.5, y) for x, y in base) for i in range(n)) \
-        if n > 1 else (base,)
+    n, w, h = args.people, args.width, args.height
+    s = min(1.0, w / (h * n))   # each figure keeps its proportions and fits its share of the width
+    people = tuple(tuple(((i + 0.5) / n + (x - 0.5) * s * h / w, 0.5 + (y - 0.5) * s)
+                         for x, y in default_person(w, h)) for i in range(n))
     _write_json(pose_json(Pose(args.width, args.height, people)), out)
     print(f"{out}  {args.width}×{args.height}, {n} people")
     return 0

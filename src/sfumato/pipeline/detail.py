@@ -17,8 +17,6 @@ square kernel, and optionally merged (and inverted) into one.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,81 +24,9 @@ import numpy as np
 from PIL import Image
 
 from ..errors import ParamError
+from .params import MAX_REGIONS, DetailSpec, GenerationParams
 
-MERGE = ("none", "merge", "merge and invert")
-MAX_REGIONS = 32
 NMS_IOU = 0.7
-
-
-@dataclass
-class DetailSpec:
-    """One detail pass (ADetailer's tab). ``detector``: a YOLO ONNX file, ``"box"`` (``boxes``) or
-    ``"mask"`` (``mask``). ``prompt`` / ``negative_prompt``: empty means the request's. ``steps``,
-    ``cfg_scale``, ``sampler``: None means the request's."""
-
-    detector: str | Path
-    prompt: str = ""
-    negative_prompt: str = ""
-    strength: float = 0.4
-    confidence: float = 0.3
-    k_largest: int = 0
-    min_ratio: float = 0.0
-    max_ratio: float = 1.0
-    dilate: int = 4
-    merge: str = "none"
-    mask_blur: int = 4
-    padding: int = 32
-    steps: int | None = None
-    cfg_scale: float | None = None
-    sampler: str | None = None
-    boxes: list[tuple[float, float, float, float]] = field(default_factory=list)
-    mask: Image.Image | None = field(default=None, repr=False)
-    sam: str | Path | None = None
-    name: str | None = None   # what the infotext calls the detector (default: the file name)
-
-    @property
-    def label(self) -> str:
-        return self.name or (Path(self.detector).name if self.detector not in ("box", "mask") else str(self.detector))
-
-    def validate(self, prefix: str) -> None:
-        from .params import _float_range, _int_range
-
-        d = self.detector
-        if d == "box":
-            if not self.boxes:
-                raise ParamError(f"{prefix}.boxes", "the box detector needs at least one box (x0, y0, x1, y1)")
-            for i, b in enumerate(self.boxes):
-                if len(b) != 4 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in b) \
-                        or not (b[0] < b[2] and b[1] < b[3]):
-                    raise ParamError(f"{prefix}.boxes[{i}]", f"must be (x0, y0, x1, y1) with x0 < x1, y0 < y1, got {b!r}")
-        elif d == "mask":
-            if not isinstance(self.mask, Image.Image):
-                raise ParamError(f"{prefix}.mask", "the mask detector needs a mask image (white = the region)")
-        elif not (isinstance(d, (str, Path)) and str(d).lower().endswith(".onnx")):
-            raise ParamError(f"{prefix}.detector", f"must be a YOLO ONNX file, 'box' or 'mask', got {d!r}")
-        elif not Path(d).is_file():
-            raise ParamError(f"{prefix}.detector", f"detector file not found: {d}")
-        if self.sam is not None and not Path(self.sam).is_file():
-            raise ParamError(f"{prefix}.sam", f"Segment Anything file not found: {self.sam}")
-        for name in ("prompt", "negative_prompt"):
-            if not isinstance(getattr(self, name), str):
-                raise ParamError(f"{prefix}.{name}", "must be text")
-        _float_range(f"{prefix}.strength", self.strength, 0, 1)
-        _float_range(f"{prefix}.confidence", self.confidence, 0, 1)
-        _float_range(f"{prefix}.min_ratio", self.min_ratio, 0, 1)
-        _float_range(f"{prefix}.max_ratio", self.max_ratio, 0, 1)
-        if self.min_ratio > self.max_ratio:
-            raise ParamError(f"{prefix}.min_ratio", f"must not exceed max_ratio ({self.min_ratio} > {self.max_ratio})")
-        _int_range(f"{prefix}.k_largest", self.k_largest, 0, MAX_REGIONS)
-        _int_range(f"{prefix}.dilate", self.dilate, -128, 128)
-        _int_range(f"{prefix}.mask_blur", self.mask_blur, 0, 64)
-        _int_range(f"{prefix}.padding", self.padding, 0, 256)
-        if self.merge not in MERGE:
-            raise ParamError(f"{prefix}.merge", f"must be one of {', '.join(MERGE)}, got {self.merge!r}")
-        if self.steps is not None:
-            _int_range(f"{prefix}.steps", self.steps, 1, 1000)
-        if self.cfg_scale is not None:
-            _float_range(f"{prefix}.cfg_scale", self.cfg_scale, 0, 100)
 
 
 # -- detectors ------------------------------------------------------------------------------------------
@@ -238,8 +164,6 @@ def region_masks(spec: DetailSpec, image: Image.Image, prefix: str = "detail[0]"
 def region_params(p, spec: DetailSpec, image: Image.Image, mask: np.ndarray, seed: int):
     """The inpainting request for one region: the finished image and the region's mask, only masked at
     the image's size (rounded down to 8), the spec's prompt, strength and overrides."""
-    from .params import GenerationParams
-
     return GenerationParams(
         prompt=spec.prompt or p.prompt, negative_prompt=spec.negative_prompt or p.negative_prompt,
         steps=spec.steps or p.steps, cfg_scale=p.cfg_scale if spec.cfg_scale is None else spec.cfg_scale,

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import ParamError
-from ..pipeline.detail import DetailSpec
+from ..pipeline.params import DetailSpec
 from .security import ApiError, Catalog
 
 VERSION = "24.11.1"

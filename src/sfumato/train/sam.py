@@ -148,11 +148,14 @@ DEMO = (  # (prompt, replacement prompt for the first object)
 
 
 def demo_sheet(sam_path: str | Path, out: str | Path, seed: int = 3) -> None:
-    """Inpaint Anything on the bundled model: its image, the clicked object's mask (SAM, a point at the
-    object's detected centre), and the object replaced by inpainting with another prompt."""
+    """Inpaint Anything and the detail pass on the bundled model, a row per scene: its image, the
+    clicked object's mask (SAM, a point at the object's detected centre), the object replaced by
+    inpainting with another prompt, removed (masked content "fill", the background's colour as the
+    prompt), and a detail pass on the object's box refined by SAM (the replacement prompt, strength 0.6)."""
     from ..api import load
     from ..checkpoint.sam import load_sam
     from ..pipeline.masks import dilate
+    from ..pipeline.params import DetailSpec
     from ..pipeline.segment import Segmenter
     from ..server.segment import views
     from .judge import detect
@@ -167,11 +170,20 @@ def demo_sheet(sam_path: str | Path, out: str | Path, seed: int = 3) -> None:
         mask = dilate(seg.predict([(first.cx * 64, first.cy * 64, 1)]).best, 3)
         blended = views(image, mask)[0]
         m = Image.fromarray((mask * 255).astype(np.uint8))
-        result = pipe.inpaint(replacement, image, m, strength=1.0, mask_blur=0, masked_content="latent noise",
-                              seed=seed + k, watermark=False).images[0]
-        rows.append((image, blended, result))
+        replaced = pipe.inpaint(replacement, image, m, strength=1.0, mask_blur=0, masked_content="latent noise",
+                                seed=seed + k, watermark=False).images[0]
+        background = prompt.rsplit(" on ", 1)[1]          # "a yellow background"
+        removed = pipe.inpaint(background, image, m, strength=0.9, mask_blur=2, masked_content="fill",
+                               seed=seed + k, watermark=False).images[0]
+        ys, xs = np.nonzero(mask)
+        box = (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
+        detailed = pipe.txt2img(prompt, seed=seed + k, watermark=False, detail=[DetailSpec(
+            "box", boxes=[box], sam=sam_path, prompt=replacement, strength=0.6, padding=8)]).images[0]
+        rows.append((image, blended, replaced, removed, detailed))
     cell, gap = 64, 8
-    sheet = Image.new("RGB", (3 * cell + 2 * gap, len(rows) * cell + (len(rows) - 1) * gap), (255, 255, 255))
+    cols = len(rows[0])
+    sheet = Image.new("RGB", (cols * cell + (cols - 1) * gap, len(rows) * cell + (len(rows) - 1) * gap),
+                      (255, 255, 255))
     for r, row in enumerate(rows):
         for c, im in enumerate(row):
             sheet.paste(im.convert("RGB"), (c * (cell + gap), r * (cell + gap)))

@@ -1,0 +1,208 @@
+"""AnimateDiff against diffusers: a tiny SD 1-style model and a MotionAdapter (v1, v2 and v3 layouts:
+24- or 32-frame encodings, with and without the mid-block module) built with diffusers, run as
+diffusers' UNetMotionModel in a k-diffusion loop (Euler, CFG, frame f's noise from seed + f). Our
+latents, from the adapter saved both as a diffusers folder and in the original file layout, must
+match within 1e-4. Plus the context-window schedule, prompt travel, the files written and the errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import sfumato
+from reference import TINY_HF_TEXT, materialize, randomize_, reference_tokens, scaled_linear_alphas_cumprod, write_ldm_sd1
+from sfumato.checkpoint.io import save_file
+from sfumato.cli import main
+from sfumato.errors import ParamError
+from sfumato.models.unet import UNetConfig
+from sfumato.pipeline.animate import context_windows, frame_weights, travel_prompts
+
+BLOCKS = dict(block_out_channels=(32, 64), layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+              cross_attention_dim=32, attention_head_dim=2)
+TINY_UNET = dict(sample_size=8, in_channels=4, out_channels=4, up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                 **BLOCKS)
+TINY_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, sample_size=64,
+                block_out_channels=(32, 32, 64, 64), down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4)
+UNET_CFG = UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, transformer_depth=(1, 0),
+                      num_heads=2, context_dim=32)
+LAYOUTS = {"v1": dict(motion_max_seq_length=24, use_motion_mid_block=False),
+           "v2": dict(motion_max_seq_length=32, use_motion_mid_block=True),
+           "v3": dict(motion_max_seq_length=32, use_motion_mid_block=False)}
+PROMPT, NEGATIVE, STEPS, CFG, FRAMES, SEED = "a red circle", "blurry", 4, 6.0, 6, 7
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from diffusers import AutoencoderKL, MotionAdapter, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    root = tmp_path_factory.mktemp("animate")
+    unet = materialize(lambda: UNet2DConditionModel(**TINY_UNET), 41)
+    vae = materialize(lambda: AutoencoderKL(**TINY_VAE), 42)
+    text = materialize(lambda: CLIPTextModel(CLIPTextConfig(**TINY_HF_TEXT)), 43)
+    model = write_ldm_sd1(root / "tiny.safetensors", unet, vae, text, UNET_CFG)
+    adapters = {}
+    for k, (version, layout) in enumerate(LAYOUTS.items()):
+        adapter = randomize_(MotionAdapter(block_out_channels=(32, 64), motion_layers_per_block=1,   # on the CPU:
+                                           motion_num_attention_heads=8, motion_norm_num_groups=32,   # its position
+                                           **layout), 50 + k).eval()                                  # buffers built
+        folder = root / f"mm-{version}"
+        adapter.save_pretrained(folder)
+        original = root / f"mm_{version}.safetensors"
+        save_file(original_layout(adapter.state_dict()), original)
+        adapters[version] = (adapter, folder, original)
+    return dict(root=root, model=model, unet=unet, vae=vae, text=text, adapters=adapters,
+                pipe=sfumato.load(model, dtype="fp32"))
+
+
+def original_layout(sd: dict) -> dict:
+    """The published files' keys: diffusers' conversion (loaders.single_file_utils) run backwards, and
+    each attention's position encoding stored as the original modules store it."""
+    import re
+
+    out = {}
+    for key, value in sd.items():
+        m = re.match(r"(.*?\.motion_modules\.\d+)\.(.*)", key)
+        head, rest = m[1], "." + m[2]
+        if rest.endswith(".pos_embed.pe"):
+            block = rest[:-len(".pos_embed.pe")]
+            for a in (0, 1):
+                out[f"{head}.temporal_transformer{block}.attention_blocks.{a}.pos_encoder.pe"] = value.clone()
+            continue
+        for ours, theirs in ((".attn1.", ".attention_blocks.0."), (".attn2.", ".attention_blocks.1."),
+                             (".norm1.", ".norms.0."), (".norm2.", ".norms.1."), (".norm3.", ".ff_norm.")):
+            rest = rest.replace(ours, theirs)
+        out[f"{head}.temporal_transformer{rest}"] = value.contiguous()
+    return out
+
+
+class _Motion(torch.nn.Module):
+    """k-diffusion's CompVis interface over diffusers' UNetMotionModel: x is (B, C, F, H, W)."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+        self.register_buffer("alphas_cumprod", scaled_linear_alphas_cumprod())
+
+    def apply_model(self, x, t, cond):
+        return self.unet(x, t, encoder_hidden_states=cond).sample
+
+
+@torch.no_grad()
+def reference_clip(w, version: str, frames: int = FRAMES) -> torch.Tensor:
+    import k_diffusion as K
+    from diffusers import UNetMotionModel
+
+    unet = UNetMotionModel.from_unet2d(w["unet"], w["adapters"][version][0]).eval()
+    den = K.external.CompVisDenoiser(_Motion(unet))
+    sigmas = den.get_sigmas(STEPS)
+    c = w["text"](reference_tokens([PROMPT])).last_hidden_state
+    uc = w["text"](reference_tokens([NEGATIVE])).last_hidden_state
+    noise = torch.stack([torch.randn((4, 8, 8), generator=torch.Generator().manual_seed(SEED + f))
+                         for f in range(frames)], dim=1)[None]            # (1, C, F, h, w)
+
+    context = torch.cat([uc, c]).repeat_interleave(frames, dim=0)   # per frame, as AnimateDiffPipeline feeds it
+
+    def model(x, sigma):
+        u, co = den(torch.cat([x, x]), torch.cat([sigma, sigma]), cond=context).chunk(2)
+        return u + (co - u) * CFG
+
+    out = K.sampling.sample_euler(model, noise * sigmas[0], sigmas, disable=True)
+    return out[0].permute(1, 0, 2, 3)                                     # (F, C, h, w)
+
+
+@pytest.mark.parametrize("version", ["v1", "v2", "v3"])
+@pytest.mark.parametrize("source", ["folder", "original"])
+def test_clip_latents_equal_diffusers(world, version, source):
+    _, folder, original = world["adapters"][version]
+    result = world["pipe"].animate(PROMPT, NEGATIVE, motion_module=folder if source == "folder" else original,
+                                   frames=FRAMES, steps=STEPS, cfg_scale=CFG, seed=SEED, sampler="euler",
+                                   scheduler="normal", width=64, height=64, watermark=False)
+    ref = reference_clip(world, version)
+    assert result.latents.shape == ref.shape == (FRAMES, 4, 8, 8)
+    torch.testing.assert_close(result.latents, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+    assert len(result.frames) == FRAMES and result.frames[0].size == (64, 64)
+    assert f"version: {version}" in result.infotext and "video_length: 6" in result.infotext
+    # the motion module is what ties the frames: without it frame f is the still image of seed + f
+    still = world["pipe"].txt2img(PROMPT, NEGATIVE, steps=STEPS, cfg_scale=CFG, seed=SEED + 2, sampler="euler",
+                                  scheduler="normal", width=64, height=64, watermark=False).latents[0]
+    assert (result.latents[2] - still).abs().max() > 1e-3
+
+
+def test_context_windows_follow_the_extensions_schedule():
+    # short clips: one window; longer: size-16 windows, stride 12 (overlap 4), shifted per step
+    assert context_windows(0, 12, 16, 4) == [list(range(12))]
+    assert context_windows(0, 24, 16, 4) == [list(range(16)), list(range(12, 28))] or \
+        context_windows(0, 24, 16, 4) == [list(range(0, 16)), [e % 24 for e in range(12, 28)]]
+    step1 = context_windows(1, 24, 16, 4)       # ordered halving of 1 is 1/2: a 12-frame shift
+    assert step1[0] == list(range(12, 28 - 0))[:16] or step1[0] == [e % 24 for e in range(12, 28)]
+    covered = {f for w in context_windows(3, 40, 16, 4, closed_loop=True) for f in w}
+    assert covered == set(range(40))
+    assert all(len(w) == 16 for w in context_windows(5, 40, 16, 4))
+
+
+def test_prompt_travel():
+    keyed, plain = travel_prompts("masterpiece\n0: a red circle\n8: a blue circle\non a white background", 16)
+    assert plain is None and keyed == {0: "masterpiece, a red circle, on a white background",
+                                       8: "masterpiece, a blue circle, on a white background"}
+    keyed, _ = travel_prompts("0: a red circle, 8: a blue circle", 16)
+    assert keyed == {0: "a red circle", 8: "a blue circle"}
+    assert travel_prompts("a red circle", 16) == ({}, "a red circle")
+    weights = frame_weights([0, 8], 16, closed_loop=False)
+    assert weights[0] == [(0, 1.0)] and weights[4] == [(0, 0.5), (1, 0.5)] and weights[12] == [(1, 1.0)]
+    looped = frame_weights([0, 8], 16, closed_loop=True)
+    assert looped[12] == [(1, 0.5), (0, 0.5)]
+    for bad in ("0: a\nnot a keyframe\n8: b", "0: a\n20: b", "0: a\n0: b"):
+        with pytest.raises(ParamError) as e:
+            travel_prompts(bad, 16)
+        assert e.value.field == "prompt"
+
+
+def test_files_and_errors(world, tmp_path, capsys):
+    folder = world["adapters"]["v2"][1]
+    out = tmp_path / "clip.gif"
+    args = ["animate", "0: a red circle\n3: a blue circle", "--model", str(world["model"]), "--motion-module",
+            str(folder), "--frames", "4", "--fps", "4", "--steps", "2", "--seed", "3", "--width", "64", "--height", "64",
+            "--dtype", "fp32", "--no-watermark", "-o", str(out)]
+    assert main(args) == 0
+    gif = Image.open(out)
+    assert gif.n_frames == 4 and gif.info["duration"] == 250 and b"AnimateDiff" in gif.info["comment"]
+    webp = tmp_path / "clip.webp"
+    assert main(args[:-1] + [str(webp)]) == 0
+    assert Image.open(webp).n_frames == 4
+    import av
+
+    mp4 = tmp_path / "clip.mp4"
+    assert main(args[:-1] + [str(mp4)]) == 0
+    with av.open(str(mp4)) as container:
+        decoded = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+        assert "AnimateDiff" in container.metadata.get("comment", "")
+    assert len(decoded) == 4 and decoded[0].shape == (64, 64, 3)
+    lossless = Image.open(webp)
+    lossless.seek(0)
+    first = np.asarray(lossless.convert("RGB"), dtype=int)
+    error = np.abs(decoded[0].astype(int) - first).mean()
+    print(f"MP4 frame 0 vs the lossless frame: mean abs error {error:.2f}")
+    assert error < 20   # H.264 4:2:0 at CRF 18 on pixel noise (another clip: ~58): near, not equal
+    capsys.readouterr()
+    for extra, message in ((["--frames", "0"], "frames"), (["--frames", "999"], "frames"),
+                           (["--motion-module", str(world["model"])], "motion_module"),
+                           (["-o", str(tmp_path / "x.png")], "output")):
+        bad = list(args)
+        for flag, value in zip(extra[::2], extra[1::2]):
+            bad[bad.index(flag) + 1] = value
+        assert main(bad) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+    # a module for another UNet (three levels) is refused by name
+    from diffusers import MotionAdapter
+
+    wide = randomize_(MotionAdapter(block_out_channels=(32, 64, 64), motion_layers_per_block=1,
+                                    motion_norm_num_groups=32), 60)
+    wide.save_pretrained(tmp_path / "wide")
+    with pytest.raises(ParamError, match="does not fit") as e:
+        world["pipe"].animate("x", motion_module=tmp_path / "wide", frames=2, steps=1, width=64, height=64)
+    assert e.value.field == "motion_module"
