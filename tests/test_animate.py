@@ -206,3 +206,76 @@ def test_files_and_errors(world, tmp_path, capsys):
     with pytest.raises(ParamError, match="does not fit") as e:
         world["pipe"].animate("x", motion_module=tmp_path / "wide", frames=2, steps=1, width=64, height=64)
     assert e.value.field == "motion_module"
+
+
+# -- the A1111 AnimateDiff extension's API ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def server(world):
+    import shutil
+
+    from conftest import live_server
+    from sfumato.server.app import ServerConfig, create_app
+
+    models = world["root"] / "models"
+    (models / "animatediff").mkdir(parents=True)
+    shutil.copy(world["model"], models / "tiny.safetensors")
+    shutil.copy(world["adapters"]["v2"][2], models / "animatediff" / "mm_v2.safetensors")
+    app = create_app(ServerConfig(models_dir=models, model=models / "tiny.safetensors", watermark=False, dtype="fp32"))
+    with live_server(app) as port:
+        yield f"http://127.0.0.1:{port}"
+
+
+def test_the_extensions_api_gives_the_librarys_clip(server, world):
+    import base64
+    import json
+
+    import requests
+
+    from sfumato.server.animatediff import frames_of
+
+    assert requests.get(f"{server}/v1/motion-modules", timeout=30).json() == ["mm_v2.safetensors"]
+    unit = {"model": "mm_v2.safetensors", "format": ["GIF", "Frame"], "enable": True, "video_length": 4, "fps": 4,
+            "loop_number": 0, "closed_loop": "N", "batch_size": 16, "stride": 1, "overlap": -1}
+    body = {"prompt": PROMPT, "negative_prompt": NEGATIVE, "steps": 3, "cfg_scale": CFG, "seed": SEED,
+            "sampler_name": "Euler", "width": 64, "height": 64, "alwayson_scripts": {"AnimateDiff": {"args": [unit]}}}
+    r = requests.post(f"{server}/sdapi/v1/txt2img", json=body, timeout=300)
+    assert r.status_code == 200, r.text
+    images = r.json()["images"]
+    assert len(images) == 1 + 4                      # the GIF, then each frame
+    gif = frames_of(base64.b64decode(images[0]))
+    want = world["pipe"].animate(PROMPT, NEGATIVE, motion_module=world["adapters"]["v2"][2], frames=4, fps=4, steps=3,
+                                 cfg_scale=CFG, seed=SEED, sampler="euler", width=64, height=64, watermark=False)
+    for k in range(4):
+        frame = np.asarray(Image.open(__import__("io").BytesIO(base64.b64decode(images[1 + k]))).convert("RGB"))
+        assert np.array_equal(frame, np.asarray(want.frames[k]))
+    assert len(gif) == 4
+    info = json.loads(r.json()["info"])
+    assert "AnimateDiff" in info["infotexts"][0] and "model: mm_v2" in info["infotexts"][0]
+    # the job API runs it too (with a preview of the middle frame while it runs)
+    job = requests.post(f"{server}/v1/jobs", json={"mode": "txt2img", **body}, timeout=60).json()
+    import time
+
+    for _ in range(600):
+        status = requests.get(f"{server}/v1/jobs/{job['id']}", timeout=30).json()
+        if status["status"] in ("done", "failed"):
+            break
+        time.sleep(0.1)
+    assert status["status"] == "done", status
+    assert len(status["result"]["images"]) == 5
+
+
+@pytest.mark.parametrize("unit, field", [
+    ({"model": "missing.ckpt"}, "alwayson_scripts.AnimateDiff.args[0].model"),
+    ({"model": "../mm_v2.safetensors"}, "alwayson_scripts.AnimateDiff.args[0].model"),
+    ({"model": "mm_v2.safetensors", "video_length": 999}, "alwayson_scripts.AnimateDiff.args[0].video_length"),
+    ({"model": "mm_v2.safetensors", "format": ["WEBM"]}, "alwayson_scripts.AnimateDiff.args[0].format"),
+    ({"model": "mm_v2.safetensors", "interp": "FILM"}, "alwayson_scripts.AnimateDiff.args[0].interp"),
+    ({"model": "mm_v2.safetensors", "closed_loop": "X"}, "alwayson_scripts.AnimateDiff.args[0].closed_loop"),
+])
+def test_bad_animatediff_args_name_the_field(server, unit, field):
+    import requests
+
+    body = {"prompt": "x", "steps": 1, "width": 64, "height": 64, "alwayson_scripts": {"AnimateDiff": {"args": [unit]}}}
+    r = requests.post(f"{server}/sdapi/v1/txt2img", json=body, timeout=60)
+    assert r.status_code == 422 and r.json()["field"] == field, r.text

@@ -57,6 +57,13 @@ def folders(tmp_path_factory):
 
     (models / "adetailer").mkdir()
     yolo_onnx(models / "adetailer" / "face_yolov8n.onnx")   # a detector that always finds the same two boxes
+    from sfumato.checkpoint.io import save_file
+    from sfumato.models.motion import MotionAdapter, MotionConfig
+
+    (models / "animatediff").mkdir()
+    torch.manual_seed(0)   # a random motion module at the bundled UNet's widths
+    adapter = MotionAdapter(MotionConfig(channels=(48, 96, 96), per_down=1, mid=False, groups=16))
+    save_file({k: v.contiguous() for k, v in adapter.state_dict().items()}, models / "animatediff" / "mm_tiny.safetensors")
     (models / "styles.csv").write_text("name,prompt,negative_prompt\n"
                                        'reddish,"{prompt}, reddish",blurry\nsoft,"soft light",\n')
     return models, root / "outputs"
@@ -590,6 +597,30 @@ def test_detail_pass(page):
     assert "ADetailer model: face_yolov8n.onnx" in page.locator("#gallery figure pre").first.inner_text()
     page.uncheck("#ad_enable")
     page.click("#detail-panel summary")
+
+
+def test_animatediff_panel(page):
+    """The AnimateDiff section sends the extension's args; the gallery plays the GIF that comes back."""
+    _basic(page)
+    page.click("#animate-panel summary")
+    assert page.locator("#animate-model option").all_inner_texts() == ["mm_tiny.safetensors"]
+    page.check("#animate-enable")
+    page.fill("#animate-frames", "3")
+    page.fill("#animate-fps", "6")
+    sent = _generate(page)
+    [unit] = sent["alwayson_scripts"]["AnimateDiff"]["args"]
+    assert unit["model"] == "mm_tiny.safetensors" and unit["video_length"] == 3 and unit["fps"] == 6
+    assert unit["format"] == ["GIF"] and sent["batch_size"] == 1
+    page.locator("#gallery figure img").first.wait_for()
+    src = page.locator("#gallery figure img").first.get_attribute("src")
+    assert src.startswith("data:image/gif;base64,")
+    import base64
+
+    gif = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))
+    assert gif.n_frames == 3 and gif.info["duration"] == 160   # 1000 / 6 ms, in GIF's centiseconds
+    _shot(page, "animatediff")
+    page.uncheck("#animate-enable")
+    page.click("#animate-panel summary")
 
 
 # -- X/Y/Z plot and attention maps ---------------------------------------------------------------------

@@ -204,7 +204,8 @@ class Pipeline:
 
     def animate(self, prompt: str, negative_prompt: str = "", *, motion_module, frames: int = 16, fps: int = 8,
                 context: int | None = None, overlap: int = -1, stride: int = 1, closed_loop: bool = False,
-                watermark: bool = True, callback=None, **settings) -> AnimationResult:
+                loop_prompts: bool | None = None, watermark: bool = True, callback=None,
+                **settings) -> AnimationResult:
         """An AnimateDiff clip: ``motion_module`` is a motion-module file or MotionAdapter folder (or a
         loaded ``models.motion.MotionAdapter``); ``prompt`` may travel (lines ``N: text``);
         ``init_image`` / ``strength`` start every frame from an image. See ``pipeline.animate``."""
@@ -216,7 +217,7 @@ class Pipeline:
         settings.setdefault("height", size)
         p = self.params(prompt=prompt, negative_prompt=negative_prompt, **settings)
         s = AnimationSettings(frames=frames, fps=fps, context=context, overlap=overlap, stride=stride,
-                              closed_loop=closed_loop)
+                              closed_loop=closed_loop, loop_prompts=loop_prompts)
         images, latents = run_animation(self.engine, adapter, p, s, callback)
         if watermark:
             images = [add_watermark(image) for image in images]

@@ -167,4 +167,8 @@ def motion_config_from_state(sd: dict[str, Tensor]) -> MotionConfig:
     pe = [v for k, v in sd.items() if k.endswith("pos_encoder.pe")]
     max_frames = int(pe[0].shape[1]) if pe else 32
     mid = any(k.startswith("mid_block.") for k in sd)
-    return MotionConfig(channels=channels, per_down=per_down, mid=mid, max_frames=max_frames, layers=layers)
+    # AnimateDiff's 32 groups; modules made for other widths (the bundled model's) use the largest of
+    # 32, 16, 8, 4 that divides every level
+    groups = next(g for g in (32, 16, 8, 4, 2, 1) if all(c % g == 0 for c in channels))
+    return MotionConfig(channels=channels, per_down=per_down, mid=mid, max_frames=max_frames, layers=layers,
+                        groups=groups)

@@ -45,7 +45,8 @@ class AnimationSettings:
     context: int | None = None      # frames per window (default: 16, at most the module's length)
     overlap: int = -1               # frames shared by neighbouring windows (-1: a quarter of the context)
     stride: int = 1                 # the extension's context stride (1: windows of consecutive frames)
-    closed_loop: bool = False       # the last frame leads back to the first (windows and prompt travel wrap)
+    closed_loop: bool = False       # the last frame leads back to the first (the windows wrap around)
+    loop_prompts: bool | None = None  # prompt travel wraps too (None: as closed_loop; the extension's R-P: no)
 
     def validate(self, module_frames: int) -> None:
         if isinstance(self.frames, bool) or not isinstance(self.frames, int) or not 1 <= self.frames <= MAX_FRAMES:
@@ -302,8 +303,9 @@ def run_animation(engine, adapter: MotionAdapter, p, s: AnimationSettings,
         return engine.conditioner(texts, clip_skip=p.clip_skip, size=size)
 
     with resident(*engine.model.text_encoders):
-        cond = frame_conds(encode, p.prompt, frames, s.closed_loop)
-        uncond = frame_conds(encode, p.negative_prompt, frames, s.closed_loop)
+        loop = s.closed_loop if s.loop_prompts is None else s.loop_prompts
+        cond = frame_conds(encode, p.prompt, frames, loop)
+        uncond = frame_conds(encode, p.negative_prompt, frames, loop)
         if cond.tokens != uncond.tokens:
             empty = engine.conditioner.encode([""], clip_skip=p.clip_skip, size=size)[0]
             tokens = max(cond.tokens, uncond.tokens)
@@ -330,9 +332,10 @@ def animation_infotext(base: str, adapter_name: str, adapter: MotionAdapter, s: 
     return f"{base}, {entry}"
 
 
-def save_clip(images: list[Image.Image], path, fps: int, infotext: str) -> None:
+def save_clip(images: list[Image.Image], path, fps: int, infotext: str, loops: int = 0) -> None:
     """GIF or WebP (Pillow, looping) or MP4 (PyAV, H.264), the parameters in the file's metadata
-    (GIF comment, WebP XMP description, MP4 comment); written to a temporary name, then renamed."""
+    (GIF comment, WebP XMP description, MP4 comment); ``loops``: plays (0: for ever); written to a
+    temporary name, then renamed."""
     from pathlib import Path
 
     path = Path(path)
@@ -340,10 +343,10 @@ def save_clip(images: list[Image.Image], path, fps: int, infotext: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     if suffix == ".gif":
         images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=duration_ms(fps),
-                       loop=0, comment=infotext.encode("utf-8"))
+                       loop=loops, comment=infotext.encode("utf-8"))
     elif suffix == ".webp":
         images[0].save(tmp, format="WEBP", save_all=True, append_images=images[1:], duration=duration_ms(fps),
-                       loop=0, lossless=True, xmp=_xmp(infotext))
+                       loop=loops, lossless=True, xmp=_xmp(infotext))
     elif suffix == ".mp4":
         _save_mp4(images, tmp, fps, infotext)
     else:

@@ -34,6 +34,7 @@ from ..errors import SfumatoError
 from ..pipeline.safety import check_images, safety_infotext
 from ..pipeline.watermark import add_watermark
 from ..text.styles import apply_styles
+from . import animatediff
 from .adetailer import detail_specs
 from .extensions import UnclipImage, control_specs, unclip_settings
 from .jobs import Job, Stopped
@@ -260,6 +261,7 @@ class Work:
     refiner: Entry | None = None
     attention_maps: bool = False
     hires: Entry | None = None      # the hires pass's own checkpoint
+    animation: Any = None           # an AnimateDiff clip (server.animatediff.AnimationRequest)
 
 
 def build_work(req: Txt2ImgRequest | Img2ImgRequest, defaults: Defaults, catalog: Catalog, limits: Limits) -> Work:
@@ -313,14 +315,19 @@ def build_work(req: Txt2ImgRequest | Img2ImgRequest, defaults: Defaults, catalog
                                    "hr_checkpoint_name")
                 settings["hires_checkpoint"] = hires.stem
     settings.update(unclip_settings(req.unclip_images, req.unclip_noise_level, limits))
+    animation = None
     if req.alwayson_scripts:   # sd-webui-controlnet's units (other extensions only when empty)
         settings["control"], ips = control_specs(req.alwayson_scripts, catalog, limits, settings.get("init_image"))
         if ips:
             settings["ip_adapters"] = ips
         for name, value in req.alwayson_scripts.items():
+            args = value.get("args", []) if isinstance(value, dict) else value
             if str(name).lower() == "adetailer":
-                args = value.get("args", []) if isinstance(value, dict) else value
                 settings["detail"] = detail_specs(args, catalog, f"alwayson_scripts.{name}.args")
+            elif str(name).lower() == "animatediff":
+                animation = animatediff.parse(args, catalog, f"alwayson_scripts.{name}.args")
+                if animation is not None:
+                    animatediff.check_request(animation, settings, req.n_iter)
     _check_limits(settings, req.n_iter, limits)
     try:
         params = GenerationParams(**settings).validated()
@@ -338,6 +345,7 @@ def build_work(req: Txt2ImgRequest | Img2ImgRequest, defaults: Defaults, catalog
                 options.checkpoint, options.vae, fields, refiner, req.attention_maps)
     if params.hires_checkpoint is not None:
         work.hires = catalog.find("checkpoint", req.hr_checkpoint_name, "hr_checkpoint_name")
+    work.animation = animation
     return work
 
 
@@ -424,6 +432,13 @@ def _check_limits(s: dict[str, Any], n_iter: int, limits: Limits) -> None:
 
 def run_work(work: Work, job: Job, pipe: Pipeline, watermark: bool) -> dict[str, Any]:
     """Run every iteration on the worker; returns A1111's response."""
+    if work.animation is not None:   # the AnimateDiff extension's response: the clip, then any frames
+        videos, frames, text = animatediff.run(work, job, pipe, watermark)
+        details = info(work, pipe, [], job.started or time.time())
+        details.update(infotexts=[text], all_seeds=[work.params.seed], seed=work.params.seed)
+        images = videos + [encode_png(frame, text) for frame in frames]
+        return {"images": images if work.send_images else [], "parameters": work.parameters,
+                "info": json.dumps(details)}
     items, maps, _ = run_items(work, job, pipe, watermark)
     out = response(work, pipe, items, job.started or time.time())
     if work.attention_maps:

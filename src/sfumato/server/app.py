@@ -32,7 +32,7 @@ from ..api import Pipeline, load, resolve_device
 from ..checkpoint.io import sha256_file
 from ..checkpoint.load import check_file, read_vae_file
 from ..errors import SfumatoError
-from . import a1111, adetailer, extensions, extras, history, pose, segment, ui, xyz
+from . import a1111, adetailer, animatediff, extensions, extras, history, pose, segment, ui, xyz
 from .a1111 import Defaults, Img2ImgJob, Img2ImgRequest, PngInfoRequest, Txt2ImgJob, Txt2ImgRequest, Work
 from .jobs import Job, JobQueue, QueueFull, wait
 from .security import LOOPBACK_HOSTS, ApiError, Catalog, Entry, Guard, Limits, decode_image, machine_hosts
@@ -223,6 +223,7 @@ def create_app(config: ServerConfig, pipeline: Pipeline | None = None) -> FastAP
     segment.add_routes(app, state)
     pose.add_routes(app, state)
     adetailer.add_routes(app, state)
+    animatediff.add_routes(app, state)
     ui.add_routes(app, state)
     app.mount("/", StaticFiles(directory=STATIC, html=True), name="ui")
     app.add_middleware(Guard, credentials=config.api_auth, loopback_only=not config.listen,

@@ -97,7 +97,7 @@ def control_specs(scripts: dict[str, Any], catalog: Catalog, limits: Limits,
         field = f"alwayson_scripts.{name}.args"
         if not isinstance(args, list):
             raise ApiError(422, "expected a list", field)
-        if str(name).lower() == "adetailer":   # the detail passes: server.adetailer
+        if str(name).lower() in ("adetailer", "animatediff"):   # server.adetailer, server.animatediff
             continue
         if str(name).lower() != "controlnet":
             if any(a not in (False, None, {}, [], "") for a in args):

@@ -62,6 +62,8 @@ def save_result(outputs_dir: Path | None, result: Any, now: float | None = None)
             number = _next_number(day)
             for b64 in result.get("images") or []:
                 data = base64.b64decode(b64, validate=True)
+                if not data.startswith(b"\x89PNG"):   # an AnimateDiff clip (GIF, MP4, WebP): not kept here
+                    continue
                 text = _parameters(data)
                 seed = m.group(1) if text and (m := _SEED.search(text.rsplit("\n", 1)[-1])) else "image"
                 path = day / f"{number:05d}-{seed.lstrip('-')}.png"

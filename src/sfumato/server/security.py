@@ -289,10 +289,10 @@ def decode_image(data: str, field: str, limits: Limits) -> Image.Image:
 # -- names resolved inside their folders -------------------------------------------------------
 
 KINDS = ("checkpoint", "vae", "lora", "embedding", "hypernetwork", "controlnet", "upscaler", "clip_vision", "sam",
-         "annotator", "adetailer")
+         "annotator", "adetailer", "motion")
 SUBFOLDERS = {"vae": "VAE", "lora": "Lora", "embedding": "embeddings", "hypernetwork": "hypernetworks",
               "controlnet": "ControlNet", "upscaler": "upscalers", "clip_vision": "clip_vision", "sam": "sam",
-              "annotator": "annotators", "adetailer": "adetailer"}
+              "annotator": "annotators", "adetailer": "adetailer", "motion": "animatediff"}
 SUFFIXES = {
     "checkpoint": (".safetensors", ".ckpt"),
     "vae": (".safetensors", ".ckpt", ".pt"),
@@ -305,11 +305,12 @@ SUFFIXES = {
     "sam": (".pth", ".safetensors"),
     "annotator": (".pth", ".pt", ".safetensors"),
     "adetailer": (".onnx",),
+    "motion": (".ckpt", ".safetensors", ".pth", ".pt"),
 }
 LABELS = {"checkpoint": "models folder", "vae": "VAE folder", "lora": "Lora folder", "embedding": "embeddings folder",
           "hypernetwork": "hypernetworks folder", "controlnet": "ControlNet folder", "upscaler": "upscalers folder",
           "clip_vision": "clip_vision folder", "sam": "sam folder", "annotator": "annotators folder",
-          "adetailer": "adetailer folder"}
+          "adetailer": "adetailer folder", "motion": "animatediff folder"}
 Entry = FolderEntry
 
 
@@ -329,8 +330,8 @@ class Catalog:
     itself; VAEs, LoRAs, embeddings, hypernetworks, ControlNets (and IP-Adapters), CLIP image
     encoders, x4 upscalers, Segment Anything models and the ControlNet annotators' networks in its
     ``VAE``, ``Lora``, ``embeddings``, ``hypernetworks``, ``ControlNet``, ``clip_vision``,
-    ``upscalers``, ``sam`` and ``annotators`` subfolders, and ADetailer's ONNX detectors in
-    ``adetailer``. Each
+    ``upscalers``, ``sam`` and ``annotators`` subfolders, ADetailer's ONNX detectors in
+    ``adetailer`` and AnimateDiff's motion modules in ``animatediff``. Each
     kind is a ``checkpoint.folders.ModelFolder``: the one resolver
     the pipeline uses too, so a name the catalog answers is the file that loads.
     """

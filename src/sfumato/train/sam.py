@@ -151,7 +151,8 @@ def demo_sheet(sam_path: str | Path, out: str | Path, seed: int = 3) -> None:
     """Inpaint Anything and the detail pass on the bundled model, a row per scene: its image, the
     clicked object's mask (SAM, a point at the object's detected centre), the object replaced by
     inpainting with another prompt, removed (masked content "fill", the background's colour as the
-    prompt), and a detail pass on the object's box refined by SAM (the replacement prompt, strength 0.6)."""
+    prompt), and a detail pass on the object's box refined by SAM (the replacement object alone as its
+    prompt, strength 0.75: the region is cropped with 16 px of context and redrawn at 64 px)."""
     from ..api import load
     from ..checkpoint.sam import load_sam
     from ..pipeline.masks import dilate
@@ -177,8 +178,9 @@ def demo_sheet(sam_path: str | Path, out: str | Path, seed: int = 3) -> None:
                                seed=seed + k, watermark=False).images[0]
         ys, xs = np.nonzero(mask)
         box = (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
-        detailed = pipe.txt2img(prompt, seed=seed + k, watermark=False, detail=[DetailSpec(
-            "box", boxes=[box], sam=sam_path, prompt=replacement, strength=0.6, padding=8)]).images[0]
+        alone = f"{replacement.split(' to the left of ')[0].split(' on ')[0]} on {background}"   # the region's own
+        detailed = pipe.txt2img(prompt, seed=seed + k, watermark=False, detail=[DetailSpec(   # caption
+            "box", boxes=[box], sam=sam_path, prompt=alone, strength=0.75, padding=16)]).images[0]
         rows.append((image, blended, replaced, removed, detailed))
     cell, gap = 64, 8
     cols = len(rows[0])

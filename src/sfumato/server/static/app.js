@@ -22,6 +22,7 @@ function buildRequest() {
   refinerFields(r);
   controlnetFields(r);
   detailFields(r);
+  animateFields(r);
   xyzFields(r);
   if ($("attention_maps").checked) r.attention_maps = true;
   return r;

@@ -74,6 +74,7 @@ async function loadLists() {
   $("refiner_checkpoint").replaceChildren(new Option("None", ""), ...models.map((m) => new Option(m.title, m.title)));
   $("hr_checkpoint_name").replaceChildren(new Option("same", ""), ...models.map((m) => new Option(m.title, m.title)));
   await Promise.all([loadModelInfo(), loadNetworks(), loadStyles(), loadControlNetLists(), loadUpscalers(), loadDetectors(),
+    loadMotionModules(),
     loadAxes(), loadSamModels()]);
 }
 

@@ -6,7 +6,8 @@
  * "Send to upscale", "Reuse settings", and the words of its attention maps. */
 function addFigure({ b64, src, text, alt, maps, container, flagged }) {
   const figure = el("figure");
-  const img = el("img", { src: src || `data:image/png;base64,${b64}`, alt: alt || "" });
+  const mime = b64 && b64.startsWith("R0lGOD") ? "image/gif" : b64 && b64.startsWith("UklGR") ? "image/webp" : "image/png";
+  const img = el("img", { src: src || `data:${mime};base64,${b64}`, alt: alt || "" });
   const original = img.src;
   const caption = el("figcaption");
   const pre = el("pre", { textContent: text || "" });
