@@ -16,18 +16,9 @@ from reference import TINY_HF_TEXT, materialize, randomize_, reference_tokens, s
 from sfumato.checkpoint.io import save_file
 from sfumato.cli import main
 from sfumato.errors import ParamError
-from sfumato.models.unet import UNetConfig
 from sfumato.pipeline.animate import context_windows, frame_weights, travel_prompts
+from test_controlnet_pipeline import TINY_UNET, TINY_VAE, UNET_CFG   # the same tiny SD 1-style model
 
-BLOCKS = dict(block_out_channels=(32, 64), layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-              cross_attention_dim=32, attention_head_dim=2)
-TINY_UNET = dict(sample_size=8, in_channels=4, out_channels=4, up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-                 **BLOCKS)
-TINY_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, sample_size=64,
-                block_out_channels=(32, 32, 64, 64), down_block_types=("DownEncoderBlock2D",) * 4,
-                up_block_types=("UpDecoderBlock2D",) * 4)
-UNET_CFG = UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, transformer_depth=(1, 0),
-                      num_heads=2, context_dim=32)
 LAYOUTS = {"v1": dict(motion_max_seq_length=24, use_motion_mid_block=False),
            "v2": dict(motion_max_seq_length=32, use_motion_mid_block=True),
            "v3": dict(motion_max_seq_length=32, use_motion_mid_block=False)}
@@ -133,15 +124,18 @@ def test_clip_latents_equal_diffusers(world, version, source):
 
 
 def test_context_windows_follow_the_extensions_schedule():
-    # short clips: one window; longer: size-16 windows, stride 12 (overlap 4), shifted per step
-    assert context_windows(0, 12, 16, 4) == [list(range(12))]
-    assert context_windows(0, 24, 16, 4) == [list(range(16)), list(range(12, 28))] or \
-        context_windows(0, 24, 16, 4) == [list(range(0, 16)), [e % 24 for e in range(12, 28)]]
-    step1 = context_windows(1, 24, 16, 4)       # ordered halving of 1 is 1/2: a 12-frame shift
-    assert step1[0] == list(range(12, 28 - 0))[:16] or step1[0] == [e % 24 for e in range(12, 28)]
-    covered = {f for w in context_windows(3, 40, 16, 4, closed_loop=True) for f in w}
-    assert covered == set(range(40))
-    assert all(len(w) == 16 for w in context_windows(5, 40, 16, 4))
+    """The uniform schedule worked by hand: windows of 16 every 12 frames (overlap 4), frames wrapping
+    around, shifted each step by the step's ordered-halving fraction of the clip (0, 1/2, 1/4, 3/4, …)."""
+    wrap = lambda a, b: [e % 24 for e in range(a, b)]   # noqa: E731
+    assert context_windows(0, 12, 16, 4) == [list(range(12))]                 # short clips: one window
+    assert context_windows(0, 24, 16, 4) == [list(range(16)), wrap(12, 28)]
+    assert context_windows(1, 24, 16, 4) == [wrap(12, 28), wrap(24, 40)]       # shifted by 24 · 1/2
+    assert context_windows(2, 24, 16, 4) == [wrap(6, 22), wrap(18, 34)]        # by 24 · 1/4
+    assert context_windows(0, 24, 16, 4, closed_loop=True) == [list(range(16)), wrap(12, 28)]
+    assert context_windows(0, 40, 16, 4, closed_loop=True) == [[e % 40 for e in range(j, j + 16)] for j in (0, 12, 24, 36)]
+    # stride 2: also windows of every second frame
+    strided = context_windows(0, 40, 16, 4, stride=2)
+    assert [e % 40 for e in range(0, 32, 2)] in strided and list(range(16)) in strided
 
 
 def test_prompt_travel():

@@ -247,6 +247,9 @@ def _cli_cases(root: Path, control: Path):
         "controlnet": lambda i, p: ["txt2img", "x", "--control-model", str(p), "--control-image", str(control),
                                     *common],
         "taesd": lambda i, p: ["txt2img", "x", "--vae-decoder", f"taesd:{p}", *common],
+        "annotator": lambda i, p: ["pose", "detect", "--image", str(control), "--openpose", str(p), "-o", out],
+        "motion module": lambda i, p: ["animate", "x", "--motion-module", str(p), "--steps", "1", "--frames", "2",
+                                       "-o", str(root / "out.gif")],
         "merge A": lambda i, p: ["merge", str(p), str(BUNDLED_PATH), "--alpha", "0.5", "--no-progress",
                                  "-o", str(root / "merged.safetensors")],
         "merge B": lambda i, p: ["merge", str(BUNDLED_PATH), str(p), "--alpha", "0.5", "--no-progress",
@@ -292,7 +295,7 @@ def test_hostile_files_through_the_command_line(world, capsys):
             worst = (max(worst[0], seconds), max(worst[1], peak.grew))
             err = capsys.readouterr().err.strip()
             ok = code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
-            for written in (root / "out.png", root / "merged.safetensors"):
+            for written in (root / "out.png", root / "merged.safetensors", root / "out.gif"):
                 if written.exists():
                     ok = False
                     written.unlink()

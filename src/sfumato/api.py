@@ -202,13 +202,14 @@ class Pipeline:
         p = self.params(prompt=prompt, negative_prompt=negative_prompt, **settings)
         return self.run(p, callback, watermark, patches)
 
-    def animate(self, prompt: str, negative_prompt: str = "", *, motion_module, frames: int = 16, fps: int = 8,
+    def animate(self, prompt: str, negative_prompt: str = "", *, motion_module=None, frames: int = 16, fps: int = 8,
                 context: int | None = None, overlap: int = -1, stride: int = 1, closed_loop: bool = False,
                 loop_prompts: bool | None = None, watermark: bool = True, callback=None,
                 **settings) -> AnimationResult:
         """An AnimateDiff clip: ``motion_module`` is a motion-module file or MotionAdapter folder (or a
-        loaded ``models.motion.MotionAdapter``); ``prompt`` may travel (lines ``N: text``);
-        ``init_image`` / ``strength`` start every frame from an image. See ``pipeline.animate``."""
+        loaded ``models.motion.MotionAdapter``; None: the bundled model's own, for the bundled model);
+        ``prompt`` may travel (lines ``N: text``); ``init_image`` / ``strength`` start every frame from
+        an image. See ``pipeline.animate``."""
         from .pipeline.animate import AnimationSettings, animation_infotext, run_animation
 
         adapter, name = self._motion_module(motion_module)
@@ -227,8 +228,14 @@ class Pipeline:
     def _motion_module(self, source):
         """A loaded motion module and its name (a file is loaded once per version of the file)."""
         from .checkpoint.motion import load_motion_module
+        from .data import BUNDLED_MOTION_PATH, BUNDLED_PATH
         from .models.motion import MotionAdapter
 
+        if source is None:
+            if self.model.path.resolve() != BUNDLED_PATH or not BUNDLED_MOTION_PATH.is_file():
+                raise ParamError("motion_module", "give a motion module (mm_sd_v15_v2.ckpt, v3_sd15_mm.ckpt, …); "
+                                                  "only the bundled model has one built in")
+            source = BUNDLED_MOTION_PATH
         if isinstance(source, MotionAdapter):
             return source, "motion_module"
         path = Path(source)

@@ -13,9 +13,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("prompt", help="the prompt; lines 'N: text' are keyframes (prompt travel)")
     p.add_argument("--negative-prompt", "-n", default="")
     p.add_argument("--model", help="checkpoint file or diffusers folder (default: the bundled model)")
-    p.add_argument("--motion-module", required=True, metavar="FILE",
+    p.add_argument("--motion-module", metavar="FILE",
                    help="mm_sd_v15_v2.ckpt, v3_sd15_mm.ckpt, … (.ckpt through the allow-list, .safetensors) or a "
-                        "diffusers MotionAdapter folder")
+                        "diffusers MotionAdapter folder (default: the bundled model's own)")
     p.add_argument("--frames", type=int, default=16, help="frames of the clip (default 16)")
     p.add_argument("--fps", type=int, default=8, help="frames per second of the file (default 8)")
     p.add_argument("--context", type=int, help="frames per context window (default 16, at most the module's)")
@@ -47,7 +47,7 @@ def cmd_animate(args: argparse.Namespace) -> int:
         raise SfumatoError(f"--output: folder {out.parent} does not exist")
     if out.suffix.lower() not in (".gif", ".webp", ".mp4"):
         raise SfumatoError(f"output: an animation is written as .gif, .webp or .mp4, got {out.name}")
-    if not Path(args.motion_module).exists():
+    if args.motion_module is not None and not Path(args.motion_module).exists():
         raise SfumatoError(f"motion_module: not found: {args.motion_module}")
     settings = dict(steps=args.steps, cfg_scale=args.cfg_scale, sampler=args.sampler, scheduler=args.scheduler,
                     seed=args.seed)

@@ -353,11 +353,16 @@ class Catalog:
         # the operator's own choice may lie anywhere; listed under its folder name when it lies there
         self.default = listed[0] if listed else FolderEntry("checkpoint", default.name, default.resolve(),
                                                             default.is_dir())
-        self.builtins = [self.default]   # checkpoints listed beside the folder's: the default, and with the
-        from ..data import BUNDLED_PATH, BUNDLED_UNCLIP_PATH   # bundled model its unCLIP variant
+        # listed beside the folders' files: the default checkpoint, and with the bundled model its unCLIP
+        # variant (a checkpoint) and its motion module
+        from ..data import BUNDLED_MOTION_PATH, BUNDLED_PATH, BUNDLED_UNCLIP_PATH
 
+        self.builtins = [self.default]
+        self.motion_builtins: list[FolderEntry] = []
         if default.resolve() == BUNDLED_PATH and BUNDLED_UNCLIP_PATH.is_file():
             self.builtins.append(FolderEntry("checkpoint", BUNDLED_UNCLIP_PATH.name, BUNDLED_UNCLIP_PATH, False))
+        if default.resolve() == BUNDLED_PATH and BUNDLED_MOTION_PATH.is_file():
+            self.motion_builtins.append(FolderEntry("motion", BUNDLED_MOTION_PATH.name, BUNDLED_MOTION_PATH, False))
 
     def styles(self) -> dict:
         """A1111's prompt styles from ``models_dir/styles.csv`` (read again when it changes)."""
@@ -381,9 +386,10 @@ class Catalog:
     def entries(self, kind: str) -> list[Entry]:
         folder = self.folders.get(kind)
         found = folder.entries() if folder is not None else []
-        if kind == "checkpoint":
+        if kind in ("checkpoint", "motion"):
+            builtins = self.builtins if kind == "checkpoint" else self.motion_builtins
             paths = {e.path.resolve() for e in found}
-            found = [e for e in self.builtins if e.path.resolve() not in paths] + found
+            found = [e for e in builtins if e.path.resolve() not in paths] + found
         return found
 
     def find(self, kind: str, name: object, field: str) -> Entry:
@@ -391,10 +397,10 @@ class Catalog:
         model name, or a title ``name [hash]``); 422 naming ``field`` if there is none."""
         check_name(name, field)
         folder = self.folders.get(kind)
-        if kind == "checkpoint":
+        if kind in ("checkpoint", "motion"):
             listed = folder.entries() if folder is not None else []
             key = strip_title_hash(name)
-            for entry in self.builtins:
+            for entry in self.builtins if kind == "checkpoint" else self.motion_builtins:
                 if entry not in listed and key in (entry.name, entry.base, entry.model_name):
                     return entry
         if folder is None:
