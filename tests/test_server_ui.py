@@ -30,7 +30,7 @@ def _client(spec, outputs_dir: Path | None = None) -> TestClient:
 def test_the_model_gives_its_native_size(family, size):
     info = _client(PRESETS[family]).get("/v1/ui/model").json()
     assert info == {"family": family, "width": size, "height": size, "title": "model [0123456789]", "history": False,
-                    "unclip": family.startswith("sd2-unclip")}
+                    "unclip": family.startswith("sd2-unclip"), "depth_estimator": False}
 
 
 def test_no_model_between_two_is_a_503():
