@@ -7,12 +7,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import SfumatoError
-
-
-def _open_image(path: str, field: str):
-    from ..safe_image import open_image
-
-    return open_image(path, field)
+from ..safe_image import open_image
 
 
 def add_ip_adapter(p: argparse.ArgumentParser) -> None:
@@ -110,7 +105,7 @@ def detail_specs(args: argparse.Namespace) -> list:
                 boxes.append(values)
             specs.append(DetailSpec("box", boxes=boxes, **options))
         elif detector.startswith("mask="):
-            specs.append(DetailSpec("mask", mask=_open_image(detector[5:], "--detail"), **options))
+            specs.append(DetailSpec("mask", mask=open_image(detector[5:], "--detail"), **options))
         else:
             specs.append(DetailSpec(detector, **options))
     return specs
@@ -140,7 +135,7 @@ def control_specs(args: argparse.Namespace) -> list:
         options = {field: getattr(args, name)[i] for name, field in _CONTROL_FIELDS.items() if getattr(args, name)}
         if options.get("annotator") in ("none", ""):   # a placeholder for a unit without one
             del options["annotator"]
-        specs.append(ControlSpec(path, _open_image(args.control_image[i], "--control-image"), **options))
+        specs.append(ControlSpec(path, open_image(args.control_image[i], "--control-image"), **options))
     return specs
 
 
@@ -166,5 +161,5 @@ def ip_specs(args: argparse.Namespace) -> list:
             raise SfumatoError(f"--ip-adapter: file not found: {path}")
         options = {field: getattr(args, name)[i if len(getattr(args, name)) > 1 else 0]
                    for name, field in _IP_FIELDS.items() if getattr(args, name)}
-        specs.append(IPAdapterSpec(path, _open_image(args.ip_image[i], "--ip-image"), **options))
+        specs.append(IPAdapterSpec(path, open_image(args.ip_image[i], "--ip-image"), **options))
     return specs

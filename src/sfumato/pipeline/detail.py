@@ -113,6 +113,22 @@ def yolo_boxes(path: Path, image: Image.Image, confidence: float, field_name: st
     return boxes
 
 
+_SEGMENTERS: dict[tuple, Any] = {}
+
+
+def _segmenter(path: Path, device: str):
+    """The SAM of a detail pass, loaded once per file version and device (every image of a batch
+    and every pass reuse it)."""
+    from ..checkpoint.sam import load_sam
+    from .segment import Segmenter
+
+    key = (str(path.resolve()), path.stat().st_mtime_ns, device)
+    if key not in _SEGMENTERS:
+        _SEGMENTERS.clear()
+        _SEGMENTERS[key] = Segmenter(load_sam(path, device=device))
+    return _SEGMENTERS[key]
+
+
 def _box_mask(box, size: tuple[int, int]) -> np.ndarray:
     w, h = size
     m = np.zeros((h, w), dtype=bool)
@@ -136,10 +152,7 @@ def region_masks(spec: DetailSpec, image: Image.Image, prefix: str = "detail[0]"
         boxes = list(spec.boxes) if spec.detector == "box" else \
             yolo_boxes(Path(spec.detector), image, spec.confidence, f"{prefix}.detector")
         if spec.sam is not None and boxes:
-            from ..checkpoint.sam import load_sam
-            from .segment import Segmenter
-
-            segmenter = Segmenter(load_sam(spec.sam, device=device))
+            segmenter = _segmenter(Path(spec.sam), device)
             segmenter.set_image(image)
             masks = [segmenter.predict([], tuple(b), multimask=False).best for b in boxes]
         else:

@@ -13,13 +13,11 @@ interpolation, video sources for ControlNet V2V, last-frame latents).
 from __future__ import annotations
 
 import base64
-import io
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from PIL import Image
 
 from ..errors import ParamError
@@ -144,13 +142,3 @@ def add_routes(app, state) -> None:
     def motion_modules() -> list[str]:
         """The motion modules of the models folder's ``animatediff`` subfolder."""
         return [e.name for e in state.catalog.entries("motion")]
-
-
-def frames_of(data: bytes) -> list[np.ndarray]:
-    """The frames of a GIF or WebP clip (for tests and clients)."""
-    image = Image.open(io.BytesIO(data))
-    out = []
-    for k in range(getattr(image, "n_frames", 1)):
-        image.seek(k)
-        out.append(np.asarray(image.convert("RGB")))
-    return out
