@@ -4,6 +4,8 @@
   single file in bf16: normal (all kept), by-stage (``by_stage``: each component read in for its stage,
   what ``sfumato txt2img`` does with a .safetensors file) and ``low_memory``; the load's peak and the generation's peak (the
   high-water mark reset after loading) are reported apart;
+- an AnimateDiff clip (``--only animate``): 16 frames at 512² with a random motion module of
+  mm_sd_v15_v2's shapes, sampled as one context window, each frame decoded on its own;
 - the VAE decode alone at 512², 1024² and 2048² (bf16 weights), whole and tiled, above the
   resident weights: tiled, the peak should not grow with the image area.
 
@@ -26,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from sfumato.bench import TEXT_PREFIX, _proc_status, build  # sfumato bench's seeded random weights
+from sfumato.bench import TEXT_PREFIX, _proc_status, build, random_  # sfumato bench's seeded random weights
 from sfumato.checkpoint.io import save_file
 from sfumato.checkpoint.specs import UNET_PREFIX, VAE_PREFIX
 from sfumato.models.clip import CLIP_L, build_text_encoder
@@ -82,6 +84,29 @@ def child(spec: dict) -> dict:
         result["sampling_peak_gib"] = _gib(max(sampling))
         result["generate_peak_gib"] = _gib(_proc_status("VmHWM"))
         result["peak_gib"] = max(result["load_peak_gib"], result["generate_peak_gib"])
+    elif spec["task"] == "animate":   # an AnimateDiff clip: 16 frames, each decoded on its own
+        import sfumato
+        from sfumato.models.motion import MotionAdapter, MotionConfig
+
+        motion = Path(spec["ckpt"]).with_name("mm-v2-random.safetensors")
+        if not motion.exists():
+            adapter = random_(MotionAdapter(MotionConfig()), 7)   # mm_sd_v15_v2's shapes (built here: its buffers)
+            save_file({k: v.to(torch.float16).contiguous() for k, v in adapter.state_dict().items()}, motion)
+            del adapter
+        _reset_peak()
+        pipe = sfumato.load(spec["ckpt"], dtype="bf16")
+        result["load_peak_gib"] = _gib(_proc_status("VmHWM"))
+        _reset_peak()
+        start = time.perf_counter()
+        sampling = []
+        clip = pipe.animate("a red circle moving to the right", motion_module=motion, frames=spec["frames"],
+                            width=512, height=512, steps=spec["steps"], sampler="Euler", cfg_scale=7.0, seed=1,
+                            watermark=False, callback=lambda rec: sampling.append(_proc_status("VmHWM")))
+        result["frames"] = len(clip.frames)
+        result["generate_s"] = round(time.perf_counter() - start, 2)
+        result["sampling_peak_gib"] = _gib(max(sampling))
+        result["generate_peak_gib"] = _gib(_proc_status("VmHWM"))
+        result["peak_gib"] = max(result["load_peak_gib"], result["generate_peak_gib"])
     else:  # the VAE decode alone, whole or tiled, as the generation loop calls it
         from sfumato.pipeline import tiling
 
@@ -117,7 +142,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--storage", choices=("fp16", "bf16"), default="fp16", help="the checkpoint's storage dtype")
-    ap.add_argument("--only", default="generate,decode")
+    ap.add_argument("--only", default="generate,decode", help="generate, decode, animate (an AnimateDiff clip)")
+    ap.add_argument("--frames", type=int, default=16, help="animate: the clip's frames")
     ap.add_argument("--modes", default="normal,by-stage,low",
                     help="generate: normal (all kept), by-stage (each component loaded for its stage), low (low_memory)")
     ap.add_argument("--sides", default="64,128,256", help="decode: latent sides (×8 image pixels)")
@@ -152,6 +178,13 @@ def main() -> None:
                 report(f"generate_512_bf16_{args.storage}_file_{mode}_compute_{args.compute}",
                        in_process(task="generate", ckpt=ckpt, steps=args.steps, mode=mode,
                                   compute=args.compute))
+    if "animate" in parts:
+        with tempfile.TemporaryDirectory(prefix="sfumato-memory-") as tmp:
+            ckpt = args.ckpt or Path(tmp) / f"sd15-random-{args.storage}.safetensors"
+            if not ckpt.exists():
+                in_process(task="write", ckpt=ckpt, storage=args.storage)
+            report(f"animate_{args.frames}x512_bf16_{args.storage}_file",
+                   in_process(task="animate", ckpt=ckpt, steps=args.steps, frames=args.frames))
     if "decode" in parts:
         for tile in (int(t) for t in args.tiles.split(",")):
             for side in (int(s) for s in args.sides.split(",")):

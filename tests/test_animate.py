@@ -13,6 +13,7 @@ from PIL import Image
 
 import sfumato
 from reference import TINY_HF_TEXT, materialize, randomize_, reference_tokens, scaled_linear_alphas_cumprod, write_ldm_sd1
+from sfumato.api import ControlSpec
 from sfumato.checkpoint.io import save_file
 from sfumato.cli import main
 from sfumato.errors import ParamError
@@ -71,24 +72,33 @@ def original_layout(sd: dict) -> dict:
 
 
 class _Motion(torch.nn.Module):
-    """k-diffusion's CompVis interface over diffusers' UNetMotionModel: x is (B, C, F, H, W)."""
+    """k-diffusion's CompVis interface over diffusers' UNetMotionModel: x is (B, C, F, H, W). With a
+    ControlNet, as AnimateDiffControlNetPipeline runs it: on the B·F frames flattened, each with its own
+    hint (``hints``: (F, 3, H, W), the same for the uncond and cond clips)."""
 
-    def __init__(self, unet):
+    def __init__(self, unet, controlnet=None, hints=None):
         super().__init__()
-        self.unet = unet
+        self.unet, self.controlnet, self.hints = unet, controlnet, hints
         self.register_buffer("alphas_cumprod", scaled_linear_alphas_cumprod())
 
     def apply_model(self, x, t, cond):
-        return self.unet(x, t, encoder_hidden_states=cond).sample
+        if self.controlnet is None:
+            return self.unet(x, t, encoder_hidden_states=cond).sample
+        b, c, f, h, w = x.shape
+        flat = x.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
+        down, mid = self.controlnet(flat, t.repeat_interleave(f), cond, controlnet_cond=self.hints.repeat(b, 1, 1, 1),
+                                    conditioning_scale=1.0, return_dict=False)
+        return self.unet(x, t, encoder_hidden_states=cond, down_block_additional_residuals=down,
+                         mid_block_additional_residual=mid).sample
 
 
 @torch.no_grad()
-def reference_clip(w, version: str, frames: int = FRAMES) -> torch.Tensor:
+def reference_clip(w, version: str, frames: int = FRAMES, unet2d=None, controlnet=None, hints=None) -> torch.Tensor:
     import k_diffusion as K
     from diffusers import UNetMotionModel
 
-    unet = UNetMotionModel.from_unet2d(w["unet"], w["adapters"][version][0]).eval()
-    den = K.external.CompVisDenoiser(_Motion(unet))
+    unet = UNetMotionModel.from_unet2d(unet2d or w["unet"], w["adapters"][version][0]).eval()
+    den = K.external.CompVisDenoiser(_Motion(unet, controlnet, hints))
     sigmas = den.get_sigmas(STEPS)
     c = w["text"](reference_tokens([PROMPT])).last_hidden_state
     uc = w["text"](reference_tokens([NEGATIVE])).last_hidden_state
@@ -123,6 +133,79 @@ def test_clip_latents_equal_diffusers(world, version, source):
     assert (result.latents[2] - still).abs().max() > 1e-3
 
 
+def _animate(w, prompt=PROMPT, **settings):
+    return w["pipe"].animate(prompt, NEGATIVE, motion_module=w["adapters"]["v2"][1], frames=FRAMES, steps=STEPS,
+                             cfg_scale=CFG, seed=SEED, sampler="euler", scheduler="normal", width=64, height=64,
+                             watermark=False, **settings)
+
+
+@pytest.fixture(scope="module")
+def control(world):
+    """A diffusers ControlNetModel for the tiny model, its file (original layout) and per-frame images."""
+    from diffusers import ControlNetModel
+
+    from sfumato.checkpoint.convert_controlnet import controlnet_config_from_diffusers, diffusers_controlnet_to_ldm
+    from test_controlnet_pipeline import BLOCKS, smooth_image
+
+    cn = materialize(lambda: ControlNetModel(**BLOCKS), 44)
+    ldm = diffusers_controlnet_to_ldm(cn.state_dict(), controlnet_config_from_diffusers(cn.config))
+    path = world["root"] / "control.safetensors"
+    save_file({"control_model." + k: v.contiguous() for k, v in ldm.items()}, path)
+    return cn, path, [smooth_image(100 + f) for f in range(FRAMES)]
+
+
+def test_controlnet_per_frame_equals_diffusers(world, control):
+    """A ControlNet steering each frame with its own image, and one image for all frames: the latents of
+    diffusers' ControlNetModel run per frame into UNetMotionModel (AnimateDiffControlNetPipeline's way)."""
+    from test_controlnet_pipeline import hint_of
+
+    cn, path, images = control
+    per_frame = _animate(world, control=[ControlSpec(path, images)])
+    ref = reference_clip(world, "v2", controlnet=cn, hints=torch.cat([hint_of(i) for i in images]))
+    torch.testing.assert_close(per_frame.latents, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+    assert 'ControlNet 0: "Module: none, Model: control, Weight: 1' in per_frame.infotext
+    one = _animate(world, control=[ControlSpec(path, images[2])])
+    ref_one = reference_clip(world, "v2", controlnet=cn, hints=hint_of(images[2]).repeat(FRAMES, 1, 1, 1))
+    torch.testing.assert_close(one.latents, ref_one, rtol=1e-4, atol=1e-4 * float(ref_one.abs().max()))
+    assert (one.latents - per_frame.latents).abs().max() > 1e-3
+    with pytest.raises(ParamError) as e:       # neither one image nor one per frame
+        _animate(world, control=[ControlSpec(path, images[:2])])
+    assert e.value.field == "control[0].image"
+    with pytest.raises(ParamError) as e:       # frame lists belong to animations
+        world["pipe"].txt2img(PROMPT, steps=1, width=64, height=64, control=[ControlSpec(path, images)])
+    assert e.value.field == "control[0].image"
+
+
+def test_lora_tag_in_an_animation_equals_diffusers_with_the_lora_merged(world, tmp_path):
+    """``<lora:name:w>`` in an animation's prompt: the clip of diffusers' UNet with W + w·(α/r)·up·down
+    (the kohya formula, applied here by hand), the weights restored after the run."""
+    import copy
+
+    target, theirs = "input_blocks.1.1.transformer_blocks.0.attn2.to_k", "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
+    pipe = world["pipe"]
+    weight = pipe.model.unet.get_parameter(target + ".weight")
+    before = weight.detach().clone()
+    g = torch.Generator().manual_seed(5)
+    down, up = torch.randn(4, weight.shape[1], generator=g) * 0.3, torch.randn(weight.shape[0], 4, generator=g) * 0.3
+    name = "lora_unet_" + target.replace(".", "_")
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    save_file({f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up, f"{name}.alpha": torch.tensor(2.0)},
+              folder / "wave.safetensors")
+    tagged = sfumato.load(world["model"], dtype="fp32", lora_dir=folder)
+    result = tagged.animate(f"{PROMPT} <lora:wave:0.7>", NEGATIVE, motion_module=world["adapters"]["v2"][1],
+                            frames=FRAMES, steps=STEPS, cfg_scale=CFG, seed=SEED, sampler="euler", scheduler="normal",
+                            width=64, height=64, watermark=False)
+    assert torch.equal(tagged.model.unet.get_parameter(target + ".weight"), before)   # detached after the run
+    merged = copy.deepcopy(world["unet"])
+    with torch.no_grad():
+        merged.get_parameter(theirs + ".weight").add_(0.7 * (2.0 / 4) * (up @ down))
+    ref = reference_clip(world, "v2", unet2d=merged)
+    torch.testing.assert_close(result.latents, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+    assert 'Lora hashes: "wave: ' in result.infotext
+    assert (result.latents - _animate(world).latents).abs().max() > 1e-3
+
+
 def test_context_windows_follow_the_extensions_schedule():
     """The uniform schedule worked by hand: windows of 16 every 12 frames (overlap 4), frames wrapping
     around, shifted each step by the step's ordered-halving fraction of the clip (0, 1/2, 1/4, 3/4, …)."""
@@ -155,7 +238,7 @@ def test_prompt_travel():
         assert e.value.field == "prompt"
 
 
-def test_files_and_errors(world, tmp_path, capsys):
+def test_files_and_errors(world, control, tmp_path, capsys):
     folder = world["adapters"]["v2"][1]
     out = tmp_path / "clip.gif"
     args = ["animate", "0: a red circle\n3: a blue circle", "--model", str(world["model"]), "--motion-module",
@@ -191,6 +274,24 @@ def test_files_and_errors(world, tmp_path, capsys):
         assert main(bad) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
+    # ControlNet from the CLI: a folder of frames, one per frame, as the library's per-frame list
+    frames_dir = tmp_path / "frames"
+    frames_dir.mkdir()
+    for f, image in enumerate(control[2][:4]):
+        image.save(frames_dir / f"{f:03d}.png")
+    steered = tmp_path / "steered.webp"
+    assert main(args[:-1] + [str(steered), "--control-model", str(control[1]), "--control-image", str(frames_dir)]) == 0
+    want = world["pipe"].animate("0: a red circle\n3: a blue circle", motion_module=folder, frames=4, steps=2, seed=3,
+                                 width=64, height=64, watermark=False, sampler="Euler a", cfg_scale=7.0,
+                                 control=[ControlSpec(control[1], control[2][:4])])
+    clip = Image.open(steered)
+    for k in range(4):
+        clip.seek(k)
+        assert np.array_equal(np.asarray(clip.convert("RGB")), np.asarray(want.frames[k]))
+    capsys.readouterr()
+    assert main(args[:-1] + [str(steered), "--control-model", str(control[1]), "--control-image",
+                             str(tmp_path / "empty-nothing")]) == 2
+    assert "--control-image" in capsys.readouterr().err
     # a module for another UNet (three levels) is refused by name
     from diffusers import MotionAdapter
 
@@ -205,7 +306,7 @@ def test_files_and_errors(world, tmp_path, capsys):
 # -- the A1111 AnimateDiff extension's API ------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def server(world):
+def server(world, control):
     import shutil
 
     from conftest import live_server
@@ -215,12 +316,14 @@ def server(world):
     (models / "animatediff").mkdir(parents=True)
     shutil.copy(world["model"], models / "tiny.safetensors")
     shutil.copy(world["adapters"]["v2"][2], models / "animatediff" / "mm_v2.safetensors")
+    (models / "ControlNet").mkdir()
+    shutil.copy(control[1], models / "ControlNet" / "control.safetensors")
     app = create_app(ServerConfig(models_dir=models, model=models / "tiny.safetensors", watermark=False, dtype="fp32"))
     with live_server(app) as port:
         yield f"http://127.0.0.1:{port}"
 
 
-def test_the_extensions_api_gives_the_librarys_clip(server, world):
+def test_the_extensions_api_gives_the_librarys_clip(server, world, control):
     import base64
     import json
 
@@ -244,6 +347,30 @@ def test_the_extensions_api_gives_the_librarys_clip(server, world):
     assert gif.n_frames == 4
     info = json.loads(r.json()["info"])
     assert "AnimateDiff" in info["infotexts"][0] and "model: mm_v2" in info["infotexts"][0]
+    # a ControlNet unit with one image per frame (batch_images) steers the clip as the library's does
+    frames = []
+    for image in control[2][:4]:
+        buf = __import__("io").BytesIO()
+        image.save(buf, format="PNG")
+        frames.append(base64.b64encode(buf.getvalue()).decode())
+    cn_unit = {"model": "control", "module": "none", "batch_images": frames, "resize_mode": "Just Resize"}
+    steered = dict(body, alwayson_scripts={"AnimateDiff": {"args": [dict(unit, format=["Frame"])]},
+                                           "ControlNet": {"args": [cn_unit]}})
+    r = requests.post(f"{server}/sdapi/v1/txt2img", json=steered, timeout=300)
+    assert r.status_code == 200, r.text
+    want = world["pipe"].animate(PROMPT, NEGATIVE, motion_module=world["adapters"]["v2"][2], frames=4, fps=4, steps=3,
+                                 cfg_scale=CFG, seed=SEED, sampler="euler", width=64, height=64, watermark=False,
+                                 control=[ControlSpec(control[1], control[2][:4])])
+    for k, data in enumerate(r.json()["images"]):
+        frame = np.asarray(Image.open(__import__("io").BytesIO(base64.b64decode(data))).convert("RGB"))
+        assert np.array_equal(frame, np.asarray(want.frames[k]))
+    for cn_bad, field in (({"batch_images": "/etc/frames"}, "batch_images"),):
+        bad = dict(steered, alwayson_scripts={**steered["alwayson_scripts"], "ControlNet": {"args": [dict(cn_unit, **cn_bad)]}})
+        r = requests.post(f"{server}/sdapi/v1/txt2img", json=bad, timeout=60)
+        assert r.status_code == 422 and r.json()["field"].endswith(field), r.text
+    still = dict(body, alwayson_scripts={"ControlNet": {"args": [cn_unit]}})
+    r = requests.post(f"{server}/sdapi/v1/txt2img", json=still, timeout=60)
+    assert r.status_code == 422 and r.json()["field"] == "batch_images", r.text
     # the job API runs it too (with a preview of the middle frame while it runs)
     job = requests.post(f"{server}/v1/jobs", json={"mode": "txt2img", **body}, timeout=60).json()
     import time

@@ -15,8 +15,9 @@ from sfumato.server import ui
 from sfumato.server.app import _add_error_handlers
 
 
-def _client(spec, outputs_dir: Path | None = None) -> TestClient:
-    pipe = None if spec is None else SimpleNamespace(model=SimpleNamespace(spec=spec), family=spec.family)
+def _client(spec, outputs_dir: Path | None = None, few_step=None) -> TestClient:
+    pipe = None if spec is None else SimpleNamespace(model=SimpleNamespace(spec=spec), family=spec.family,
+                                                     few_step=few_step)
     state = SimpleNamespace(host=SimpleNamespace(pipe=pipe), defaults=SimpleNamespace(checkpoint="model"),
                             config=SimpleNamespace(outputs_dir=outputs_dir), title=lambda entry: f"{entry} [0123456789]")
     app = FastAPI()
@@ -30,7 +31,17 @@ def _client(spec, outputs_dir: Path | None = None) -> TestClient:
 def test_the_model_gives_its_native_size(family, size):
     info = _client(PRESETS[family]).get("/v1/ui/model").json()
     assert info == {"family": family, "width": size, "height": size, "title": "model [0123456789]", "history": False,
-                    "unclip": family.startswith("sd2-unclip"), "depth_estimator": False}
+                    "unclip": family.startswith("sd2-unclip"), "depth_estimator": False, "few_step": None}
+
+
+def test_a_few_step_model_gives_its_settings():
+    from sfumato.pipeline.fewstep import PRESETS as FEW
+
+    info = _client(PRESETS["sd2"], few_step=FEW["turbo"]).get("/v1/ui/model").json()
+    assert info["few_step"] == {"name": "turbo", "sampler": "Euler a", "scheduler": "trailing", "steps": 1,
+                                "cfg_scale": 1.0}
+    info = _client(PRESETS["sd1"], few_step=FEW["lcm"]).get("/v1/ui/model").json()
+    assert info["few_step"]["sampler"] == "LCM" and info["few_step"]["scheduler"] == "automatic"
 
 
 def test_no_model_between_two_is_a_503():

@@ -462,6 +462,27 @@ def test_variations_on_the_bundled_unclip_variant(page):
         page.locator("#status").filter(has_text=re.compile("^model loaded$")).wait_for()
 
 
+def test_a_few_step_model_sets_its_model_cards_settings(browser, url):  # noqa: F811
+    """A few-step model (the server's /v1/ui/model says which preset): its sampler, schedule, steps and
+    CFG fill the fields, and the request carries them."""
+    import urllib.request
+
+    info = json.loads(urllib.request.urlopen(url + "v1/ui/model").read())
+    info["few_step"] = {"name": "turbo", "sampler": "Euler a", "scheduler": "trailing", "steps": 1, "cfg_scale": 1.0}
+    stub = lambda page: page.route("**/v1/ui/model", lambda route: route.fulfill(json=info))  # noqa: E731
+    context, page, errors = _open(browser, url, before=stub)
+    try:
+        page.wait_for_function("() => document.getElementById('steps').value === '1'")
+        assert (page.input_value("#sampler_name"), page.input_value("#scheduler"), page.input_value("#steps"),
+                page.input_value("#cfg_scale")) == ("Euler a", "trailing", "1", "1")
+        page.fill("#prompt", "a red circle")
+        sent = _generate(page)
+        assert (sent["sampler_name"], sent["scheduler"], sent["steps"], sent["cfg_scale"]) == ("Euler a", "trailing", 1, 1)
+    finally:
+        context.close()
+    assert not errors
+
+
 # -- ControlNet ---------------------------------------------------------------------------------------
 
 def test_controlnet_units(browser, url):  # noqa: F811
@@ -522,6 +543,15 @@ def _controlnet_units(page):
     control = np.asarray(_decode(unit["image"]).convert("L"))
     assert control.shape == (64, 64) and control[32, 32] == 255 and control[4, 4] == 0
     assert "alwayson_scripts.controlnet.args[0].model" in page.inner_text("#status")
+    # frames for an AnimateDiff clip: one image per frame, sent in file-name order as batch_images
+    first.locator(".cn-frames").set_input_files([_file(_png((64, 64), (10, 20, 30)), "b.png"),
+                                                 _file(_png((64, 64), (200, 20, 30)), "a.png")])
+    page.wait_for_function("() => (document.querySelector('.cn-unit').frames || []).length === 2")
+    assert first.locator(".cn-frames-count").inner_text() == "2 frames"
+    sent = _generate(page, expect="error")
+    [unit] = sent["alwayson_scripts"]["controlnet"]["args"]
+    assert [tuple(np.asarray(_decode(f).convert("RGB"))[0, 0]) for f in unit["batch_images"]] == \
+        [(200, 20, 30), (10, 20, 30)]
 
 
 def test_pose_editor(page):

@@ -9,17 +9,13 @@
 from .version import __version__
 
 
-def load(path=None, *, vae=None, prediction=None, dtype=None, device="auto", refiner=None, hires=None, loras=None,
-         lora_dir=None, embeddings_dir=None, low_memory=False, hypernet_dir=None, by_stage=False,
-         compile=False, no_half_vae=False, safety_checker=None):
+def load(path=None, **options):
     """Load a checkpoint (file or diffusers folder; None: the bundled model) into a
-    :class:`sfumato.api.Pipeline`, optionally with an SDXL refiner or a checkpoint for the hires pass."""
+    :class:`sfumato.api.Pipeline`, optionally with an SDXL refiner or a checkpoint for the hires pass;
+    ``options`` are :func:`sfumato.api.load`'s (dtype, device, loras, lora_dir, few_step, …)."""
     from .api import load as _load
 
-    return _load(path, vae=vae, prediction=prediction, dtype=dtype, device=device, refiner=refiner, hires=hires,
-                 loras=loras,
-                 lora_dir=lora_dir, embeddings_dir=embeddings_dir, low_memory=low_memory, hypernet_dir=hypernet_dir,
-                 by_stage=by_stage, compile=compile, no_half_vae=no_half_vae, safety_checker=safety_checker)
+    return _load(path, **options)
 
 
 def load_segmenter(path, *, device="auto"):

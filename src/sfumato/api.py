@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from contextlib import ExitStack
 import re
 from dataclasses import dataclass, field, replace
 from functools import cached_property
@@ -24,6 +25,7 @@ from .pipeline.control import control_infotext
 from .pipeline.params import DetailSpec as DetailSpec  # re-exported: txt2img(..., detail=[DetailSpec(...)])
 from .pipeline.detail import detail_infotext, region_masks, region_params
 from .pipeline.image_prompt import ip_adapter_infotext
+from .pipeline import fewstep
 from .pipeline import patches as patch
 from .pipeline.engine import Engine
 from .pipeline.generate import Generator, ProgressCallback
@@ -144,6 +146,9 @@ class Pipeline:
         self.lora_folder: ModelFolder | None = lora_folder(lora_dir) if lora_dir is not None else None
         self.hypernet_folder: ModelFolder | None = hypernetwork_folder(hypernet_dir) if hypernet_dir is not None else None
         self.generator = Generator(model, refiner, embeddings, hires)
+        # few-step defaults (pipeline.fewstep): "auto" guesses from the file and LoRA names, logged
+        self.few_step_choice = "auto"
+        self.few_step: fewstep.FewStep | None = None
 
     @property
     def engine(self) -> Engine:
@@ -219,10 +224,17 @@ class Pipeline:
         p = self.params(prompt=prompt, negative_prompt=negative_prompt, **settings)
         s = AnimationSettings(frames=frames, fps=fps, context=context, overlap=overlap, stride=stride,
                               closed_loop=closed_loop, loop_prompts=loop_prompts)
-        images, latents = run_animation(self.engine, adapter, p, s, callback)
+        prompt, run_patches, extra_networks = self._prompt_patches(p)
+        controlnets = self.generator.controlnets.get(p.control, self.generator.base)   # loaded before any work
+        with ExitStack() as stack:
+            for attach in run_patches:
+                stack.enter_context(attach())
+            images, latents = run_animation(self.engine, adapter, replace(p, prompt=prompt), s, callback, controlnets)
         if watermark:
             images = [add_watermark(image) for image in images]
-        text = generation_infotext(p, seed=p.seed, model_name=self.model_name, model_hash=self.model_hash)
+        text = generation_infotext(p, seed=p.seed, model_name=self.model_name, model_hash=self.model_hash,
+                                   extra={**extra_networks, "TI hashes": self._ti_hashes(p),
+                                          **control_infotext(p.control)})
         return AnimationResult(images, fps, animation_infotext(text, name, adapter, s), p, latents)
 
     def _motion_module(self, source):
@@ -295,9 +307,17 @@ class Pipeline:
                             unclip_images=pairs, unclip_noise_level=noise_level, **settings)
 
     def params(self, **settings) -> GenerationParams:
+        """The validated request; a few-step preset (``few_step``) fills the sampler, scheduler, steps
+        and CFG the settings leave out."""
         unknown = sorted(set(settings) - _FIELDS)
         if unknown:
             raise ParamError(unknown[0], f"unknown setting; valid: {', '.join(sorted(_FIELDS))}")
+        preset = self.few_step
+        if preset is None and self.few_step_choice == "auto" and isinstance(settings.get("prompt"), str):
+            preset = fewstep.resolve("auto", [name for name, _ in parse_lora_prompt(settings["prompt"])[1]])
+        if preset is not None:
+            for name, value in preset.settings().items():
+                settings.setdefault(name, value)
         if self.refiner is not None:
             settings.setdefault("refiner", _name(self.refiner.path))
         if self.hires is not None:
@@ -309,6 +329,33 @@ class Pipeline:
         """Run the request: its prompt's LoRAs and hypernetworks, and ``patches`` (e.g. attention-map
         hooks), attached for the run only; images watermarked unless ``watermark`` is False."""
         p.validated()
+        prompt, run_patches, extra_networks = self._prompt_patches(p, patches)
+        out = self.generator.run(replace(p, prompt=prompt), callback, run_patches)
+        if p.detail:   # ADetailer: each image's regions inpainted again, before the checker and the watermark
+            out.images = [self._detail(replace(p, prompt=prompt), image, seed, run_patches, callback)
+                          for image, seed in zip(out.images, out.seeds)]
+        flags = [None] * len(out.images)
+        if self.safety_checker is not None:   # on the images as made, before the watermark (as the reference)
+            out.images, flags = check_images(self.safety_checker, out.images, self.safety_action)
+        extra = {**extra_networks, "TI hashes": self._ti_hashes(p),
+                 **control_infotext(p.control),
+                 **ip_adapter_infotext(p.ip_adapters, self.generator.image_prompts.modules, len(p.control)),
+                 "Noise level": p.noise_level,   # x4 upscaler
+                 **unclip_infotext(p, self.model.spec), **detail_infotext(p.detail)}
+        items = []
+        for i, (image, seed) in enumerate(zip(out.images, out.seeds)):
+            if watermark:
+                image = add_watermark(image)
+            subseed = out.subseeds[i] if out.subseeds else None
+            text = generation_infotext(replace(p, seed=seed), seed=seed, subseed=subseed,
+                                       model_name=self.model_name, model_hash=self.model_hash,
+                                       extra={**extra, **safety_infotext(flags[i], self.safety_action)})
+            items.append(ImageResult(image, seed, text, flags[i]))
+        return GenerationResult([item.image for item in items], p, items, out.latents)
+
+    def _prompt_patches(self, p: GenerationParams, patches: Sequence[Patch] = ()) -> tuple[str, list[Patch], dict]:
+        """The prompt without its LoRA and hypernetwork tags, the run's patches (``patches`` and those the
+        tags name) and their infotext entries; refused embeddings and unusable tags are ParamErrors."""
         self._check_refused_embeddings(p)
         prompt, tags = parse_lora_prompt(p.prompt)
         prompt, nets, hypernet_extra = self._hypernets(prompt)
@@ -325,28 +372,7 @@ class Pipeline:
             lora_hashes = ", ".join(f"{name}: {sha256_file(path)[:12]}" for (name, _), (path, _) in zip(tags, files))
         if nets:
             run_patches.append(patch.hypernetworks(self.model, nets))
-        out = self.generator.run(replace(p, prompt=prompt), callback, run_patches)
-        if p.detail:   # ADetailer: each image's regions inpainted again, before the checker and the watermark
-            out.images = [self._detail(replace(p, prompt=prompt), image, seed, run_patches, callback)
-                          for image, seed in zip(out.images, out.seeds)]
-        flags = [None] * len(out.images)
-        if self.safety_checker is not None:   # on the images as made, before the watermark (as the reference)
-            out.images, flags = check_images(self.safety_checker, out.images, self.safety_action)
-        extra = {**hypernet_extra, "Lora hashes": lora_hashes, "TI hashes": self._ti_hashes(p),
-                 **control_infotext(p.control),
-                 **ip_adapter_infotext(p.ip_adapters, self.generator.image_prompts.modules, len(p.control)),
-                 "Noise level": p.noise_level,   # x4 upscaler
-                 **unclip_infotext(p, self.model.spec), **detail_infotext(p.detail)}
-        items = []
-        for i, (image, seed) in enumerate(zip(out.images, out.seeds)):
-            if watermark:
-                image = add_watermark(image)
-            subseed = out.subseeds[i] if out.subseeds else None
-            text = generation_infotext(replace(p, seed=seed), seed=seed, subseed=subseed,
-                                       model_name=self.model_name, model_hash=self.model_hash,
-                                       extra={**extra, **safety_infotext(flags[i], self.safety_action)})
-            items.append(ImageResult(image, seed, text, flags[i]))
-        return GenerationResult([item.image for item in items], p, items, out.latents)
+        return prompt, run_patches, {**hypernet_extra, "Lora hashes": lora_hashes}
 
     def _detail(self, p: GenerationParams, image: Image.Image, seed: int, patches: Sequence[Patch],
                 callback: ProgressCallback | None) -> Image.Image:
@@ -428,6 +454,7 @@ def load(
     compile: bool = False,
     no_half_vae: bool = False,
     safety_checker: str | Path | None = None,
+    few_step: str | None = "auto",
 ) -> Pipeline:
     """Load a checkpoint (None: the bundled model). ``loras`` are merged into the weights for good
     (``(path, weight)`` pairs); ``lora_dir`` serves ``<lora:name:w>`` tags in prompts; the textual
@@ -446,7 +473,11 @@ def load(
     (CUDA when present), cpu, cuda, cuda:N or mps. ``no_half_vae``: the VAE computes in fp32 whatever
     the weights (A1111's --no-half-vae; without it a half-precision decode that yields NaN is redone
     in fp32 once and the VAE stays fp32). ``safety_checker``: the SD safety checker's folder or file;
-    every image is checked and a flagged one hidden (``Pipeline.safety_action``: "black" or "blur")."""
+    every image is checked and a flagged one hidden (``Pipeline.safety_action``: "black" or "blur").
+    ``few_step``: a few-step preset (turbo, lightning, hyper, lcm: see ``pipeline.fewstep``) whose
+    sampler, schedule, steps and CFG fill what a request leaves out; "auto" (default) guesses it from
+    the file's and the LoRAs' names (logged), "none" never."""
+    fewstep.resolve(few_step if few_step != "auto" else "none", ())   # a bad name fails before loading
     for option, on in (("low_memory", low_memory), ("by_stage", by_stage)):
         if on and loras:
             raise ParamError("loras", f"merging LoRAs into the weights needs them in memory; not with {option}")
@@ -478,6 +509,8 @@ def load(
                 m.vae.dtype_override = torch.float32
     embeddings = load_embeddings(embeddings_dir, model.spec) if embeddings_dir is not None else None
     pipe = Pipeline(model, refiner_model, lora_dir, embeddings, hypernet_dir, hires_model)
+    pipe.few_step_choice = "auto" if few_step is None else str(few_step).lower()
+    pipe.few_step = fewstep.resolve(pipe.few_step_choice, [Path(path).name, *(Path(f).name for f, _ in loras or ())])
     if safety_checker is not None:
         from .checkpoint.safety import load_safety_checker
 

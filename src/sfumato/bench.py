@@ -10,12 +10,14 @@ measures, interleaving the two implementations so that load from other processes
 - loading a single-file checkpoint (fp16 on disk, a fresh process each time),
 - peak RSS of a whole 512×512 txt2img, and of sfumato's VAE decode whole and tiled (fresh processes,
   ``VmHWM``),
-- with ``--sdxl``, an SDXL-size UNet step at 1024×1024 in bf16.
+- with ``--sdxl``, an SDXL-size UNet step at 1024×1024 in bf16;
+- ``floor``: this CPU's matmul peaks (fp32, bf16, int8) and the UNet step as a fraction of its
+  floor, per layer type, for both implementations (``sfumato.floor``).
 
 Times are medians over repeats after warm-up, both wall-clock and process CPU time (the latter
 is steadier on a shared machine). Prints a table and the machine, writes ``--json``.
 
-    sfumato bench [--quick] [--json out.json] [--only unet,vae,text,load,memory] [--sdxl]
+    sfumato bench [--quick] [--json out.json] [--only floor,unet,vae,text,load,memory] [--sdxl]
 """
 
 from __future__ import annotations
@@ -202,6 +204,33 @@ def bench_unet(args, results: dict) -> None:
     q["unet_fp32_sfumato_vs_diffusers_rel_err"] = rel_err(outputs["fp32"], outputs["diffusers_fp32"])
     q["unet_bf16_vs_fp32_rel_err"] = rel_err(outputs["bf16"], outputs["fp32"])
     q["unet_diffusers_bf16_vs_fp32_rel_err"] = rel_err(outputs["diffusers_bf16"], outputs["diffusers_fp32"])
+
+
+def bench_floor(args, results: dict) -> None:
+    """This CPU's matmul peaks and the fp32 (and, where native, bf16) UNet step against its floor, per
+    layer type, for sfumato and diffusers on the same weights (``sfumato.floor``)."""
+    from .floor import floor_report, matmul_peaks, step_profile
+
+    peaks = matmul_peaks()
+    results["matmul_peak_gflops"] = {k: round(v, 1) for k, v in peaks.items()}
+    print(f"  matmul peaks (GFLOP/s): {results['matmul_peak_gflops']}", file=sys.stderr, flush=True)
+    ours = build(lambda: UNetModel(SD1_UNET), 0)
+    x = torch.randn(2, 4, 64, 64, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([500.0, 500.0])
+    ctx = torch.randn(2, 77, 768, generator=torch.Generator().manual_seed(2))
+    for name, dtype in DTYPES.items():
+        ours.to(dtype)
+        if dtype != torch.float32 and ours.compute_dtype != dtype:
+            continue   # bf16 weights computed in fp32 here (no native bf16): the fp32 floor is the one
+        ref = diffusers_unet(ours, SD1_UNET)
+        xd, cd = x.to(dtype), ctx.to(dtype)
+        fns = {"sfumato": lambda: ours(xd, t, cd), "diffusers": lambda: ref(xd, t, cd).sample}
+        times = timed(fns, args.warmup, args.repeats)
+        for impl, fn in fns.items():
+            report = floor_report(step_profile(fn), peaks[name], times[impl]["wall_s"])
+            results[f"floor_unet_step_{name}_{impl}"] = report
+            print(f"  {impl} {name}: step {report['step']}", file=sys.stderr, flush=True)
+        ref = None
 
 
 def _with_override(model: nn.Module, dtype: torch.dtype, fn: Callable[[], object]) -> object:
@@ -441,6 +470,9 @@ def _median_runs(runs: list[dict]) -> dict:
 def table(results: dict) -> str:
     lines = [f"{'benchmark':28s} {'impl':28s} {'wall s':>8s} {'cpu s':>8s} {'speed-up':>9s}"]
     for key, rows in results.items():
+        if key == "matmul_peak_gflops":
+            lines.append(f"{key:28s} " + ", ".join(f"{k}={v:.1f}" for k, v in rows.items()))
+            continue
         if not isinstance(rows, dict) or key in ("machine", "quality"):
             continue
         base = next((r for name, r in rows.items() if name in ("diffusers", "transformers")), None)
@@ -478,7 +510,8 @@ def run(args, parts: set[str]) -> None:
         with tempfile.TemporaryDirectory(prefix="sfumato-bench-") as tmp:
             bench_processes(args, results, parts, Path(tmp))
             save(args, results)
-    steps = [(bench_tiling, "tiling" in parts), (bench_unet, "unet" in parts), (bench_vae, "vae" in parts),
+    steps = [(bench_floor, "floor" in parts), (bench_tiling, "tiling" in parts), (bench_unet, "unet" in parts),
+             (bench_vae, "vae" in parts),
              (bench_text, "text" in parts), (bench_sdxl, args.sdxl)]
     for step, wanted in steps:
         if wanted:

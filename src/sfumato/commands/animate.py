@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 
 from ..errors import SfumatoError
+from .generate import add_few_step, note_few_step
+from .units import add_control, control_specs
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -24,9 +26,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--closed-loop", action="store_true", help="the last frame leads back to the first")
     p.add_argument("--init-image", help="start every frame from this image (img2img; --strength)")
     p.add_argument("--strength", type=float, default=0.75)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--cfg-scale", type=float, default=7.0)
-    p.add_argument("--sampler", default="Euler a")
+    p.add_argument("--steps", type=int, help="default 20 (a few-step preset's own)")
+    p.add_argument("--cfg-scale", type=float, help="default 7 (a few-step preset's own)")
+    p.add_argument("--sampler", help="default Euler a (a few-step preset's own)")
     p.add_argument("--scheduler")
     p.add_argument("--seed", type=int, default=-1, help="-1 picks a random seed (reported); frame f uses seed + f")
     p.add_argument("--width", type=int)
@@ -34,7 +36,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"))
     p.add_argument("--no-watermark", action="store_true")
+    p.add_argument("--lora-dir", help="folder searched for <lora:name:weight> tags in the prompt")
+    add_few_step(p)
     p.add_argument("-o", "--output", default="output.gif", help=".gif, .webp or .mp4 (PyAV)")
+    add_control(p)
     p.set_defaults(func=cmd_animate)
 
 
@@ -49,9 +54,8 @@ def cmd_animate(args: argparse.Namespace) -> int:
         raise SfumatoError(f"output: an animation is written as .gif, .webp or .mp4, got {out.name}")
     if args.motion_module is not None and not Path(args.motion_module).exists():
         raise SfumatoError(f"motion_module: not found: {args.motion_module}")
-    settings = dict(steps=args.steps, cfg_scale=args.cfg_scale, sampler=args.sampler, scheduler=args.scheduler,
-                    seed=args.seed)
-    for name in ("width", "height"):
+    settings = dict(seed=args.seed)
+    for name in ("width", "height", "steps", "cfg_scale", "sampler", "scheduler"):
         if getattr(args, name) is not None:
             settings[name] = getattr(args, name)
     if args.init_image:
@@ -62,7 +66,13 @@ def cmd_animate(args: argparse.Namespace) -> int:
         raise SfumatoError(f"frames: must be 1 to {MAX_FRAMES}, got {args.frames}")
     if not 1 <= args.fps <= 60:
         raise SfumatoError(f"fps: must be 1 to 60, got {args.fps}")
-    pipe = load(args.model, dtype=args.dtype, device=args.device)
+    control = control_specs(args, frames=True)   # every unit's image (or folder of frames) read before loading
+    if control:
+        settings["control"] = control
+    pipe = load(args.model, dtype=args.dtype, device=args.device, lora_dir=args.lora_dir, few_step=args.few_step)
+    note_few_step(pipe, settings)
+    if pipe.few_step is None:   # the clip's own defaults (the library's are a still's: Euler)
+        settings.setdefault("sampler", "Euler a")
     result = pipe.animate(args.prompt, args.negative_prompt, motion_module=args.motion_module, frames=args.frames,
                           fps=args.fps, context=args.context, overlap=args.overlap, stride=args.stride,
                           closed_loop=args.closed_loop, watermark=not args.no_watermark, **settings)

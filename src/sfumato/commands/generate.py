@@ -54,6 +54,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--low-memory", action="store_true", help="the same as --memory low")
     p.add_argument("--compile", action="store_true",
                    help="run the UNet under torch.compile (keeps it in memory: --memory auto becomes keep)")
+    add_few_step(p)
     p.add_argument("--from-png", metavar="FILE", help="take the settings from an image's infotext")
     p.add_argument("--style", action="append", default=[], metavar="NAME",
                    help="apply a prompt style from --styles-file (repeatable, in order)")
@@ -73,9 +74,30 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     add_ip_adapter(p)
 
 
+def add_few_step(p: argparse.ArgumentParser) -> None:
+    from ..pipeline.fewstep import CHOICES
+
+    p.add_argument("--few-step", choices=CHOICES, default="auto",
+                   help="the sampler, scheduler, steps and CFG of a few-step model for the flags not given: turbo "
+                        "(SD/SDXL-Turbo), lightning, hyper (Hyper-SD), lcm (LCM, LCM-LoRA); auto (default): guessed "
+                        "from the model's and LoRAs' file names; none: never")
+
+
+def note_few_step(pipe, settings: dict) -> None:
+    """One line on stderr when a few-step preset fills settings the flags left out."""
+    preset = pipe.few_step
+    if preset is None:
+        return
+    filled = {k: v for k, v in preset.settings().items() if settings.get(k) is None}
+    if filled:
+        shown = ", ".join(f"{k} {v}" for k, v in filled.items() if v is not None)
+        print(f"few-step preset {preset.name}: {shown} (--few-step none to turn off)", file=sys.stderr)
+
+
 _HELP = {
     "sampler": "euler, euler_a, heun, dpmpp_2m, … or an A1111 name such as 'DPM++ 2M Karras'",
-    "scheduler": "normal (A1111 'Automatic'), karras, exponential, sgm_uniform, simple",
+    "scheduler": "normal (A1111 'Automatic'), karras, exponential, sgm_uniform, simple, trailing (diffusers' "
+                 "spacing for Turbo / Lightning / Hyper-SD), turbo (ComfyUI's SD Turbo: 1 to 10 steps)",
     "seed": "-1 picks a random seed (reported)",
     "width": "default: the model's native size (img2img: the init image's)",
     "rng": "cpu (default) or nv (A1111's CPU imitation of CUDA's generator)",
@@ -330,7 +352,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     pipe = load(model, vae=args.vae, prediction=args.prediction, dtype=args.dtype, device=args.device,
                 no_half_vae=args.no_half_vae, refiner=args.refiner, hires=args.hires_checkpoint,
                 loras=loras, lora_dir=args.lora_dir, embeddings_dir=args.embeddings, low_memory=memory == "low",
-                by_stage=memory == "by-stage", hypernet_dir=args.hypernet_dir, compile=args.compile)
+                by_stage=memory == "by-stage", hypernet_dir=args.hypernet_dir, compile=args.compile,
+                few_step=args.few_step)
+    note_few_step(pipe, settings)
     if args.vae_decoder:
         pipe.tiny_decoder = _tiny_decoder(args.vae_decoder, pipe.engine.latent_channels, pipe.engine.factor)
     if args.safety_checker:

@@ -33,7 +33,7 @@ def add_control(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("ControlNet", "each flag is repeatable: its i-th use belongs to the i-th --control-model "
                                           "(give it once per ControlNet, or leave it out for the default)")
     g.add_argument("--control-model", action="append", default=[], metavar="PATH", help="a ControlNet file or folder")
-    g.add_argument("--control-image", action="append", default=[], metavar="FILE", help="its control image (required)")
+    g.add_argument("--control-image", action="append", default=[], metavar="FILE", help="its control image (required; for animate also a folder: one image per frame, in name order)")
     g.add_argument("--control-preprocessor", action="append", default=[],
                    choices=CONTROL_PREPROCESSORS + CONTROL_ANNOTATORS,
                    help="how the image becomes the control image (default none: use it as it is; depth: its grey "
@@ -117,8 +117,9 @@ _CONTROL_FIELDS = {"control_preprocessor": "preprocessor", "control_strength": "
                    "control_annotator": "annotator"}
 
 
-def control_specs(args: argparse.Namespace) -> list:
-    """The --control-* flags as ControlSpecs: the i-th use of each flag belongs to the i-th --control-model."""
+def control_specs(args: argparse.Namespace, frames: bool = False) -> list:
+    """The --control-* flags as ControlSpecs: the i-th use of each flag belongs to the i-th --control-model
+    (``frames``: an animation's, whose --control-image may be a folder of one image per frame)."""
     from ..pipeline.params import ControlSpec
 
     n = len(args.control_model)
@@ -135,8 +136,24 @@ def control_specs(args: argparse.Namespace) -> list:
         options = {field: getattr(args, name)[i] for name, field in _CONTROL_FIELDS.items() if getattr(args, name)}
         if options.get("annotator") in ("none", ""):   # a placeholder for a unit without one
             del options["annotator"]
-        specs.append(ControlSpec(path, open_image(args.control_image[i], "--control-image"), **options))
+        specs.append(ControlSpec(path, _control_image(args.control_image[i], frames), **options))
     return specs
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def _control_image(path: str, frames: bool):
+    """The image, or for an animation (``frames``) a folder's images in name order: one per frame."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return open_image(path, "--control-image")
+    if not frames:
+        raise SfumatoError(f"--control-image: {path} is a folder; a folder of frames is for animations")
+    files = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise SfumatoError(f"--control-image: no images ({', '.join(IMAGE_SUFFIXES)}) in {path}")
+    return [open_image(str(f), "--control-image") for f in files]
 
 
 _IP_FIELDS = {"ip_scale": "scale", "ip_start": "start", "ip_end": "end", "ip_image_encoder": "image_encoder"}

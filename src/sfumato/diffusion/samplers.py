@@ -540,6 +540,10 @@ def sampler_sigmas(sampler: str, scheduler: str | None, schedule: DiscreteSchedu
         raise ValueError(f"unknown scheduler {scheduler!r}; valid schedulers: {', '.join(SCHEDULERS)}")
     if scheduler == "normal" and sampler in TIMESTEP_SIGMAS:
         return TIMESTEP_SIGMAS[sampler](schedule, n)
+    if scheduler == "trailing" and sampler in ("ddim", "plms"):
+        # DDIMScheduler(timestep_spacing="trailing") (Hyper-SD's card): its last step lands on ᾱ_0 too
+        sigmas = get_sigmas(schedule, scheduler, n)
+        return torch.cat([sigmas[:-1], schedule.sigmas[:1]])
     if sampler in DISCARD_PENULTIMATE_SIGMA:
         sigmas = get_sigmas(schedule, scheduler, n + 1)
         return torch.cat([sigmas[:-2], sigmas[-1:]])

@@ -80,7 +80,8 @@ def _append_zero(x: Tensor) -> Tensor:
 
 # -- named schedulers ------------------------------------------------------------------------------
 
-SCHEDULERS: tuple[str, ...] = ("normal", "karras", "exponential", "sgm_uniform", "simple")
+SCHEDULERS: tuple[str, ...] = ("normal", "karras", "exponential", "sgm_uniform", "simple", "trailing", "turbo")
+TURBO_MAX_STEPS = 10   # the "turbo" schedule's timesteps: 999, 899, …, 99
 
 
 def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> Tensor:
@@ -108,6 +109,23 @@ def simple_sigmas(schedule: DiscreteSchedule, n: int) -> Tensor:
     return _append_zero(schedule.sigmas[index])
 
 
+def trailing_sigmas(schedule: DiscreteSchedule, n: int) -> Tensor:
+    """diffusers' ``timestep_spacing="trailing"`` (what the model cards of SD-Turbo, SDXL-Turbo,
+    SDXL-Lightning and Hyper-SD set): timesteps round(T − k·T/n) − 1 counted down from T − 1, then σ=0
+    (one step lands on T − 1, the top of the schedule)."""
+    steps = len(schedule.sigmas)
+    t = np.round(np.arange(steps, 0, -steps / n)).astype(np.float32) - 1   # as diffusers computes them
+    return _append_zero(schedule.sigmas[torch.from_numpy(t.astype(np.int64))])
+
+
+def turbo_sigmas(schedule: DiscreteSchedule, n: int) -> Tensor:
+    """ComfyUI's SDTurboScheduler: timesteps 999, 899, …, the first n of ten, then σ=0."""
+    if not 1 <= n <= TURBO_MAX_STEPS:
+        raise ValueError(f"the turbo schedule takes 1 to {TURBO_MAX_STEPS} steps, got {n}")
+    t = torch.arange(TURBO_MAX_STEPS, 0, -1) * (len(schedule.sigmas) // TURBO_MAX_STEPS) - 1
+    return _append_zero(schedule.sigmas[t[:n]])
+
+
 def get_sigmas(schedule: DiscreteSchedule, name: str, n: int) -> Tensor:
     """The named scheduler's n + 1 σ's for ``schedule`` (karras / exponential span the model's σ range)."""
     if n < 1:
@@ -122,6 +140,10 @@ def get_sigmas(schedule: DiscreteSchedule, name: str, n: int) -> Tensor:
         return sgm_uniform_sigmas(schedule, n)
     if name == "simple":
         return simple_sigmas(schedule, n)
+    if name == "trailing":
+        return trailing_sigmas(schedule, n)
+    if name == "turbo":
+        return turbo_sigmas(schedule, n)
     raise ValueError(f"unknown scheduler {name!r}; valid schedulers: {', '.join(SCHEDULERS)}")
 
 

@@ -4,8 +4,9 @@
   the last spatial layer of each block: after the attention, or the ResBlock where there is none,
   before any up-sampler) and always detached after.
 * Frame f's initial noise is seeded ``seed + f`` (A1111's batch convention; the extension generates
-  a clip as one batch). Classifier-free guidance sends the clip's unconditional frames and its
-  conditional frames through the UNet in one call, so each motion module sees every frame of a window.
+  a clip as one batch). Classifier-free guidance sends a window's unconditional clip and then its
+  conditional clip through the UNet (two calls: half the activation memory of one; each motion module
+  sees every frame of the window); at CFG 1 only the conditional one.
 * Clips longer than the context (the module's length, 16 by default) are denoised in overlapping
   windows, scheduled per step as the A1111 extension's "uniform" scheduler does (an ordered-halving
   offset per step; closed loops wrap around), each frame's x̂0 averaged over its windows.
@@ -31,6 +32,7 @@ from torch import Tensor
 from ..diffusion.noise import ImageNoise
 from ..diffusion.samplers import StepRecord, get_sampler, sampler_sigmas
 from ..errors import ParamError
+from .guidance import StepClock
 from ..models.motion import MotionAdapter
 from ..models.unet import Downsample, Upsample, UNetModel
 from ..text.conditioner import Cond
@@ -216,28 +218,37 @@ def clip_noise(shape: tuple[int, int, int], seed: int, frames: int, rng: str = "
 def denoise_clip(engine, adapter: MotionAdapter, x: Tensor, sigmas: Tensor, cond: Cond, uncond: Cond,
                  cfg_scale: float, settings: AnimationSettings, sampler: str,
                  callback: Callable[[StepRecord], None] | None = None, image_cond: Tensor | None = None,
-                 noise_sampler=None) -> Tensor:
-    """Sample a clip's latents (frames, C, h, w) with the motion module attached, window by window."""
+                 noise_sampler=None, control: ClipControl | None = None, clock: StepClock | None = None) -> Tensor:
+    """Sample a clip's latents (frames, C, h, w) with the motion module attached, window by window
+    (``control``: ControlNets steering each window with its frames' images; ``clock``: the step clock
+    of the whole schedule when ``sigmas`` is its tail, for img2img)."""
     frames = x.shape[0]
     module_frames = adapter.cfg.max_frames
     size = settings.context_length(module_frames)
     overlap = settings.overlap_frames(module_frames)
-    state = {"frames": frames, "step": 0}
-    schedule = sigmas.tolist()
+    state = {"frames": frames}
+    clock = clock if clock is not None else StepClock(sigmas)
 
     def guided(xw: Tensor, sw: Tensor, rows: list[int]) -> Tensor:
+        # the window's unconditional clip, then its conditional clip: two UNet calls of len(rows)
+        # frames each (half the activations of one call; the motion module sees each clip whole);
+        # at CFG 1 the conditional clip only
         index = torch.tensor(rows)
-        x_in = torch.cat([xw, xw])
-        s_in = torch.cat([sw, sw])
-        both = Cond.cat([uncond.rows(index), cond.rows(index)])
-        ic = torch.cat([image_cond[index], image_cond[index]]) if image_cond is not None else None
+        ic = image_cond[index] if image_cond is not None else None
         state["frames"] = len(rows)
-        out = engine.denoiser(x_in, s_in, (both, ic))
-        u, c = out.chunk(2)
+        out = []
+        for conds, is_uncond in ((uncond, True), (cond, False)):
+            if is_uncond and cfg_scale == 1:
+                continue
+            denoiser = engine.denoiser if control is None else control.denoiser(rows, clock, is_uncond)
+            out.append(denoiser(xw, sw, (conds.rows(index), ic)))
+        if cfg_scale == 1:
+            return out[0]
+        u, c = out
         return u + cfg_scale * (c - u)
 
     def denoise(xc: Tensor, sigma: Tensor) -> Tensor:
-        step = min(range(len(schedule)), key=lambda i: abs(schedule[i] - float(sigma[0])))
+        step = clock.step - clock.start   # the window schedule counts this pass's steps
         total = torch.zeros_like(xc)
         count = torch.zeros(frames, 1, 1, 1)
         for rows in context_windows(step, frames, size, overlap, settings.stride, settings.closed_loop):
@@ -247,8 +258,47 @@ def denoise_clip(engine, adapter: MotionAdapter, x: Tensor, sigmas: Tensor, cond
 
     with motion_attached(engine.model.unet, adapter, lambda: state["frames"]):
         if noise_sampler is not None:
-            return get_sampler(sampler)(denoise, x, sigmas, callback=callback, noise_sampler=noise_sampler)
-        return get_sampler(sampler)(denoise, x, sigmas, callback=callback)
+            return get_sampler(sampler)(clock.wrap(denoise), x, sigmas, callback=callback, noise_sampler=noise_sampler)
+        return get_sampler(sampler)(clock.wrap(denoise), x, sigmas, callback=callback)
+
+
+class ClipControl:
+    """A request's ControlNets over a clip: each unit's image is one for every frame or one per frame
+    (``ControlSpec.image`` a list), preprocessed once at the clip's size; a window's denoiser steers
+    its frames with their own images."""
+
+    def __init__(self, engine, specs: Sequence, models: Sequence, width: int, height: int, frames: int):
+        from dataclasses import replace as _replace
+
+        from ..adapters.controlnet import hint_tensor
+        from .control import control_image
+
+        self.engine, self.specs, self.models, self.hints = engine, list(specs), list(models), []
+        for i, (spec, model) in enumerate(zip(self.specs, self.models, strict=True)):
+            images = list(spec.image) if isinstance(spec.image, (list, tuple)) else [spec.image]
+            if len(images) not in (1, frames):
+                raise ParamError(f"control[{i}].image", f"{len(images)} images for a clip of {frames} frames "
+                                                        f"(give one, or one per frame)")
+            device = next(model.parameters()).device
+            try:
+                self.hints.append(torch.cat([hint_tensor(control_image(_replace(spec, image=image), width, height,
+                                                                       None, device)) for image in images]))
+            except ParamError as e:
+                raise ParamError(f"control[{i}].{e.field}", e.message) from None
+
+    def denoiser(self, rows: list[int], clock: StepClock, uncond: bool):
+        """The denoiser of the window ``rows``' unconditional clip (``uncond``) or conditional clip."""
+        from ..adapters.controlnet import ControlUnit
+        from .control import ControlledDenoiser
+
+        units = []
+        for i, (spec, model, hint) in enumerate(zip(self.specs, self.models, self.hints)):
+            h = hint if hint.shape[0] == 1 else hint[rows]
+            try:
+                units.append(ControlUnit(model, h, spec.strength, spec.start, spec.end, spec.mode))
+            except ParamError as e:
+                raise ParamError(f"control[{i}].{e.field}", e.message) from None
+        return ControlledDenoiser(self.engine, units, clock, uncond_rows=len(rows) if uncond else 0)
 
 
 def check_fits(adapter: MotionAdapter, unet_cfg, family: str) -> None:
@@ -260,12 +310,14 @@ def check_fits(adapter: MotionAdapter, unet_cfg, family: str) -> None:
                                           f"model: {why}")
 
 
-def sigmas_for(sampler: str, scheduler: str | None, schedule, steps: int, strength: float | None) -> Tensor:
+def sigmas_for(sampler: str, scheduler: str | None, schedule, steps: int,
+               strength: float | None) -> tuple[Tensor, int]:
+    """The σ schedule and the step the clip starts from (img2img: A1111's last t_enc steps)."""
     sigmas = sampler_sigmas(sampler, scheduler, schedule, steps)
     if strength is None:
-        return sigmas
-    t_enc = int(min(strength, 0.999) * steps)   # A1111's img2img: the last t_enc steps
-    return sigmas[steps - t_enc - 1:] if t_enc > 0 else sigmas[-1:]
+        return sigmas, 0
+    t_enc = int(min(strength, 0.999) * steps)
+    return sigmas, (steps - t_enc - 1 if t_enc > 0 else steps)
 
 
 def frame_images(decode: Callable[[Tensor], list[Image.Image]], latents: Tensor) -> list[Image.Image]:
@@ -278,9 +330,12 @@ def duration_ms(fps: int) -> int:
 
 
 def run_animation(engine, adapter: MotionAdapter, p, s: AnimationSettings,
-                  callback: Callable[[StepRecord], None] | None = None) -> tuple[list[Image.Image], Tensor]:
+                  callback: Callable[[StepRecord], None] | None = None,
+                  controlnets: Sequence = ()) -> tuple[list[Image.Image], Tensor]:
     """A clip for request ``p`` (prompt, negative prompt, sampler, schedule, steps, CFG, seed, size;
-    ``init_image`` / ``strength``: every frame starts from that image): its frames and latents."""
+    ``init_image`` / ``strength``: every frame starts from that image; ``control``: ControlNets, their
+    loaded models ``controlnets``, each with one image or one per frame): its frames and latents.
+    The prompt's LoRAs are the caller's patches."""
     from ..checkpoint.stream import resident
     from ..text.conditioner import SizeConditioning
     from .images import to_pil, to_tensor
@@ -292,7 +347,7 @@ def run_animation(engine, adapter: MotionAdapter, p, s: AnimationSettings,
     check_fits(adapter, spec.unet, spec.family)
     if p.batch_size != 1:
         raise ParamError("batch_size", "a clip is one batch of frames: give frames, not batch_size")
-    for name, bad in (("mask", p.mask is not None), ("hires_scale", p.hires_scale > 1), ("control", bool(p.control)),
+    for name, bad in (("mask", p.mask is not None), ("hires_scale", p.hires_scale > 1),
                       ("ip_adapters", bool(p.ip_adapters)), ("detail", bool(p.detail)), ("refiner", p.refiner)):
         if bad:
             raise ParamError(name, "is not supported with AnimateDiff yet")
@@ -312,14 +367,16 @@ def run_animation(engine, adapter: MotionAdapter, p, s: AnimationSettings,
             cond, uncond = cond.pad_to(tokens, empty), uncond.pad_to(tokens, empty)
     adapter.to(engine.device, engine.dtype)
     noise = clip_noise((engine.latent_channels, height // engine.factor, width // engine.factor), p.seed, frames, p.rng)
-    sigmas = sigmas_for(p.sampler, p.scheduler, engine.schedule, p.steps,
-                        p.strength if p.init_image is not None else None)
+    control = ClipControl(engine, p.control, controlnets, width, height, frames) if p.control else None
+    schedule, start = sigmas_for(p.sampler, p.scheduler, engine.schedule, p.steps,
+                                 p.strength if p.init_image is not None else None)
+    sigmas = schedule[start:]
     x = noise.initial() * sigmas[0]
     if p.init_image is not None:
         init = p.init_image.convert("RGB").resize((width, height), Image.LANCZOS)
         x = engine.encode(to_tensor([init])) + x
     latents = denoise_clip(engine, adapter, x, sigmas, cond, uncond, p.cfg_scale, s, p.sampler, callback,
-                           noise_sampler=noise.noise_sampler())
+                           noise_sampler=noise.noise_sampler(), control=control, clock=StepClock(schedule, start))
     return frame_images(lambda z: to_pil(engine.decode(z)), latents), latents
 
 

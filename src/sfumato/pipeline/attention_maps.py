@@ -206,8 +206,10 @@ def attention_hooks(unet: nn.Module, maps: AttentionMaps) -> Iterator[None]:
                unet.register_forward_hook(maps._unet_end, with_kwargs=True)]
     try:
         handles += [b.attn2.register_forward_hook(maps._cross_attention, with_kwargs=True) for b in blocks]
+        unet.reads_uncond_row = True   # the run loop evaluates the uncond rows even at CFG 1
         yield
     finally:
+        unet.__dict__.pop("reads_uncond_row", None)
         for handle in handles:
             handle.remove()
 

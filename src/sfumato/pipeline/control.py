@@ -133,6 +133,9 @@ def control_units(specs: Sequence[ControlSpec], models: Sequence[ControlNet], wi
                   crop: Crop | None = None) -> list[ControlUnit]:
     units = []
     for i, (spec, model) in enumerate(zip(specs, models, strict=True)):
+        if isinstance(spec.image, (list, tuple)):
+            raise ParamError(f"control[{i}].image", "a list of images (one per frame) is for animations; "
+                                                    "give one image")
         try:
             device = next(model.parameters()).device
             units.append(ControlUnit(model, control_image(spec, width, height, crop, device), spec.strength,
@@ -147,13 +150,14 @@ class ControlledDenoiser:
     the pass's step clock (σ's position in the stage's schedule, i of N steps → i/N), so a unit with
     span [start, end] steers the steps A1111 would steer."""
 
-    def __init__(self, engine: Engine, units: Sequence[ControlUnit], clock: StepClock):
-        self.engine, self.clock = engine, clock
+    def __init__(self, engine: Engine, units: Sequence[ControlUnit], clock: StepClock, uncond_rows: int = 1):
+        self.engine, self.clock, self.uncond_rows = engine, clock, uncond_rows
         self.unet = controlled_unet(engine.model.unet, units)
 
     def __call__(self, x: Tensor, sigma: Tensor, cond: object) -> Tensor:
-        # Guidance calls the UNet once per image: its uncond row first, then its cond rows
-        unet = partial(self.unet, fraction=self.clock.fraction, uncond_rows=1)
+        # Guidance calls the UNet once per image: its uncond row first, then its cond rows (an
+        # animation's window: its frames' uncond rows, then their cond rows)
+        unet = partial(self.unet, fraction=self.clock.fraction, uncond_rows=self.uncond_rows)
         e = self.engine
         return Denoiser(partial(e.unet_call, unet=unet), e.schedule, e.spec.prediction)(x, sigma, cond)
 

@@ -62,6 +62,9 @@ class Guidance:
         self.cfg_scale, self.rescale = settings
         self.clock, self.image_cond, self.blend = clock, image_cond, blend
         self.name = "the model"
+        # hooks that read row 0 of a UNet call as the uncond row (IP-Adapter; ControlNet's "control"
+        # mode) need it evaluated even at CFG 1: the run loop clears this for them
+        self.cfg1_skips_uncond = True
 
     def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
         step = self.clock.step
@@ -74,14 +77,23 @@ class Guidance:
         ic = torch.cat([self.image_cond, self.image_cond[owner]]) if self.image_cond is not None else None
         both = Cond.cat([uncond, cond])
         out = torch.empty_like(x_in)
+        # At CFG 1 with weights summing to 1, u + (Σ w·c − u) is Σ w·c: the uncond rows are not
+        # evaluated (half the UNet work; what diffusers and ComfyUI do for few-step models).
+        skip_uncond = self.cfg1_skips_uncond and self.cfg_scale == 1 and self.rescale == 0 and \
+            bool((weights.sum(1) == 1).all())
         # One UNet call per image (its uncond row and its cond rows): the result for an image then
         # does not depend on the batch size, so item i of a batch equals a single run with seed + i.
         for i in range(b):
-            rows = torch.cat([torch.tensor([i]), b + (self.cond.owner == i).nonzero().flatten()])
+            rows = b + (self.cond.owner == i).nonzero().flatten()
+            if not skip_uncond:
+                rows = torch.cat([torch.tensor([i]), rows])
             out[rows] = self.denoiser(x_in[rows], s_in[rows], (both.rows(rows), ic[rows] if ic is not None else None))
         u, c = out[:b], out[b:]
         w = weights.to(x.dtype)
-        x0 = u + self.cfg_scale * torch.einsum("bn,nchw->bchw", w, c - u[owner])
+        if skip_uncond:
+            x0 = torch.einsum("bn,nchw->bchw", w, c)
+        else:
+            x0 = u + self.cfg_scale * torch.einsum("bn,nchw->bchw", w, c - u[owner])
         if self.rescale > 0:
             x0 = self._rescale(x, sigma, x0, torch.einsum("bn,nchw->bchw", w / w.sum(1, keepdim=True), c))
         if self.blend is not None:

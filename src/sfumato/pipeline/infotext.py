@@ -43,6 +43,8 @@ SCHEDULER_DISPLAY: dict[str, str] = {
     "normal": "Normal",
     "ddim": "DDIM",
     "beta": "Beta",
+    "trailing": "Trailing",   # not A1111's: diffusers' trailing spacing (few-step models)
+    "turbo": "Turbo",         # not A1111's: ComfyUI's SDTurboScheduler
 }
 AUTOMATIC = "Automatic"   # A1111: the sampler's default scheduler (``resolve_sampler``'s default)
 UPSCALER_DISPLAY: dict[str, str] = {"latent": "Latent", "lanczos": "Lanczos"}

@@ -24,6 +24,7 @@ MAX_EMPHASIS = 1e4          # an emphasis or AND weight beyond this only overflo
 MAX_HIRES_TOTAL_STEPS = 10000
 MAX_UNCLIP_IMAGES = 16      # image prompts mixed into one unCLIP embedding
 LCM_MAX_STEPS = 50          # diffusion.schedule.lcm_sigmas' distillation schedule
+TURBO_MAX_STEPS = 10        # diffusion.schedule.turbo_sigmas' timesteps
 MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")
 UPSCALERS = ("latent", "lanczos")
 RNGS = ("cpu", "nv")
@@ -41,7 +42,8 @@ CONTROL_RESIZE = ("stretch", "crop", "fill")
 @dataclass
 class ControlSpec:
     """One ControlNet of a request: a ControlNet file or diffusers folder (or an already loaded
-    ``models.controlnet.ControlNet``), the control image (PIL, or uint8 (H, W[, C]) array), its
+    ``models.controlnet.ControlNet``), the control image (PIL, or uint8 (H, W[, C]) array; for an
+    animation also a list of them, one per frame), its
     preprocessor, the strength of its residuals and its active span of the sampling run (step
     fractions ``start`` ≤ i/steps ≤ ``end``). The image is fitted to the generation size by ``resize``
     (``CONTROL_RESIZE``); ``mode`` is the control mode (``CONTROL_MODES``); ``threshold_a`` /
@@ -75,13 +77,13 @@ class ControlSpec:
                 raise ParamError(f"{prefix}.model", f"ControlNet file not found: {self.model}")
         elif not isinstance(self.model, ControlNet):
             raise ParamError(f"{prefix}.model", f"must be a file path or a ControlNet, got {type(self.model).__name__}")
-        image = self.image
-        if isinstance(image, np.ndarray):
-            if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)):
-                raise ParamError(f"{prefix}.image", f"an array must be uint8 (H, W), (H, W, 1|3|4), "
-                                                    f"got {image.dtype} {image.shape}")
-        elif not isinstance(image, Image.Image):
-            raise ParamError(f"{prefix}.image", f"must be a PIL image or a uint8 array, got {type(image).__name__}")
+        if isinstance(self.image, (list, tuple)):   # one per frame of an animation
+            if not self.image:
+                raise ParamError(f"{prefix}.image", "an empty list of frames")
+            for j, image in enumerate(self.image):
+                _check_control_image(f"{prefix}.image[{j}]", image)
+        else:
+            _check_control_image(f"{prefix}.image", self.image)
         if self.preprocessor not in CONTROL_PREPROCESSORS + CONTROL_ANNOTATORS:
             raise ParamError(f"{prefix}.preprocessor", f"must be one of "
                                                        f"{', '.join(CONTROL_PREPROCESSORS + CONTROL_ANNOTATORS)}, "
@@ -110,6 +112,14 @@ class ControlSpec:
         _float_range(f"{prefix}.end", self.end, 0, 1)
         if self.start > self.end:
             raise ParamError(f"{prefix}.start", f"must not exceed end ({self.start} > {self.end})")
+
+
+def _check_control_image(name: str, image) -> None:
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)):
+            raise ParamError(name, f"an array must be uint8 (H, W), (H, W, 1|3|4), got {image.dtype} {image.shape}")
+    elif not isinstance(image, Image.Image):
+        raise ParamError(name, f"must be a PIL image or a uint8 array, got {type(image).__name__}")
 
 
 @dataclass
@@ -362,6 +372,8 @@ class GenerationParams:
                 if steps > LCM_MAX_STEPS:
                     raise ParamError(name, f"LCM with its own schedule takes 1 to {LCM_MAX_STEPS} steps, got {steps}"
                                      + (" (the hires pass runs steps / hires_denoise)" if name == "hires_steps" else ""))
+        if self.scheduler == "turbo" and self.steps > TURBO_MAX_STEPS:
+            raise ParamError("steps", f"the turbo schedule takes 1 to {TURBO_MAX_STEPS} steps, got {self.steps}")
         if self.hires_total_steps > MAX_HIRES_TOTAL_STEPS:
             raise ParamError("hires_denoise", f"the hires pass would schedule {self.hires_total_steps} steps "
                                               f"(steps / denoise); at most {MAX_HIRES_TOTAL_STEPS}")

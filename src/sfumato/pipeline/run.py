@@ -231,6 +231,8 @@ class RunLoop:
         guidance = Guidance(self._denoiser(stage, pass_, engine, clock), conds, (p.cfg_scale, p.guidance_rescale),
                             clock, image_cond, blend)
         guidance.name = engine.name
+        guidance.cfg1_skips_uncond = not (self.tools.image_prompts or getattr(engine.model.unet, "reads_uncond_row", False)
+                                          or any(spec.mode == "control" for spec in p.control))
         with ExitStack() as stack:
             for patch in patches.pass_patches(engine.model, p, clock):
                 stack.enter_context(patch())

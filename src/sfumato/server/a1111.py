@@ -328,6 +328,8 @@ def build_work(req: Txt2ImgRequest | Img2ImgRequest, defaults: Defaults, catalog
                 animation = animatediff.parse(args, catalog, f"alwayson_scripts.{name}.args")
                 if animation is not None:
                     animatediff.check_request(animation, settings, req.n_iter)
+        if animation is None and any(isinstance(spec.image, list) for spec in settings["control"]):
+            raise ApiError(422, "one control image per frame is for AnimateDiff clips", "batch_images")
     _check_limits(settings, req.n_iter, limits)
     try:
         params = GenerationParams(**settings).validated()

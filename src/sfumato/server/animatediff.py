@@ -6,8 +6,9 @@ request into a clip. Motion modules live in the models folder's ``animatediff`` 
 The response is the extension's: ``images`` holds the clip once per video format asked for (GIF,
 MP4, WEBP, in that order, base64), then every frame as a PNG when ``format`` has ``Frame``; ``info``
 carries the infotext with its ``AnimateDiff`` entry. The job API shows the middle frame's x̂0 as the
-preview. Features this server does not have are refused by field when set (WEBM, frame
-interpolation, video sources for ControlNet V2V, last-frame latents).
+preview. ControlNet units steer every frame (their ``batch_images``: one image per frame) and the
+prompt's LoRA tags apply, as for a still. Features this server does not have are refused by field when
+set (WEBM, frame interpolation, video sources for ControlNet V2V, last-frame latents).
 """
 
 from __future__ import annotations
@@ -127,7 +128,7 @@ def run(work, job, pipe, watermark: bool) -> tuple[list[str], list[Image.Image],
                   overlap=a.settings.overlap, stride=a.settings.stride, closed_loop=a.settings.closed_loop,
                   loop_prompts=a.settings.loop_prompts, watermark=watermark, callback=callback)
     settings = {k: getattr(p, k) for k in ("steps", "cfg_scale", "sampler", "scheduler", "seed", "width", "height",
-                                           "clip_skip", "rng", "init_image", "strength")}
+                                           "clip_skip", "rng", "init_image", "strength", "control")}
     try:
         result = pipe.animate(p.prompt, p.negative_prompt, **kwargs, **settings)
     except ParamError as e:

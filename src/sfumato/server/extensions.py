@@ -6,6 +6,8 @@ folder's ``ControlNet`` subfolder; its image (or, in img2img, the init image whe
 through the named preprocessor at the generation size (the extension's "pixel perfect"); ``weight``,
 ``guidance_start`` / ``guidance_end``, ``control_mode`` and ``resize_mode`` mean what they mean there.
 Preprocessors that are not implemented here are refused by name, never replaced by another.
+With AnimateDiff a unit may steer each frame with its own image: ``batch_images`` as a list of base64
+images, one per frame (the extension's batch folder is a path on the server: not read here).
 IP-Adapter units are the extension's too: a unit whose module is an ``ip-adapter_clip_*``
 preprocessor and whose model is an IP-Adapter file in the ControlNet folder becomes an
 ``IPAdapterSpec`` (weight → scale, guidance start/end → its step window); its CLIP image encoder is
@@ -27,6 +29,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict
 
 from ..errors import ParamError, SfumatoError
+from ..pipeline.animate import MAX_FRAMES
 from ..pipeline.params import ControlSpec, IPAdapterSpec
 from .security import ApiError, Catalog, Limits, decode_image
 
@@ -132,13 +135,25 @@ def _unit(unit: Any, field: str, catalog: Catalog, limits: Limits, init: Image.I
         image = image.get("image")
     if unit.get("mask") or unit.get("mask_image"):
         raise ApiError(422, "a unit's mask (effective region) is not supported", f"{field}.mask")
-    if image:
+    frames = unit.get("batch_images")
+    if isinstance(frames, str) and frames.strip():
+        raise ApiError(422, "this server reads no folders of its own: send the frames as a list of base64 images",
+                       f"{field}.batch_images")
+    if frames:   # one control image per frame of an AnimateDiff clip
+        if not isinstance(frames, list) or len(frames) > MAX_FRAMES:
+            raise ApiError(422, f"expected a list of 1 to {MAX_FRAMES} base64 images (one per frame)",
+                           f"{field}.batch_images")
+        image = [decode_image(data, f"{field}.batch_images[{j}]", limits).convert("RGB")
+                 for j, data in enumerate(frames)]
+    elif image:
         image = decode_image(image, f"{field}.image", limits).convert("RGB")
     elif init is not None:
         image = init   # as the extension does in img2img: the init image is the control image
     else:
         raise ApiError(422, "a unit needs an image in txt2img", f"{field}.image")
     if module in IP_MODULES:
+        if isinstance(image, list):
+            raise ApiError(422, "an IP-Adapter unit takes one image", f"{field}.batch_images")
         return _ip_adapter(unit, field, entry.path, image, catalog, module)
     hr = str(unit.get("hr_option", "Both")).lower()
     if hr not in ("both", "1", "0"):

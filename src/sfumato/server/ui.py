@@ -29,6 +29,7 @@ def add_routes(app: FastAPI, state: "State") -> None:
         return {"family": pipe.family, "width": size, "height": size, "title": state.title(entry),
                 "unclip": pipe.model.spec.is_unclip,
                 "depth_estimator": getattr(pipe.model, "depth_estimator", None) is not None,
+                "few_step": _few_step(pipe),
                 "history": state.config.outputs_dir is not None}
 
     def outputs():
@@ -51,3 +52,14 @@ def add_routes(app: FastAPI, state: "State") -> None:
         if path is None:
             raise ApiError(404, "no such image in the history", "name")
         return FileResponse(path, media_type="image/png", headers={"Cache-Control": "private, max-age=86400"})
+
+
+def _few_step(pipe) -> dict[str, Any] | None:
+    """The loaded model's few-step preset (pipeline.fewstep), in the A1111 names the web UI's fields use."""
+    from ..diffusion.samplers import SAMPLER_DISPLAY
+
+    preset = pipe.few_step
+    if preset is None:
+        return None
+    return {"name": preset.name, "sampler": SAMPLER_DISPLAY[preset.sampler], "scheduler": preset.scheduler or "automatic",
+            "steps": preset.steps, "cfg_scale": preset.cfg_scale}

@@ -84,6 +84,14 @@ async function loadModelInfo() {
   const info = await optional("v1/ui/model", null);
   state.modelInfo = info;
   if (info) state.native = info.width;
+  const few = info && info.few_step;
+  if (few) {   // a few-step model (Turbo, Lightning, Hyper-SD, LCM): its model card's settings
+    $("sampler_name").value = few.sampler;
+    $("scheduler").value = few.scheduler;
+    $("steps").value = few.steps;
+    $("cfg_scale").value = few.cfg_scale;
+    setStatus(`few-step model (${few.name}): ${few.sampler}, ${few.scheduler}, ${few.steps} steps, CFG ${few.cfg_scale}`);
+  }
   applyAspect();
   noteVariations();
 }

@@ -127,10 +127,19 @@ function addUnit() {
   unit.querySelector(".cn-file").onchange = (e) => {
     if (e.target.files[0]) readFile(e.target.files[0], (url) => setUnitImage(unit, url));
   };
+  unit.querySelector(".cn-frames").onchange = (e) => readFrames(unit, [...e.target.files]);
   unit.querySelector(".cn-clear").onclick = () => resetUnitCanvas(unit);
   unit.querySelector(".cn-remove").onclick = () => { unit.remove(); renumberUnits(); };
   unit.querySelector(".cn-detect").onclick = () => detect(unit);
   return unit;
+}
+
+// an AnimateDiff clip's control images, one per frame, in file-name order (sent as batch_images)
+async function readFrames(unit, files) {
+  files.sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
+  unit.frames = await Promise.all(files.map((f) => new Promise((done) => readFile(f, done))));
+  unit.querySelector(".cn-frames-count").textContent = unit.frames.length ? `${unit.frames.length} frames` : "";
+  if (unit.frames.length) unit.querySelector(".cn-enabled").checked = true;
 }
 
 function resetUnitCanvas(unit) {
@@ -209,6 +218,7 @@ function controlnetFields(r) {
         };
         const image = unitImage(unit);
         if (image) args.image = image;
+        if (unit.frames && unit.frames.length) args.batch_images = unit.frames;
         return args;
       }),
     },

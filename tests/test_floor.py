@@ -1,0 +1,59 @@
+"""``sfumato.floor``: layer types of op names, the attention FLOP formula, the floor arithmetic, and a
+profile of a small UNet whose convolution and attention FLOPs are counted by hand here."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from sfumato.floor import CATEGORIES, category, floor_report, matmul_peaks, step_profile
+
+
+def test_categories():
+    names = {"aten::mkldnn_convolution": "conv", "aten.convolution.default": "conv", "aten::addmm": "linear",
+             "aten.mm.default": "linear", "aten::_scaled_dot_product_flash_attention_for_cpu": "attention",
+             "aten::bmm": "linear", "aten::native_group_norm": "norm", "aten::native_layer_norm": "norm",
+             "aten::add": "other", "aten::gelu": "other", "aten::upsample_nearest2d": "other"}
+    for op, want in names.items():
+        assert category(op) == want, op
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 16, 3, padding=1)
+        self.norm = nn.GroupNorm(4, 16)
+        self.proj = nn.Linear(16, 48)
+
+    def forward(self, x):
+        h = self.norm(self.conv(x))                               # (1, 16, 8, 8)
+        tokens = h.flatten(2).transpose(1, 2)                      # (1, 64, 16)
+        q, k, v = self.proj(tokens).view(1, 64, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+def test_profile_counts_each_layer_type():
+    block, x = _Block().eval(), torch.randn(1, 8, 8, 8)
+    prof = step_profile(lambda: block(x))
+    assert set(prof) == set(CATEGORIES)
+    assert prof["conv"]["flops"] == 2 * 16 * 8 * 9 * 64                  # 2·out·in·k²·positions
+    assert prof["linear"]["flops"] == 2 * 64 * 16 * 48
+    assert prof["attention"]["flops"] == 4 * 2 * 64 * 64 * 8             # 4·(B·H)·N·M·d
+    assert all(prof[c]["seconds"] > 0 for c in ("conv", "linear", "attention", "norm"))
+
+
+def test_floor_arithmetic():
+    prof = {c: {"flops": 0.0, "seconds": 0.0} for c in CATEGORIES}
+    prof["conv"] = {"flops": 6e9, "seconds": 0.1}
+    prof["linear"] = {"flops": 4e9, "seconds": 0.1}
+    report = floor_report(prof, peak_gflops=100.0, step_seconds=0.2)
+    assert report["conv"]["gflops"] == 60.0 and report["conv"]["of_floor"] == 0.6
+    assert report["step"]["floor_seconds"] == 0.1 and report["step"]["of_floor"] == 0.5
+    assert report["norm"]["of_floor"] is None
+
+
+def test_peaks_are_measured():
+    peaks = matmul_peaks(shapes=((256, 256, 256),))
+    assert peaks["fp32"] > 0 and peaks["bf16"] > 0
+    assert peaks.get("int8", 1) > 0
