@@ -15,7 +15,7 @@ LAYERS = [
     ("sfumato.errors", "sfumato.version", "sfumato.safe_image", "sfumato.data"),
     ("sfumato.models", "sfumato.diffusion"),
     ("sfumato.checkpoint",),
-    ("sfumato.text", "sfumato.adapters"),
+    ("sfumato.text", "sfumato.adapters", "sfumato.backends"),
     ("sfumato.pipeline",),
     ("sfumato.api", "sfumato"),
 ]

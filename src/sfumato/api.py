@@ -362,6 +362,9 @@ class Pipeline:
         run_patches = list(patches)
         lora_hashes = None
         if tags:
+            if getattr(self.model.unet, "quantized", None):
+                raise ParamError("prompt", "it names LoRAs, which an int8 UNet cannot take in place: merge them "
+                                           "at load (--lora FILE:WEIGHT, load(loras=…))")
             if self.model.streamed:
                 mode = "low-memory" if self.model.low_memory else "by-stage"
                 raise ParamError("prompt", f"it names LoRAs, which {mode} loading cannot apply (weights stay on disk)")
@@ -455,6 +458,9 @@ def load(
     no_half_vae: bool = False,
     safety_checker: str | Path | None = None,
     few_step: str | None = "auto",
+    quant: str | None = None,
+    backend: str = "torch",
+    backend_precision: str = "f32",
 ) -> Pipeline:
     """Load a checkpoint (None: the bundled model). ``loras`` are merged into the weights for good
     (``(path, weight)`` pairs); ``lora_dir`` serves ``<lora:name:w>`` tags in prompts; the textual
@@ -476,9 +482,33 @@ def load(
     every image is checked and a flagged one hidden (``Pipeline.safety_action``: "black" or "blur").
     ``few_step``: a few-step preset (turbo, lightning, hyper, lcm: see ``pipeline.fewstep``) whose
     sampler, schedule, steps and CFG fill what a request leaves out; "auto" (default) guesses it from
-    the file's and the LoRAs' names (logged), "none" never."""
+    the file's and the LoRAs' names (logged), "none" never.
+    ``quant``: "int8" runs the UNets' linear layers and convolutions with int8 weights and dynamically
+    quantized int8 activations (``models.quant``; opt-in: its quality is measured, not exact); LoRAs
+    merge before (``loras=``), prompt-tag LoRAs are refused.
+    ``backend``: "torch", or "openvino" (``backends.openvino``: the UNet and VAE decoder converted from
+    these weights, compiled per shape and cached on disk; ``backend_precision`` f32 (default), bf16,
+    f16 or int8; calls it cannot serve run on torch, logged)."""
     fewstep.resolve(few_step if few_step != "auto" else "none", ())   # a bad name fails before loading
+    if quant not in (None, "none", "int8"):
+        raise ParamError("quant", f"must be int8 or none, got {quant!r}")
+    if backend not in ("torch", "openvino"):
+        raise ParamError("backend", f"must be torch or openvino, got {backend!r}")
+    if backend == "openvino":
+        from .backends import openvino as ov_backend
+
+        ov_backend.require()
+        for option, on in (("low_memory", low_memory), ("by_stage", by_stage), ("compile", compile),
+                           ("quant", quant == "int8")):
+            if on:
+                raise ParamError("backend", f"the OpenVINO backend keeps its own compiled UNet; not with {option}")
+        if dtype not in (None, "auto", "fp32", torch.float32):
+            raise ParamError("dtype", "the OpenVINO backend converts fp32 weights: dtype fp32 (its own precision: "
+                                      "backend_precision)")
+        dtype = "fp32"
     for option, on in (("low_memory", low_memory), ("by_stage", by_stage)):
+        if on and quant == "int8":
+            raise ParamError("quant", f"int8 keeps the quantized UNet in memory; not with {option}")
         if on and loras:
             raise ParamError("loras", f"merging LoRAs into the weights needs them in memory; not with {option}")
         if on and compile:
@@ -499,6 +529,16 @@ def load(
     if loras:   # merged for good: a run's prompt-tag LoRAs are removed down to these weights
         apply_loras(model, loras)
         bake_loras(model)
+    if quant == "int8":
+        from .models.quant import quantize_int8
+
+        for m in (model, refiner_model, hires_model):
+            if m is not None:
+                quantize_int8(m.unet)
+    if backend == "openvino":
+        for m in (model, refiner_model, hires_model):
+            if m is not None:
+                ov_backend.attach(m, backend_precision)
     if compile:
         for m in (model, refiner_model, hires_model):
             if m is not None:

@@ -11,6 +11,8 @@ measures, interleaving the two implementations so that load from other processes
 - peak RSS of a whole 512×512 txt2img, and of sfumato's VAE decode whole and tiled (fresh processes,
   ``VmHWM``),
 - with ``--sdxl``, an SDXL-size UNet step at 1024×1024 in bf16;
+- ``openvino``: the UNet step through the OpenVINO backend (f32, bf16, NNCF int8 weights), the
+  first call (export, conversion, compilation) timed apart;
 - ``floor``: this CPU's matmul peaks (fp32, bf16, int8) and the UNet step as a fraction of its
   floor, per layer type, for both implementations (``sfumato.floor``).
 
@@ -197,10 +199,19 @@ def bench_unet(args, results: dict) -> None:
         if args.compile:  # the warm-up run compiles
             compiled = torch.compile(ours)
             fns["sfumato (torch.compile)"] = lambda: compiled(xd, t, cd)
+        if dtype == torch.float32:   # the 8-bit path (models.quant) from the same weights
+            import copy
+
+            from .models.quant import quantize_int8
+
+            int8 = copy.deepcopy(ours)
+            quantize_int8(int8)
+            fns["sfumato (int8)"] = lambda: outputs.__setitem__("int8", int8(xd, t, cd))
         results[f"unet_step_{name}"] = timed(fns, args.warmup, args.repeats)
         results[f"unet_step_{name}"]["sfumato"]["compute_dtype"] = str(ours.compute_dtype).removeprefix("torch.")
-        ref = None  # frees the previous dtype's tensors
+        ref = int8 = None  # frees the previous dtype's tensors
     q = results["quality"]
+    q["unet_int8_vs_fp32_rel_err"] = rel_err(outputs["int8"], outputs["fp32"])
     q["unet_fp32_sfumato_vs_diffusers_rel_err"] = rel_err(outputs["fp32"], outputs["diffusers_fp32"])
     q["unet_bf16_vs_fp32_rel_err"] = rel_err(outputs["bf16"], outputs["fp32"])
     q["unet_diffusers_bf16_vs_fp32_rel_err"] = rel_err(outputs["diffusers_bf16"], outputs["diffusers_fp32"])
@@ -231,6 +242,48 @@ def bench_floor(args, results: dict) -> None:
             results[f"floor_unet_step_{name}_{impl}"] = report
             print(f"  {impl} {name}: step {report['step']}", file=sys.stderr, flush=True)
         ref = None
+
+
+def bench_openvino(args, results: dict) -> None:
+    """The UNet step (512², CFG) through the OpenVINO backend (``backends.openvino``) at each of its
+    precisions, against sfumato's torch fp32 and diffusers fp32 on the same weights; the conversion
+    (export + convert + compile, first call) timed apart. Skipped, and said so, without OpenVINO."""
+    from .backends import openvino as ovb
+
+    if not ovb.available():
+        results["openvino"] = {"skipped": "pip install 'sfumato[openvino]'"}
+        return
+    import openvino
+
+    ours = build(lambda: UNetModel(SD1_UNET), 0)
+    ref = diffusers_unet(ours, SD1_UNET)
+    x = torch.randn(2, 4, 64, 64, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([500.0, 500.0])
+    ctx = torch.randn(2, 77, 768, generator=torch.Generator().manual_seed(2))
+    outputs = {}
+    fns = {"sfumato (torch fp32)": lambda: outputs.__setitem__("torch", ours(x, t, ctx)),
+           "diffusers": lambda: ref(x, t, ctx).sample}
+    convert = {}
+    precisions = ["f32", "bf16"] + (["int8"] if _has("nncf") else [])
+    for precision in precisions:
+        runner = ovb.OpenVINOUNet(ours, precision, cache=None)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            outputs[precision] = runner(x, t, ctx)
+        convert[precision] = round(time.perf_counter() - start, 1)
+        fns[f"sfumato (OpenVINO {precision})"] = lambda r=runner, k=precision: outputs.__setitem__(k, r(x, t, ctx))
+    results["openvino_unet_step_512"] = timed(fns, args.warmup, args.repeats)
+    results["openvino_unet_step_512"]["first_call_s"] = convert
+    q = results["quality"]
+    q["openvino_version"] = openvino.__version__
+    for precision in precisions:
+        q[f"unet_openvino_{precision}_vs_torch_fp32_rel_err"] = rel_err(outputs[precision], outputs["torch"])
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
 
 
 def _with_override(model: nn.Module, dtype: torch.dtype, fn: Callable[[], object]) -> object:
@@ -511,6 +564,7 @@ def run(args, parts: set[str]) -> None:
             bench_processes(args, results, parts, Path(tmp))
             save(args, results)
     steps = [(bench_floor, "floor" in parts), (bench_tiling, "tiling" in parts), (bench_unet, "unet" in parts),
+             (bench_openvino, "openvino" in parts),
              (bench_vae, "vae" in parts),
              (bench_text, "text" in parts), (bench_sdxl, args.sdxl)]
     for step, wanted in steps:

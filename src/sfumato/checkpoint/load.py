@@ -54,6 +54,9 @@ class LoadedModel:
     image_embedder: nn.Module | None = None    # Stable unCLIP: the CLIP image tower …
     noise_augmentor: nn.Module | None = None   # … and its embedding noise augmentation
     depth_estimator: nn.Module | None = None   # SD 2 depth: the MiDaS DPT-Hybrid the file carries (fp32)
+    # another runtime for the plain UNet calls and whole-image decodes (backends.openvino), else None
+    unet_backend: object | None = None
+    decoder_backend: object | None = None
 
     @property
     def streamed(self) -> bool:

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import SfumatoError
-from .generate import add_few_step, note_few_step
+from .generate import add_few_step, add_quant, note_few_step
 from .units import add_control, control_specs
 
 
@@ -38,6 +38,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-watermark", action="store_true")
     p.add_argument("--lora-dir", help="folder searched for <lora:name:weight> tags in the prompt")
     add_few_step(p)
+    add_quant(p)
     p.add_argument("-o", "--output", default="output.gif", help=".gif, .webp or .mp4 (PyAV)")
     add_control(p)
     p.set_defaults(func=cmd_animate)
@@ -69,7 +70,8 @@ def cmd_animate(args: argparse.Namespace) -> int:
     control = control_specs(args, frames=True)   # every unit's image (or folder of frames) read before loading
     if control:
         settings["control"] = control
-    pipe = load(args.model, dtype=args.dtype, device=args.device, lora_dir=args.lora_dir, few_step=args.few_step)
+    pipe = load(args.model, dtype=args.dtype, device=args.device, lora_dir=args.lora_dir, few_step=args.few_step,
+                quant=args.quant, backend=args.backend, backend_precision=args.backend_precision)
     note_few_step(pipe, settings)
     if pipe.few_step is None:   # the clip's own defaults (the library's are a still's: Euler)
         settings.setdefault("sampler", "Euler a")

@@ -55,6 +55,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true",
                    help="run the UNet under torch.compile (keeps it in memory: --memory auto becomes keep)")
     add_few_step(p)
+    add_quant(p)
     p.add_argument("--from-png", metavar="FILE", help="take the settings from an image's infotext")
     p.add_argument("--style", action="append", default=[], metavar="NAME",
                    help="apply a prompt style from --styles-file (repeatable, in order)")
@@ -81,6 +82,20 @@ def add_few_step(p: argparse.ArgumentParser) -> None:
                    help="the sampler, scheduler, steps and CFG of a few-step model for the flags not given: turbo "
                         "(SD/SDXL-Turbo), lightning, hyper (Hyper-SD), lcm (LCM, LCM-LoRA); auto (default): guessed "
                         "from the model's and LoRAs' file names; none: never")
+
+
+def add_quant(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quant", choices=("none", "int8"), default="none",
+                   help="int8: the UNet's linear layers and convolutions in 8-bit (int8 weights, int8 activations "
+                        "quantized per call): faster on the CPU, not bit-exact (see the README's numbers); LoRAs "
+                        "only through --lora")
+    p.add_argument("--backend", choices=("torch", "openvino"), default="torch",
+                   help="openvino: the UNet and VAE decoder converted to OpenVINO (pip install 'sfumato[openvino]'), "
+                        "cached on disk per shape; what it cannot run (ControlNet, LoRA tags, AnimateDiff) runs on "
+                        "torch, logged")
+    p.add_argument("--backend-precision", choices=("f32", "bf16", "f16", "int8"), default="f32",
+                   help="OpenVINO's precision: f32 (default; images within ±2 of torch), bf16/f16, int8 (NNCF "
+                        "8-bit weights)")
 
 
 def note_few_step(pipe, settings: dict) -> None:
@@ -353,7 +368,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 no_half_vae=args.no_half_vae, refiner=args.refiner, hires=args.hires_checkpoint,
                 loras=loras, lora_dir=args.lora_dir, embeddings_dir=args.embeddings, low_memory=memory == "low",
                 by_stage=memory == "by-stage", hypernet_dir=args.hypernet_dir, compile=args.compile,
-                few_step=args.few_step)
+                few_step=args.few_step, quant=args.quant, backend=args.backend,
+                backend_precision=args.backend_precision)
     note_few_step(pipe, settings)
     if args.vae_decoder:
         pipe.tiny_decoder = _tiny_decoder(args.vae_decoder, pipe.engine.latent_channels, pipe.engine.factor)
@@ -481,7 +497,7 @@ def _memory_mode(args, model: str | Path, prompt: str, loras: list) -> str:
         return "low"
     if args.memory != "auto":
         return args.memory
-    if args.compile:
+    if args.compile or args.quant == "int8" or args.backend != "torch":
         return "keep"
     from ..adapters.lora import parse_lora_prompt
     from ..checkpoint.io import sniff_format

@@ -38,6 +38,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when present, else MPS, else the CPU), cpu, cuda, "
                                                     "cuda:N or mps")
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"))
+    p.add_argument("--backend", choices=("torch", "openvino"), default="torch",
+                   help="openvino: every model's UNet and VAE decoder converted to OpenVINO (cached on disk)")
+    p.add_argument("--backend-precision", choices=("f32", "bf16", "f16", "int8"), default="f32")
     p.add_argument("--no-watermark", action="store_true", help="do not add the invisible watermark")
     p.set_defaults(func=cmd_serve)
 
@@ -77,7 +80,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     " (only under this machine's names: --allowed-hosts adds others)" if allowed is None else "")
     config = ServerConfig(model=model, models_dir=models_dir, listen=args.listen, api_auth=credentials,
                           max_queue=args.max_queue, watermark=not args.no_watermark, device=device,
-                          dtype=args.dtype, allowed_hosts=allowed, host=host,
+                          dtype=args.dtype, backend=args.backend, backend_precision=args.backend_precision,
+                          allowed_hosts=allowed, host=host,
                           outputs_dir=outputs_dir,
                           safety_checker=Path(args.safety_checker) if args.safety_checker else None,
                           safety_action=args.safety_action)

@@ -62,6 +62,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                    help="skip the guidance rows (CFG 1, img2img colour change, inpainting)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
                    help="bf16: bf16 weights and bf16 arithmetic in the UNet and VAE (forced, whatever the CPU)")
+    p.add_argument("--quant", choices=("none", "int8"), default="none", help="int8: the 8-bit UNet (models.quant)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N or mps")
     p.set_defaults(func=cmd_eval)
@@ -122,7 +123,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     report = evaluate_model(args.model or BUNDLED_PATH, steps=args.steps, cfg_scale=args.cfg_scale, seed=args.seed,
-                            guidance=not args.no_guidance, dtype=args.dtype, device=args.device)
+                            guidance=not args.no_guidance, dtype=args.dtype, device=args.device, quant=args.quant)
     print(format_report(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))

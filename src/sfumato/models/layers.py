@@ -136,8 +136,8 @@ def upsample_conv(x: Tensor, conv: Conv2d) -> Tensor:
     input pixel and channel pair, and the 4× upsampled input is never built. Small inputs take the
     plain route: building the phase kernels costs more than it saves there (1280 channels at 8×8:
     0.20 s against 0.08 s)."""
-    if x.shape[-2] * x.shape[-1] < UPSAMPLE_PHASES_MIN_PIXELS:
-        return conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+    if x.shape[-2] * x.shape[-1] < UPSAMPLE_PHASES_MIN_PIXELS or not isinstance(conv, nn.Conv2d):
+        return conv(F.interpolate(x, scale_factor=2, mode="nearest"))   # (not a Conv2d: models.quant's)
     w, b = cast_weight(conv.weight, x), cast(conv.bias, x)
     kernels = [k for rows in _phase_taps(w, 2) for k in _phase_taps(rows, 3)]  # phases (0,0), (0,1), (1,0), (1,1)
     o = F.conv2d(x, torch.cat(kernels), None if b is None else b.repeat(4), padding=1)  # [B, 4·O, H+1, W+1]

@@ -139,8 +139,12 @@ class GEGLU(nn.Module):
         self.inner = inner
 
     def forward(self, x: Tensor) -> Tensor:
+        n = self.inner
+        if not isinstance(self.proj, Linear):   # a replaced projection (models.quant): one product, split
+            h = self.proj(x)
+            return h[..., :n] * F.gelu(h[..., n:])
         # two products on row slices of the weight: contiguous halves, no strided chunk of one output
-        w, b, n = cast_weight(self.proj.weight, x), cast(self.proj.bias, x), self.inner
+        w, b = cast_weight(self.proj.weight, x), cast(self.proj.bias, x)
         return F.linear(x, w[:n], b[:n]) * F.gelu(F.linear(x, w[n:], b[n:]))
 
 

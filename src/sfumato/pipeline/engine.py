@@ -69,6 +69,14 @@ class Engine:
             x = torch.cat([x, concat.to(x.dtype)], dim=1)
         dev, dt = self.device, self.dtype
         y = None if c.y is None else c.y.to(dev, dt) if c.y.is_floating_point() else c.y.to(dev)  # int: class labels
+        backend = self.model.unet_backend
+        if backend is not None:   # another runtime (backends.openvino) for the plain calls it can serve
+            if unet is None:
+                out = backend(x.to(dev, dt), t.to(dev), c.context.to(dev, dt), y)
+                if out is not None:
+                    return out.float()
+            else:
+                backend.note("ControlNet residuals (a wrapped UNet)")
         return (unet or self.model.unet)(x.to(dev, dt), t.to(dev), c.context.to(dev, dt), y).float()
 
     def labelled(self, label: int) -> Denoiser:
@@ -112,6 +120,11 @@ class Engine:
 
     def _decode(self, z: Tensor) -> Tensor:
         vae, (tiled, tile, stats) = self.model.vae, self._tiling()
+        backend = self.model.decoder_backend
+        if backend is not None and not tiled and z.shape[-2] * z.shape[-1] <= tiling.AUTO_TILE_LATENT_PIXELS:
+            images = [backend(zi) for zi in z.split(1)]
+            if all(im is not None for im in images):
+                return torch.cat(images).float()
         # one image at a time: a batch's convolutions may round differently from a single image's
         with resident(vae):
             return torch.cat([tiling.decode(vae, zi.to(self.device), tiled, tile=tile, stats_size=stats).float().cpu()

@@ -53,6 +53,8 @@ class ServerConfig:
     watermark: bool = True
     device: str = "cpu"
     dtype: str = "auto"
+    backend: str = "torch"               # or "openvino" (backends.openvino), for every model the server loads
+    backend_precision: str = "f32"
     # Host names answered with listen=True: None = this machine's names and addresses without
     # api_auth (no DNS rebinding), any with it; ("*",) = any
     allowed_hosts: tuple[str, ...] | None = None
@@ -100,7 +102,8 @@ class ModelHost:
                 self.pipe = load(checkpoint.path, vae=vae.path if vae else None, refiner=refiner.path if refiner else None,
                                  hires=hires.path if hires else None,
                                  dtype=self.config.dtype, device=self.config.device,
-                                 embeddings_dir=_embeddings_dir(self.catalog))
+                                 embeddings_dir=_embeddings_dir(self.catalog), backend=self.config.backend,
+                                 backend_precision=self.config.backend_precision)
             except SfumatoError as e:   # each file was readable alone: the one the message names (else the model)
                 named = [(entry, kind, field) for entry, kind, field in
                          ((refiner, "refiner", fields[2]), (hires, "hires checkpoint", fields[3]),
@@ -193,7 +196,8 @@ def create_app(config: ServerConfig, pipeline: Pipeline | None = None) -> FastAP
     catalog = Catalog(Path(config.model) if config.model else BUNDLED_PATH, config.models_dir)
     default = catalog.default
     if pipeline is None:
-        pipeline = load(default.path, dtype=config.dtype, device=config.device, embeddings_dir=_embeddings_dir(catalog))
+        pipeline = load(default.path, dtype=config.dtype, device=config.device, embeddings_dir=_embeddings_dir(catalog),
+                        backend=config.backend, backend_precision=config.backend_precision)
     host = ModelHost(config, pipeline, default, catalog)
     for entry in catalog.builtins[1:]:   # the bundled unCLIP variant: small, so titled with its hash from the start
         host.sha256[entry.path] = host.hash_of(entry.path)

@@ -55,13 +55,14 @@ def export(path: str | Path, spec: ModelSpec, unet: nn.Module, vae: nn.Module, t
 
 def evaluate_model(path: str | Path, *, steps: int = 20, cfg_scale: float = 7.0, seed: int = 0,
                    prompts: list[str] | None = None, guidance: bool = True, edit_cases: int = 50,
-                   dtype: str = "fp32", device: str = "cpu") -> dict[str, dict]:
+                   dtype: str = "fp32", device: str = "cpu", quant: str = "none") -> dict[str, dict]:
     """Generate one image per prompt (``EVAL_PROMPTS`` by default; prompt k with seed ``seed + k``)
     through ``sfumato.load(path).txt2img`` and judge them (see ``judge.evaluate``). With
     ``guidance``, add the rows of ``edits``: ``cfg_1`` (the same prompts without guidance),
     ``img2img`` and ``inpaint`` (``edit_cases`` each). ``dtype`` "bf16" stores every weight in bf16
     and forces bf16 arithmetic in the UNet and VAE even where the CPU would upcast (the quality of
-    bf16 itself, whatever this machine's speed rule picks). ``device``: where it runs (auto, cpu, cuda…)."""
+    bf16 itself, whatever this machine's speed rule picks). ``device``: where it runs (auto, cpu, cuda…).
+    ``quant``: "int8" evaluates the 8-bit UNet (``models.quant``)."""
     import numpy as np
     import torch
 
@@ -72,7 +73,7 @@ def evaluate_model(path: str | Path, *, steps: int = 20, cfg_scale: float = 7.0,
 
     if dtype not in ("fp32", "bf16"):
         raise ValueError(f"dtype must be fp32 or bf16, got {dtype!r}")
-    pipe = load(path, dtype=dtype, device=device)
+    pipe = load(path, dtype=dtype, device=device, quant=quant)
     if dtype == "bf16":
         pipe.model.unet.dtype_override = pipe.model.vae.dtype_override = torch.bfloat16
 
