@@ -46,12 +46,28 @@ def test_trailing_and_turbo_sigmas(n):
         assert float(ours[0]) == pytest.approx(float(schedule.sigmas[-1]))
 
 
+def test_trailing_gives_n_steps_for_every_n():
+    """diffusers' own arange gives n + 1 timesteps for some n (61, 103, …): ours gives n, the same values."""
+    schedule = DiscreteSchedule(AC)
+    for n in (61, 103, 121, 201, 999, 1000):
+        sigmas = trailing_sigmas(schedule, n)
+        assert len(sigmas) == n + 1 and bool((sigmas[:-1] > sigmas[1:]).all()), n
+    ref = EulerDiscreteScheduler.from_config(SD_SCHEDULER_CONFIG, timestep_spacing="trailing")
+    ref.set_timesteps(60)
+    torch.testing.assert_close(trailing_sigmas(schedule, 60), ref.sigmas.float(), rtol=1e-5, atol=0)
+
+
 def test_turbo_schedule_limit():
     with pytest.raises(ValueError, match="1 to 10 steps"):
         get_sigmas(DiscreteSchedule(AC), "turbo", 11)
+    from sfumato.pipeline.params import GenerationParams
+
     with pytest.raises(ParamError) as e:
-        sfumato.pipeline.params.GenerationParams(prompt="x", scheduler="turbo", steps=12).validated()
+        GenerationParams(prompt="x", scheduler="turbo", steps=12).validated()
     assert e.value.field == "steps"
+    with pytest.raises(ParamError) as e:   # the hires pass runs steps / denoise on the same schedule
+        GenerationParams(prompt="x", scheduler="turbo", steps=8, hires_scale=2, hires_denoise=0.5).validated()
+    assert e.value.field == "hires_steps"
 
 
 def _euler_reference(scheduler, net, x, steps, generator=None):
@@ -160,8 +176,12 @@ def test_guesses_from_names():
     for name, (preset, steps, cfg) in cases.items():
         found, by = guess([name])
         assert (found.name, found.steps, found.cfg_scale, by) == (preset, steps, cfg, name), name
+        if "lora" in name.lower() and "lightning_8" not in name:   # a LoRA's name must name a few-step LoRA
+            assert guess([name], lora=True)[0].name == preset, name
     for plain in ("v1-5-pruned-emaonly.safetensors", "dreamshaper_8", "clcmx", "sd_xl_base_1.0"):
         assert guess([plain]) is None, plain
+    for style in ("lightning_bolts", "turbo_style_v2", "lcm_portrait", "blcm-lora"):   # style LoRAs stay plain
+        assert guess([style], lora=True) is None, style
 
 
 def test_presets_fill_only_what_is_left_out(turbo, tmp_path, capsys):

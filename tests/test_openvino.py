@@ -106,3 +106,17 @@ def test_precisions_and_the_cli(tiny_model, cache, tmp_path):
     from PIL import Image
 
     assert _close_images(Image.open(out).convert("RGB"), want.images[0].convert("RGB")) >= 0.99
+
+
+def test_a_failed_conversion_runs_on_torch(tiny_model, cache, monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        raise RuntimeError("unsupported operation")
+
+    monkeypatch.setattr(torch.export, "export", broken)
+    ov_pipe = sfumato.load(tiny_model, backend="openvino")
+    with caplog.at_level(logging.WARNING, logger="sfumato.backends.openvino"):
+        got = ov_pipe.txt2img("a red circle", **KW)
+    assert "its conversion failed" in caplog.text and "unsupported operation" in caplog.text
+    want = sfumato.load(tiny_model, dtype="fp32").txt2img("a red circle", **KW)
+    assert torch.equal(got.latents, want.latents)
+    assert not list(cache.glob("*.xml"))

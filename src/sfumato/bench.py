@@ -11,6 +11,8 @@ measures, interleaving the two implementations so that load from other processes
 - peak RSS of a whole 512×512 txt2img, and of sfumato's VAE decode whole and tiled (fresh processes,
   ``VmHWM``),
 - with ``--sdxl``, an SDXL-size UNet step at 1024×1024 in bf16;
+- ``whole``: whole 512² images in fresh processes: 20 steps (sfumato fp32, bf16, int8, OpenVINO;
+  diffusers fp32) and a 1-step SD-Turbo-style image;
 - ``openvino``: the UNet step through the OpenVINO backend (f32, bf16, NNCF int8 weights), the
   first call (export, conversion, compilation) timed apart;
 - ``floor``: this CPU's matmul peaks (fp32, bf16, int8) and the UNet step as a fraction of its
@@ -417,13 +419,24 @@ def child(spec: dict) -> None:
         import sfumato
 
         pipe = sfumato.load(spec["ckpt"], dtype=dtype, low_memory=spec.get("low_memory", False),
-                            by_stage=spec.get("by_stage", False))
+                            by_stage=spec.get("by_stage", False), quant=spec.get("quant"),
+                            backend=spec.get("backend", "torch"), backend_precision=spec.get("precision", "f32"),
+                            few_step="none")
         if spec.get("compute") == "bf16":   # bf16 arithmetic as on CPUs with fast native bf16
             pipe.model.unet.dtype_override = pipe.model.vae.dtype_override = torch.bfloat16
         result["load_s"] = time.perf_counter() - start
         if task == "generate":
-            pipe.txt2img("a red circle", width=512, height=512, steps=spec["steps"], sampler="Euler", cfg_scale=7.0,
-                         seed=1, watermark=False)
+            def generate():
+                pipe.txt2img("a red circle", width=512, height=512, steps=spec["steps"], sampler="Euler",
+                             cfg_scale=spec.get("cfg", 7.0), scheduler=spec.get("scheduler"), seed=1, watermark=False)
+
+            if spec.get("warm"):   # a first image (OpenVINO converts and compiles here), timed apart
+                t0 = time.perf_counter()
+                generate()
+                result["first_image_s"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            generate()
+            result["generate_s"] = time.perf_counter() - t0
     else:
         from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
 
@@ -433,9 +446,11 @@ def child(spec: dict) -> None:
         result["load_s"] = time.perf_counter() - start
         if task == "generate":
             pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+            t0 = time.perf_counter()
             with torch.inference_mode():
-                pipe("a red circle", width=512, height=512, num_inference_steps=spec["steps"], guidance_scale=7.0,
-                     generator=torch.Generator().manual_seed(1))
+                pipe("a red circle", width=512, height=512, num_inference_steps=spec["steps"],
+                     guidance_scale=spec.get("cfg", 7.0), generator=torch.Generator().manual_seed(1))
+            result["generate_s"] = time.perf_counter() - t0
     result["total_s"] = time.perf_counter() - start
     # VmHWM belongs to this process's own address space; ru_maxrss would start from the parent's
     # resident set at fork time.
@@ -493,6 +508,8 @@ def bench_processes(args, results: dict, parts: set[str], workdir: Path) -> None
             runs = {impl: [in_process(task="load", impl=impl, ckpt=ckpt, config=config, dtype=dtype)
                            for _ in range(1 + args.repeats)][1:] for impl in impls}
             results[f"load_{dtype}"] = {impl: _median_runs(rs) for impl, rs in runs.items()}
+    if "whole" in parts:
+        bench_whole(args, results, ckpt, config, workdir)
     if "memory" in parts:
         steps = 2 if args.quick else 4
         results["generate_512_bf16"] = {
@@ -509,6 +526,29 @@ def bench_processes(args, results: dict, parts: set[str], workdir: Path) -> None
         results["generate_512_bf16"]["sfumato, low memory"] = in_process(
             task="generate", impl="sfumato", ckpt=ckpt, config=config, dtype="bf16", steps=steps, low_memory=True)
         results["generate_512_bf16"]["steps"] = steps
+
+
+def bench_whole(args, results: dict, ckpt: Path, config: Path, workdir: Path) -> None:
+    """Whole 512² txt2img images, each path in a fresh process: 20 Euler steps at CFG 7 (sfumato in its
+    auto dtype, int8, OpenVINO at this CPU's fast precision; diffusers fp32), and one step at CFG 1
+    (an SD-Turbo-style image: the trailing schedule's single step, no uncond pass). The OpenVINO rows
+    make one image first (conversion and compilation, ``first_image_s``) and time the second."""
+    from .backends.openvino import available
+
+    env = {"SFUMATO_CACHE": str(workdir / "cache")}
+    fast_bf16 = cpu_has_fast_bf16()
+    paths = {"sfumato (auto dtype)": dict(dtype="auto"), "sfumato int8": dict(dtype="auto", quant="int8")}
+    if available():   # OpenVINO at the precision this CPU runs fastest (its UNet step: the `openvino` part)
+        precision = "bf16" if fast_bf16 else "f32"
+        paths[f"sfumato OpenVINO {precision}"] = dict(dtype="fp32", backend="openvino", precision=precision, warm=True)
+    for name, steps, cfg, scheduler in (("txt2img_512_20_steps", 20, 7.0, None), ("turbo_512_1_step", 1, 1.0, "trailing")):
+        rows = {impl: in_process(env, task="generate", impl="sfumato", ckpt=ckpt, config=config, steps=steps, cfg=cfg,
+                                 scheduler=scheduler, **opts) for impl, opts in paths.items()}
+        if name.startswith("txt2img"):
+            rows["diffusers"] = in_process(task="generate", impl="diffusers", ckpt=ckpt, config=config, dtype="fp32",
+                                           steps=steps, cfg=cfg)
+        results[name] = {impl: {k: round(v, 2) for k, v in r.items()} for impl, r in rows.items()}
+        save(args, results)
 
 
 def _median_runs(runs: list[dict]) -> dict:
@@ -559,7 +599,7 @@ def run(args, parts: set[str]) -> None:
     results: dict = {"machine": machine(), "quality": {}}
     print(json.dumps(results["machine"]), file=sys.stderr)
     # separate processes first, while this one is small: their peaks and ours add up
-    if parts & {"load", "memory"}:
+    if parts & {"load", "memory", "whole"}:
         with tempfile.TemporaryDirectory(prefix="sfumato-bench-") as tmp:
             bench_processes(args, results, parts, Path(tmp))
             save(args, results)

@@ -4,9 +4,9 @@ downloads — then compiled for the CPU.
 
 - One compiled model per input shape (batch rows, latent size, context length), converted on first use.
   Converted models are cached on disk (``~/.cache/sfumato/openvino`` or ``$SFUMATO_CACHE``), keyed by a
-  digest of the weights, the shape, the precision and both libraries' versions: a second run of the
-  same model and size skips the export and conversion; OpenVINO's own compiled-blob cache sits beside
-  them.
+  digest of the weights, the shape, the precision, both libraries' versions, sfumato's version and the
+  traced modules' source: a second run of the same model and size skips the export and conversion;
+  OpenVINO's own compiled-blob cache sits beside them.
 - ``precision``: "f32" (the default: images within ±2 levels of the torch path), or "bf16" / "f16"
   (OpenVINO's inference precision; bf16 is fast only where the CPU has it natively), or "int8":
   8-bit weights (NNCF's weight compression, when NNCF is installed).
@@ -101,18 +101,26 @@ class _Compiled:
         hint = {"f32": "f32", "bf16": "bf16", "f16": "f16", "int8": "f32"}[self.precision]
         return {"INFERENCE_PRECISION_HINT": hint}
 
-    def __call__(self, fn_inputs: tuple[Tensor, ...], export_module: nn.Module) -> np.ndarray:
+    def __call__(self, fn_inputs: tuple[Tensor, ...], export_module: nn.Module) -> np.ndarray | str:
+        """The output, or (a str) why this shape cannot be served: its export, conversion or
+        compilation failed (remembered: the shape then runs on torch from here on)."""
         key = tuple((tuple(t.shape), str(t.dtype)) for t in fn_inputs)
         compiled = self.compiled.get(key)
         if compiled is None:
-            compiled = self.compiled[key] = self._compile(key, fn_inputs, export_module)
+            try:
+                compiled = self._compile(key, fn_inputs, export_module)
+            except Exception as e:   # noqa: BLE001 — any failure of torch.export / OpenVINO: run on torch
+                compiled = f"its conversion failed for {key}: {type(e).__name__}: {str(e)[:200]}"
+            self.compiled[key] = compiled
+        if isinstance(compiled, str):
+            return compiled
         return compiled([t.numpy() for t in fn_inputs])[0]
 
     def _compile(self, key: tuple, inputs: tuple[Tensor, ...], export_module: nn.Module):
         import openvino as ov
 
-        name = hashlib.blake2b(repr((self.what, self.digest, key, self.precision, ov.__version__, torch.__version__))
-                               .encode(), digest_size=12).hexdigest()
+        name = hashlib.blake2b(repr((self.what, self.digest, key, self.precision, ov.__version__, torch.__version__,
+                                     _code_digest())).encode(), digest_size=12).hexdigest()
         path = self.cache / f"{self.what}-{name}.xml" if self.cache is not None else None
         if path is not None and path.is_file():
             model = self.core.read_model(str(path))
@@ -124,12 +132,24 @@ class _Compiled:
             model = ov.convert_model(exported)
             if self.precision == "int8":
                 model = _compress_int8(model)
-            if path is not None:
-                tmp = path.with_suffix(".tmp.xml")
+            if path is not None:   # written under a name of this process's, then renamed: .bin first
+                tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.xml")
                 ov.save_model(model, str(tmp), compress_to_fp16=False)
                 tmp.with_suffix(".bin").replace(path.with_suffix(".bin"))
                 tmp.replace(path)
         return self.core.compile_model(model, "CPU", self._config())
+
+
+def _code_digest() -> str:
+    """sfumato's version and the source of the modules a conversion traces: a cached graph of older code
+    is not reused."""
+    from .. import __version__
+    from ..models import layers, quant, unet, vae
+
+    h = hashlib.blake2b(__version__.encode(), digest_size=8)
+    for module in (layers, unet, vae, quant):
+        h.update(Path(module.__file__).read_bytes())
+    return h.hexdigest()
 
 
 def _compress_int8(model):
@@ -192,6 +212,9 @@ class OpenVINOUNet:
             y = y.float() if y.is_floating_point() else y
         inputs = (x.float(), t.contiguous(), context.float()) + ((y,) if y is not None else ())
         out = self.compiled(inputs, _UNetCall(self.unet, y is not None))
+        if isinstance(out, str):
+            self.note(out)
+            return None
         return torch.from_numpy(out)
 
 
@@ -205,7 +228,11 @@ class OpenVINODecoder:
     def __call__(self, z: Tensor) -> Tensor | None:
         if self.compiled.stale() is not None:
             return None
-        return torch.from_numpy(self.compiled((z.float().contiguous(),), _Decode(self.vae)))
+        out = self.compiled((z.float().contiguous(),), _Decode(self.vae))
+        if isinstance(out, str):
+            log.warning("OpenVINO backend: this decode runs on torch: %s", out)
+            return None
+        return torch.from_numpy(out)
 
 
 def attach(model, precision: str = "f32", cache: Path | None | bool = True) -> None:

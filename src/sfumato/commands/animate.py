@@ -72,8 +72,8 @@ def cmd_animate(args: argparse.Namespace) -> int:
         settings["control"] = control
     pipe = load(args.model, dtype=args.dtype, device=args.device, lora_dir=args.lora_dir, few_step=args.few_step,
                 quant=args.quant, backend=args.backend, backend_precision=args.backend_precision)
-    note_few_step(pipe, settings)
-    if pipe.few_step is None:   # the clip's own defaults (the library's are a still's: Euler)
+    note_few_step(pipe, settings, args.prompt)
+    if pipe.few_step_for(args.prompt) is None:   # the clip's own default (the library's is a still's: Euler)
         settings.setdefault("sampler", "Euler a")
     result = pipe.animate(args.prompt, args.negative_prompt, motion_module=args.motion_module, frames=args.frames,
                           fps=args.fps, context=args.context, overlap=args.overlap, stride=args.stride,

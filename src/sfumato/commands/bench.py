@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..errors import SfumatoError
 
-PARTS = ("load", "memory", "tiling", "floor", "unet", "openvino", "vae", "text")
+PARTS = ("load", "memory", "whole", "tiling", "floor", "unet", "openvino", "vae", "text")
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:

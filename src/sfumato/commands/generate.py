@@ -98,9 +98,9 @@ def add_quant(p: argparse.ArgumentParser) -> None:
                         "8-bit weights)")
 
 
-def note_few_step(pipe, settings: dict) -> None:
+def note_few_step(pipe, settings: dict, prompt: str | None = None) -> None:
     """One line on stderr when a few-step preset fills settings the flags left out."""
-    preset = pipe.few_step
+    preset = pipe.few_step_for(prompt if prompt is not None else settings.get("prompt"))
     if preset is None:
         return
     filled = {k: v for k, v in preset.settings().items() if settings.get(k) is None}

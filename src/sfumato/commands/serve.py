@@ -41,6 +41,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", choices=("torch", "openvino"), default="torch",
                    help="openvino: every model's UNet and VAE decoder converted to OpenVINO (cached on disk)")
     p.add_argument("--backend-precision", choices=("f32", "bf16", "f16", "int8"), default="f32")
+    p.add_argument("--quant", choices=("none", "int8"), default="none",
+                   help="int8: every model's UNet in 8-bit (prompt LoRA tags are then refused)")
     p.add_argument("--no-watermark", action="store_true", help="do not add the invisible watermark")
     p.set_defaults(func=cmd_serve)
 
@@ -81,6 +83,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = ServerConfig(model=model, models_dir=models_dir, listen=args.listen, api_auth=credentials,
                           max_queue=args.max_queue, watermark=not args.no_watermark, device=device,
                           dtype=args.dtype, backend=args.backend, backend_precision=args.backend_precision,
+                          quant=args.quant,
                           allowed_hosts=allowed, host=host,
                           outputs_dir=outputs_dir,
                           safety_checker=Path(args.safety_checker) if args.safety_checker else None,

@@ -114,7 +114,8 @@ def trailing_sigmas(schedule: DiscreteSchedule, n: int) -> Tensor:
     SDXL-Lightning and Hyper-SD set): timesteps round(T − k·T/n) − 1 counted down from T − 1, then σ=0
     (one step lands on T − 1, the top of the schedule)."""
     steps = len(schedule.sigmas)
-    t = np.round(np.arange(steps, 0, -steps / n)).astype(np.float32) - 1   # as diffusers computes them
+    # diffusers' np.arange(T, 0, −T/n) gives the same values, but n + 1 of them for some n (61, 103, …)
+    t = np.round(steps - np.arange(n) * (steps / n)).astype(np.float32) - 1
     return _append_zero(schedule.sigmas[torch.from_numpy(t.astype(np.int64))])
 
 

@@ -88,7 +88,8 @@ class Int8Conv2d(nn.Module):
         self.out_channels = conv.out_channels
         q, scale = _quantize_weight(conv.weight.flatten(1))
         self.register_buffer("qweight_t", _pad_rows(q).t().contiguous(), persistent=False)   # [O, K']
-        self.register_buffer("qweight", _pad_rows(q), persistent=False)                        # [K', O]
+        # [K', O] too for a 1×1 convolution, which also runs on tokens (``as_linear``)
+        self.register_buffer("qweight", _pad_rows(q) if conv.kernel_size == (1, 1) else None, persistent=False)
         self.register_buffer("wscale", scale, persistent=False)
         self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().float(), persistent=False)
 
@@ -115,6 +116,8 @@ class Int8Conv2d(nn.Module):
 
     def as_linear(self, tokens: Tensor) -> Tensor:
         """A 1×1 convolution on tokens [..., C_in] (channels last), as ``layers.Conv2d.as_linear``."""
+        if self.qweight is None:
+            raise ValueError("as_linear: a 1×1 convolution only")
         y = int8_matmul(tokens.reshape(-1, tokens.shape[-1]), self.qweight, self.wscale)
         if self.bias is not None:
             y += self.bias

@@ -317,7 +317,7 @@ def sigmas_for(sampler: str, scheduler: str | None, schedule, steps: int,
     if strength is None:
         return sigmas, 0
     t_enc = int(min(strength, 0.999) * steps)
-    return sigmas, (steps - t_enc - 1 if t_enc > 0 else steps)
+    return sigmas, steps - t_enc - 1   # as pipeline.plan.img2img_sigmas (t_enc 0: the last step)
 
 
 def frame_images(decode: Callable[[Tensor], list[Image.Image]], latents: Tensor) -> list[Image.Image]:

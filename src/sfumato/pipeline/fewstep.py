@@ -54,17 +54,22 @@ PRESETS: dict[str, FewStep] = {
 }
 CHOICES = ("auto", "none", *PRESETS)
 
-# name patterns, most specific first (a "Hyper-SD" LoRA for an "LCM" base is Hyper-SD's)
+# name patterns, most specific first (a "Hyper-SD" LoRA for an "LCM" base is Hyper-SD's). A checkpoint's
+# name may say just "turbo" or "lightning"; a LoRA's must name a few-step LoRA (a style LoRA called
+# "lightning_bolts" is not SDXL-Lightning)
 _PATTERNS = (("hyper", r"hyper[-_ ]?sd"), ("lightning", r"lightning"), ("turbo", r"turbo"),
              ("lcm", r"(^|[^a-z])lcm([^a-z]|$)"))
+_LORA_PATTERNS = (("hyper", r"hyper[-_ ]?sd"), ("lightning", r"lightning.*\d+[-_ ]?steps?(?![a-z])"),
+                  ("lcm", r"(^|[^a-z])lcm[-_ ]?lora|lora[-_ ]?lcm([^a-z]|$)"))
 _STEPS = re.compile(r"(\d+)[-_ ]?steps?(?![a-z])")
 
 
-def guess(names: Iterable[str]) -> tuple[FewStep, str] | None:
-    """The preset a model / LoRA name implies and the name that implied it (None: a plain model)."""
+def guess(names: Iterable[str], lora: bool = False) -> tuple[FewStep, str] | None:
+    """The preset a model name (``lora``: a LoRA's name) implies and the name that implied it (None: a
+    plain model)."""
     for name in names:
         low = name.lower()
-        for preset, pattern in _PATTERNS:
+        for preset, pattern in _LORA_PATTERNS if lora else _PATTERNS:
             if re.search(pattern, low):
                 base = PRESETS[preset]
                 m = _STEPS.search(low)
@@ -74,8 +79,9 @@ def guess(names: Iterable[str]) -> tuple[FewStep, str] | None:
     return None
 
 
-def resolve(choice: str | None, names: Iterable[str]) -> FewStep | None:
-    """``choice`` (a preset name, "none", or "auto": guessed from ``names``, logged) → the preset."""
+def resolve(choice: str | None, names: Iterable[str], loras: Iterable[str] = ()) -> FewStep | None:
+    """``choice`` (a preset name, "none", or "auto": guessed from the model ``names`` and the ``loras``'
+    names, logged) → the preset."""
     choice = "auto" if choice is None else str(choice).lower()
     if choice not in CHOICES:
         raise ParamError("few_step", f"must be one of {', '.join(CHOICES)}, got {choice!r}")
@@ -83,7 +89,7 @@ def resolve(choice: str | None, names: Iterable[str]) -> FewStep | None:
         return None
     if choice != "auto":
         return PRESETS[choice]
-    found = guess(names)
+    found = guess(names) or guess(loras, lora=True)
     if found is None:
         return None
     preset, name = found

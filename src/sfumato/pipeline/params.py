@@ -372,8 +372,12 @@ class GenerationParams:
                 if steps > LCM_MAX_STEPS:
                     raise ParamError(name, f"LCM with its own schedule takes 1 to {LCM_MAX_STEPS} steps, got {steps}"
                                      + (" (the hires pass runs steps / hires_denoise)" if name == "hires_steps" else ""))
-        if self.scheduler == "turbo" and self.steps > TURBO_MAX_STEPS:
-            raise ParamError("steps", f"the turbo schedule takes 1 to {TURBO_MAX_STEPS} steps, got {self.steps}")
+        hires_scheduler = self.hires_scheduler or self.scheduler
+        for name, steps, scheduler in (("steps", self.steps, self.scheduler),
+                                       ("hires_steps", self.hires_total_steps, hires_scheduler)):
+            if scheduler == "turbo" and steps > TURBO_MAX_STEPS and (name == "steps" or self.hires_scale > 1):
+                raise ParamError(name, f"the turbo schedule takes 1 to {TURBO_MAX_STEPS} steps, got {steps}"
+                                 + (" (the hires pass runs steps / hires_denoise)" if name == "hires_steps" else ""))
         if self.hires_total_steps > MAX_HIRES_TOTAL_STEPS:
             raise ParamError("hires_denoise", f"the hires pass would schedule {self.hires_total_steps} steps "
                                               f"(steps / denoise); at most {MAX_HIRES_TOTAL_STEPS}")

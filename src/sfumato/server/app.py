@@ -55,6 +55,7 @@ class ServerConfig:
     dtype: str = "auto"
     backend: str = "torch"               # or "openvino" (backends.openvino), for every model the server loads
     backend_precision: str = "f32"
+    quant: str | None = None             # "int8": every model's UNet in 8-bit (models.quant)
     # Host names answered with listen=True: None = this machine's names and addresses without
     # api_auth (no DNS rebinding), any with it; ("*",) = any
     allowed_hosts: tuple[str, ...] | None = None
@@ -103,7 +104,7 @@ class ModelHost:
                                  hires=hires.path if hires else None,
                                  dtype=self.config.dtype, device=self.config.device,
                                  embeddings_dir=_embeddings_dir(self.catalog), backend=self.config.backend,
-                                 backend_precision=self.config.backend_precision)
+                                 backend_precision=self.config.backend_precision, quant=self.config.quant)
             except SfumatoError as e:   # each file was readable alone: the one the message names (else the model)
                 named = [(entry, kind, field) for entry, kind, field in
                          ((refiner, "refiner", fields[2]), (hires, "hires checkpoint", fields[3]),
@@ -197,7 +198,7 @@ def create_app(config: ServerConfig, pipeline: Pipeline | None = None) -> FastAP
     default = catalog.default
     if pipeline is None:
         pipeline = load(default.path, dtype=config.dtype, device=config.device, embeddings_dir=_embeddings_dir(catalog),
-                        backend=config.backend, backend_precision=config.backend_precision)
+                        backend=config.backend, backend_precision=config.backend_precision, quant=config.quant)
     host = ModelHost(config, pipeline, default, catalog)
     for entry in catalog.builtins[1:]:   # the bundled unCLIP variant: small, so titled with its hash from the start
         host.sha256[entry.path] = host.hash_of(entry.path)
