@@ -398,3 +398,20 @@ def test_bad_animatediff_args_name_the_field(server, unit, field):
     body = {"prompt": "x", "steps": 1, "width": 64, "height": 64, "alwayson_scripts": {"AnimateDiff": {"args": [unit]}}}
     r = requests.post(f"{server}/sdapi/v1/txt2img", json=body, timeout=60)
     assert r.status_code == 422 and r.json()["field"] == field, r.text
+
+
+def test_a_folder_of_frames_is_read_in_natural_order(tmp_path):
+    from sfumato.commands.units import _control_image
+
+    for name, value in (("f10.png", 10), ("f2.png", 2), ("f1.png", 1), ("notes.txt", None)):
+        if value is None:
+            (tmp_path / name).write_text("not a frame")
+        else:
+            Image.new("RGB", (8, 8), (value, 0, 0)).save(tmp_path / name)
+    frames = _control_image(str(tmp_path), frames=True)
+    assert [im.getpixel((0, 0))[0] for im in frames] == [1, 2, 10]
+    from sfumato.errors import SfumatoError
+
+    with pytest.raises(SfumatoError, match="a folder of frames is for animations"):
+        _control_image(str(tmp_path), frames=False)
+

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 from ..errors import SfumatoError
@@ -33,7 +34,9 @@ def add_control(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("ControlNet", "each flag is repeatable: its i-th use belongs to the i-th --control-model "
                                           "(give it once per ControlNet, or leave it out for the default)")
     g.add_argument("--control-model", action="append", default=[], metavar="PATH", help="a ControlNet file or folder")
-    g.add_argument("--control-image", action="append", default=[], metavar="FILE", help="its control image (required; for animate also a folder: one image per frame, in name order)")
+    g.add_argument("--control-image", action="append", default=[], metavar="FILE",
+                   help="its control image (required; for animate also a folder: one image per frame, in natural "
+                        "name order: f2 before f10)")
     g.add_argument("--control-preprocessor", action="append", default=[],
                    choices=CONTROL_PREPROCESSORS + CONTROL_ANNOTATORS,
                    help="how the image becomes the control image (default none: use it as it is; depth: its grey "
@@ -143,14 +146,20 @@ def control_specs(args: argparse.Namespace, frames: bool = False) -> list:
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
+def _natural(path: Path) -> list:
+    """frame2 before frame10: runs of digits compare as numbers."""
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", path.name)]
+
+
 def _control_image(path: str, frames: bool):
-    """The image, or for an animation (``frames``) a folder's images in name order: one per frame."""
+    """The image, or for an animation (``frames``) a folder's images in natural name order (f2 before
+    f10): one per frame."""
     folder = Path(path)
     if not folder.is_dir():
         return open_image(path, "--control-image")
     if not frames:
         raise SfumatoError(f"--control-image: {path} is a folder; a folder of frames is for animations")
-    files = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted((f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES), key=_natural)
     if not files:
         raise SfumatoError(f"--control-image: no images ({', '.join(IMAGE_SUFFIXES)}) in {path}")
     return [open_image(str(f), "--control-image") for f in files]
