@@ -50,9 +50,16 @@ def test_openvino_equals_torch_and_is_cached(tiny_model, cache, caplog):
         again = sfumato.load(tiny_model, backend="openvino").txt2img("a red circle", **KW)
     assert "read from the cache" in caplog.text and "converting" not in caplog.text
     assert torch.equal(again.latents, got.latents)
-    # another size is another shape: converted once more
-    sfumato.load(tiny_model, backend="openvino").txt2img("a red circle", **{**KW, "width": 48})
+    # another size is another shape: converted once more; in memory only the most recent shapes stay
+    import sfumato.backends.openvino as ovb
+
+    ovb.MAX_COMPILED, kept = 1, ovb.MAX_COMPILED
+    try:
+        ov_pipe.txt2img("a red circle", **{**KW, "width": 48})
+    finally:
+        ovb.MAX_COMPILED = kept
     assert len(list(cache.glob("unet-*.xml"))) == 2
+    assert len(ov_pipe.model.unet_backend.compiled.compiled) == 1
 
 
 def test_what_it_cannot_serve_runs_on_torch(tiny_model, cache, tmp_path, caplog):

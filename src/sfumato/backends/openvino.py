@@ -31,6 +31,7 @@ from ..errors import ParamError
 
 log = logging.getLogger(__name__)
 PRECISIONS = ("f32", "bf16", "f16", "int8")
+MAX_COMPILED = 4   # compiled shapes kept in memory per model part (the disk cache keeps them all)
 
 
 def available() -> bool:
@@ -105,13 +106,17 @@ class _Compiled:
         """The output, or (a str) why this shape cannot be served: its export, conversion or
         compilation failed (remembered: the shape then runs on torch from here on)."""
         key = tuple((tuple(t.shape), str(t.dtype)) for t in fn_inputs)
-        compiled = self.compiled.get(key)
-        if compiled is None:
+        compiled = self.compiled.pop(key, None)
+        if compiled is not None:
+            self.compiled[key] = compiled   # most recently used last
+        else:
             try:
                 compiled = self._compile(key, fn_inputs, export_module)
             except Exception as e:   # noqa: BLE001 — any failure of torch.export / OpenVINO: run on torch
                 compiled = f"its conversion failed for {key}: {type(e).__name__}: {str(e)[:200]}"
             self.compiled[key] = compiled
+            while len(self.compiled) > MAX_COMPILED:   # a server seeing many sizes: the least recently used go
+                self.compiled.pop(next(iter(self.compiled)))
         if isinstance(compiled, str):
             return compiled
         return compiled([t.numpy() for t in fn_inputs])[0]
