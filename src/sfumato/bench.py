@@ -76,6 +76,8 @@ def machine() -> dict:
         "cpu": model, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
         "torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
         "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags,
+        "flags": sorted(flags & {"avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16",
+                                 "amx_int8", "amx_tile", "f16c", "avx512_fp16"}),
         "fast_bf16": cpu_has_fast_bf16(),
         "bf16_compute_dtype": str(resolve_compute_dtype(torch.bfloat16, torch.device("cpu"))).removeprefix("torch."),
         "loadavg_start": os.getloadavg(),
