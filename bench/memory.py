@@ -28,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-from sfumato.bench import TEXT_PREFIX, _proc_status, build, random_  # sfumato bench's seeded random weights
+from sfumato.bench import TEXT_PREFIX, _proc_status  # sfumato bench's process helpers
+from sfumato.bench_models import build, random_  # its seeded random weights
 from sfumato.checkpoint.io import save_file
 from sfumato.checkpoint.specs import UNET_PREFIX, VAE_PREFIX
 from sfumato.models.clip import CLIP_L, build_text_encoder

@@ -27,7 +27,6 @@ is steadier on a shared machine). Prints a table and the machine, writes ``--jso
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import statistics
@@ -41,18 +40,17 @@ from typing import Callable
 import torch
 from torch import nn
 
-from sfumato.checkpoint.convert_unet import ldm_unet_to_diffusers
-from sfumato.checkpoint.convert_vae import ldm_vae_to_diffusers
+from sfumato.bench_models import DTYPES, build, diffusers_unet, diffusers_vae, rel_err, timed, transformers_clip
 from sfumato.checkpoint.io import save_file
+from sfumato.floor import bench_floor, bench_openvino
 from sfumato.checkpoint.specs import UNET_PREFIX, VAE_PREFIX
 from sfumato.models.clip import CLIP_L, build_text_encoder
 from sfumato.models.layers import cpu_has_fast_bf16, resolve_compute_dtype
-from sfumato.models.unet import SD1_UNET, SDXL_UNET, UNetConfig, UNetModel
+from sfumato.models.unet import SD1_UNET, SDXL_UNET, UNetModel
 from sfumato.models.vae import SD_VAE, AutoencoderKL
 from sfumato.pipeline.tiling import tiled_decode
 
 TEXT_PREFIX = "cond_stage_model.transformer."
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 # -- the machine ---------------------------------------------------------------------------------
@@ -82,108 +80,6 @@ def machine() -> dict:
         "bf16_compute_dtype": str(resolve_compute_dtype(torch.bfloat16, torch.device("cpu"))).removeprefix("torch."),
         "loadavg_start": os.getloadavg(),
     }
-
-
-# -- models with shared random weights -----------------------------------------------------------
-
-
-def random_(module: nn.Module, seed: int = 0) -> nn.Module:
-    """Seeded weights that keep activations O(1): matrices N(0, 1/fan_in), norm scales 1 + N(0, 0.1²),
-    biases N(0, 0.02²); embeddings N(0, 1/16)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.ndim >= 2:
-                fan_in = 16 if "embedding" in name else math.prod(p.shape[1:])
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(fan_in))
-            elif name.endswith("weight"):
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.02 * torch.randn(p.shape, generator=g))
-    return module.eval().requires_grad_(False)
-
-
-def build(make: Callable[[], nn.Module], seed: int) -> nn.Module:
-    with torch.device("meta"):
-        module = make()
-    return random_(module.to_empty(device="cpu"), seed)
-
-
-def diffusers_unet(ours: UNetModel, cfg: UNetConfig) -> nn.Module:
-    """diffusers' UNet holding our tensors (no copy)."""
-    from diffusers import UNet2DConditionModel
-
-    kwargs = dict(
-        sample_size=64, cross_attention_dim=cfg.context_dim, layers_per_block=cfg.num_res_blocks,
-        block_out_channels=tuple(cfg.model_channels * m for m in cfg.channel_mult),
-    )
-    if cfg.adm_in_channels is None:
-        kwargs.update(attention_head_dim=cfg.num_heads)
-    else:
-        kwargs.update(
-            down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 2,
-            up_block_types=("CrossAttnUpBlock2D",) * 2 + ("UpBlock2D",), attention_head_dim=(5, 10, 20),
-            transformer_layers_per_block=cfg.transformer_depth, use_linear_projection=True,
-            addition_embed_type="text_time", addition_time_embed_dim=256,
-            projection_class_embeddings_input_dim=cfg.adm_in_channels,
-        )
-    with torch.device("meta"):
-        ref = UNet2DConditionModel(**kwargs)
-    ref.load_state_dict(ldm_unet_to_diffusers(ours.state_dict(), cfg), strict=True, assign=True)
-    return ref.eval()
-
-
-def diffusers_vae(ours: AutoencoderKL) -> nn.Module:
-    from diffusers import AutoencoderKL as RefVAE
-
-    with torch.device("meta"):
-        ref = RefVAE(
-            block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        )
-    ref.load_state_dict(ldm_vae_to_diffusers(ours.state_dict()), strict=True, assign=True)
-    return ref.eval()
-
-
-def transformers_clip(ours: nn.Module) -> nn.Module:
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    cfg = CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                         num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu")
-    with torch.device("meta"):
-        ref = CLIPTextModel(cfg)
-    sd = ours.state_dict()
-    if not any(k.startswith("text_model.") for k in ref.state_dict()):  # transformers >= 5
-        sd = {k.removeprefix("text_model."): v for k, v in sd.items()}
-    result = ref.load_state_dict(sd, strict=False, assign=True)
-    assert not result.unexpected_keys and all("position_ids" in k for k in result.missing_keys), result
-    for name in result.missing_keys:  # position ids: a buffer, not a weight
-        owner, _, leaf = name.rpartition(".")
-        ref.get_submodule(owner).register_buffer(leaf, torch.arange(77)[None], persistent=False)
-    return ref.eval()
-
-
-# -- timing --------------------------------------------------------------------------------------
-
-
-def timed(fns: dict[str, Callable[[], object]], warmup: int, repeats: int) -> dict[str, dict]:
-    """Median wall and CPU seconds of each function, the functions interleaved run by run."""
-    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in fns}
-    with torch.inference_mode():
-        for i in range(warmup + repeats):
-            for name, fn in fns.items():
-                wall, cpu = time.perf_counter(), time.process_time()
-                fn()
-                if i >= warmup:
-                    runs[name].append((time.perf_counter() - wall, time.process_time() - cpu))
-                print(f"  {name}: {time.perf_counter() - wall:.2f} s", file=sys.stderr, flush=True)
-    return {name: {"wall_s": statistics.median(r[0] for r in rs), "cpu_s": statistics.median(r[1] for r in rs),
-                   "runs_wall_s": [round(r[0], 3) for r in rs]} for name, rs in runs.items()}
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.float(), b.float()
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 def bench_unet(args, results: dict) -> None:
@@ -219,75 +115,6 @@ def bench_unet(args, results: dict) -> None:
     q["unet_fp32_sfumato_vs_diffusers_rel_err"] = rel_err(outputs["fp32"], outputs["diffusers_fp32"])
     q["unet_bf16_vs_fp32_rel_err"] = rel_err(outputs["bf16"], outputs["fp32"])
     q["unet_diffusers_bf16_vs_fp32_rel_err"] = rel_err(outputs["diffusers_bf16"], outputs["diffusers_fp32"])
-
-
-def bench_floor(args, results: dict) -> None:
-    """This CPU's matmul peaks and the fp32 (and, where native, bf16) UNet step against its floor, per
-    layer type, for sfumato and diffusers on the same weights (``sfumato.floor``)."""
-    from .floor import floor_report, matmul_peaks, step_profile
-
-    peaks = matmul_peaks()
-    results["matmul_peak_gflops"] = {k: round(v, 1) for k, v in peaks.items()}
-    print(f"  matmul peaks (GFLOP/s): {results['matmul_peak_gflops']}", file=sys.stderr, flush=True)
-    ours = build(lambda: UNetModel(SD1_UNET), 0)
-    x = torch.randn(2, 4, 64, 64, generator=torch.Generator().manual_seed(1))
-    t = torch.tensor([500.0, 500.0])
-    ctx = torch.randn(2, 77, 768, generator=torch.Generator().manual_seed(2))
-    for name, dtype in DTYPES.items():
-        ours.to(dtype)
-        if dtype != torch.float32 and ours.compute_dtype != dtype:
-            continue   # bf16 weights computed in fp32 here (no native bf16): the fp32 floor is the one
-        ref = diffusers_unet(ours, SD1_UNET)
-        xd, cd = x.to(dtype), ctx.to(dtype)
-        fns = {"sfumato": lambda: ours(xd, t, cd), "diffusers": lambda: ref(xd, t, cd).sample}
-        times = timed(fns, args.warmup, args.repeats)
-        for impl, fn in fns.items():
-            report = floor_report(step_profile(fn), peaks[name], times[impl]["wall_s"])
-            results[f"floor_unet_step_{name}_{impl}"] = report
-            print(f"  {impl} {name}: step {report['step']}", file=sys.stderr, flush=True)
-        ref = None
-
-
-def bench_openvino(args, results: dict) -> None:
-    """The UNet step (512², CFG) through the OpenVINO backend (``backends.openvino``) at each of its
-    precisions, against sfumato's torch fp32 and diffusers fp32 on the same weights; the conversion
-    (export + convert + compile, first call) timed apart. Skipped, and said so, without OpenVINO."""
-    from .backends import openvino as ovb
-
-    if not ovb.available():
-        results["openvino"] = {"skipped": "pip install 'sfumato[openvino]'"}
-        return
-    import openvino
-
-    ours = build(lambda: UNetModel(SD1_UNET), 0)
-    ref = diffusers_unet(ours, SD1_UNET)
-    x = torch.randn(2, 4, 64, 64, generator=torch.Generator().manual_seed(1))
-    t = torch.tensor([500.0, 500.0])
-    ctx = torch.randn(2, 77, 768, generator=torch.Generator().manual_seed(2))
-    outputs = {}
-    fns = {"sfumato (torch fp32)": lambda: outputs.__setitem__("torch", ours(x, t, ctx)),
-           "diffusers": lambda: ref(x, t, ctx).sample}
-    convert = {}
-    precisions = ["f32", "bf16"] + (["int8"] if _has("nncf") else [])
-    for precision in precisions:
-        runner = ovb.OpenVINOUNet(ours, precision, cache=None)
-        start = time.perf_counter()
-        with torch.inference_mode():
-            outputs[precision] = runner(x, t, ctx)
-        convert[precision] = round(time.perf_counter() - start, 1)
-        fns[f"sfumato (OpenVINO {precision})"] = lambda r=runner, k=precision: outputs.__setitem__(k, r(x, t, ctx))
-    results["openvino_unet_step_512"] = timed(fns, args.warmup, args.repeats)
-    results["openvino_unet_step_512"]["first_call_s"] = convert
-    q = results["quality"]
-    q["openvino_version"] = openvino.__version__
-    for precision in precisions:
-        q[f"unet_openvino_{precision}_vs_torch_fp32_rel_err"] = rel_err(outputs[precision], outputs["torch"])
-
-
-def _has(module: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(module) is not None
 
 
 def _with_override(model: nn.Module, dtype: torch.dtype, fn: Callable[[], object]) -> object:

@@ -18,10 +18,14 @@ same run on the same machine.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 
 import torch
+
+from .bench_models import DTYPES, _has, build, diffusers_unet, rel_err, timed
+from .models.unet import SD1_UNET, UNetModel
 
 # the UNet's GEMMs at 512² with CFG: (tokens, in, out) of its linear layers and 1×1 / im2col'ed convs
 GEMM_SHAPES = ((8192, 320, 1280), (8192, 1280, 320), (2048, 640, 2560), (512, 1280, 5120), (2048, 2048, 2048))
@@ -124,3 +128,66 @@ def floor_report(profile_: dict[str, dict[str, float]], peak_gflops: float, step
     rows["step"] = {"gflop": round(total / 1e9, 1), "seconds": round(step_seconds, 3), "floor_seconds": round(floor, 3),
                     "gflops": round(total / 1e9 / step_seconds, 1), "of_floor": round(floor / step_seconds, 3)}
     return rows
+
+
+# -- the bench parts (sfumato bench --only floor / openvino) ------------------------------------------
+
+def bench_floor(args, results: dict) -> None:
+    """This CPU's matmul peaks and the fp32 (and, where native, bf16) UNet step against its floor, per
+    layer type, for sfumato and diffusers on the same weights (``sfumato.floor``)."""
+    peaks = matmul_peaks()
+    results["matmul_peak_gflops"] = {k: round(v, 1) for k, v in peaks.items()}
+    print(f"  matmul peaks (GFLOP/s): {results['matmul_peak_gflops']}", file=sys.stderr, flush=True)
+    ours = build(lambda: UNetModel(SD1_UNET), 0)
+    x = torch.randn(2, 4, 64, 64, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([500.0, 500.0])
+    ctx = torch.randn(2, 77, 768, generator=torch.Generator().manual_seed(2))
+    for name, dtype in DTYPES.items():
+        ours.to(dtype)
+        if dtype != torch.float32 and ours.compute_dtype != dtype:
+            continue   # bf16 weights computed in fp32 here (no native bf16): the fp32 floor is the one
+        ref = diffusers_unet(ours, SD1_UNET)
+        xd, cd = x.to(dtype), ctx.to(dtype)
+        fns = {"sfumato": lambda: ours(xd, t, cd), "diffusers": lambda: ref(xd, t, cd).sample}
+        times = timed(fns, args.warmup, args.repeats)
+        for impl, fn in fns.items():
+            report = floor_report(step_profile(fn), peaks[name], times[impl]["wall_s"])
+            results[f"floor_unet_step_{name}_{impl}"] = report
+            print(f"  {impl} {name}: step {report['step']}", file=sys.stderr, flush=True)
+        ref = None
+
+
+def bench_openvino(args, results: dict) -> None:
+    """The UNet step (512², CFG) through the OpenVINO backend (``backends.openvino``) at each of its
+    precisions, against sfumato's torch fp32 and diffusers fp32 on the same weights; the conversion
+    (export + convert + compile, first call) timed apart. Skipped, and said so, without OpenVINO."""
+    from .backends import openvino as ovb
+
+    if not ovb.available():
+        results["openvino"] = {"skipped": "pip install 'sfumato[openvino]'"}
+        return
+    import openvino
+
+    ours = build(lambda: UNetModel(SD1_UNET), 0)
+    ref = diffusers_unet(ours, SD1_UNET)
+    x = torch.randn(2, 4, 64, 64, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([500.0, 500.0])
+    ctx = torch.randn(2, 77, 768, generator=torch.Generator().manual_seed(2))
+    outputs = {}
+    fns = {"sfumato (torch fp32)": lambda: outputs.__setitem__("torch", ours(x, t, ctx)),
+           "diffusers": lambda: ref(x, t, ctx).sample}
+    convert = {}
+    precisions = ["f32", "bf16"] + (["int8"] if _has("nncf") else [])
+    for precision in precisions:
+        runner = ovb.OpenVINOUNet(ours, precision, cache=None)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            outputs[precision] = runner(x, t, ctx)
+        convert[precision] = round(time.perf_counter() - start, 1)
+        fns[f"sfumato (OpenVINO {precision})"] = lambda r=runner, k=precision: outputs.__setitem__(k, r(x, t, ctx))
+    results["openvino_unet_step_512"] = timed(fns, args.warmup, args.repeats)
+    results["openvino_unet_step_512"]["first_call_s"] = convert
+    q = results["quality"]
+    q["openvino_version"] = openvino.__version__
+    for precision in precisions:
+        q[f"unet_openvino_{precision}_vs_torch_fp32_rel_err"] = rel_err(outputs[precision], outputs["torch"])

@@ -148,7 +148,7 @@ class _Compiled:
 def _code_digest() -> str:
     """sfumato's version and the source of the modules a conversion traces: a cached graph of older code
     is not reused."""
-    from .. import __version__
+    from ..version import __version__
     from ..models import layers, quant, unet, vae
 
     h = hashlib.blake2b(__version__.encode(), digest_size=8)
