@@ -20,7 +20,7 @@ from conftest import live_server
 from golden_world import build, image
 from sfumato.cli import main
 from sfumato.models.hed import HEDNet
-from sfumato.models.openpose import BodyPoseNet
+from sfumato.models.openpose import BodyPoseNet, KeypointNet
 from sfumato.pipeline.annotate import hed_edges
 from sfumato.pipeline.pose import Pose, default_person, pose_json, render_pose
 from sfumato.server.app import ServerConfig, create_app
@@ -45,6 +45,8 @@ def world(tmp_path_factory):
         for p in body.parameters():
             p.zero_()
     torch.save(body.state_dict(), models / "annotators" / "openpose" / "body_pose_model.pth")
+    hand = KeypointNet(22)   # the hand model beside it (no face model): openpose_hand is offered, _face is not
+    torch.save(hand.state_dict(), models / "annotators" / "hand_pose_model.pth")
     app = create_app(ServerConfig(models_dir=models, model=models / "tiny.safetensors", watermark=False))
     with live_server(app) as port:
         yield files, models, hed, webuiapi.WebUIApi(host="127.0.0.1", port=port, sampler="Euler", steps=3)
@@ -57,8 +59,8 @@ def _decode(data: str) -> np.ndarray:
 def test_modules_listed_by_their_files(world):
     *_, api = world
     modules = api.controlnet_module_list()
-    assert {"openpose", "softedge_hed", "softedge_hedsafe", "scribble_hed", "hed"} <= set(modules)
-    assert not {"lineart_realistic", "depth_midas", "depth"} & set(modules)
+    assert {"openpose", "openpose_hand", "softedge_hed", "softedge_hedsafe", "scribble_hed", "hed"} <= set(modules)
+    assert not {"lineart_realistic", "depth_midas", "depth", "openpose_face", "openpose_full"} & set(modules)
 
 
 def test_detect_hed_and_openpose(world):
@@ -74,6 +76,14 @@ def test_detect_hed_and_openpose(world):
     assert r.status_code == 200, r.text
     assert r.json()["poses"] == [{"people": [], "canvas_width": 64, "canvas_height": 96}]
     assert not _decode(r.json()["images"][0]).any()
+    r = api.session.post(f"{api.baseurl.rsplit('/sdapi', 1)[0]}/controlnet/detect", json={
+        "controlnet_module": "openpose_hand", "controlnet_input_images": [_b64(picture)], "controlnet_processor_res": 64})
+    assert r.status_code == 200, r.text
+    assert r.json()["poses"] == [{"people": [], "canvas_width": 64, "canvas_height": 96}]
+    r = api.session.post(f"{api.baseurl.rsplit('/sdapi', 1)[0]}/controlnet/detect", json={
+        "controlnet_module": "openpose_full", "controlnet_input_images": [_b64(picture)]})
+    assert r.status_code == 422 and r.json()["field"] == "controlnet_module"
+    assert "body_pose_model and hand_pose_model and facenet" in r.text
     r = api.session.post(f"{api.baseurl.rsplit('/sdapi', 1)[0]}/controlnet/detect", json={
         "controlnet_module": "lineart_realistic", "controlnet_input_images": [_b64(picture)]})
     assert r.status_code == 422 and r.json()["field"] == "controlnet_module"

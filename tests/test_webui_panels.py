@@ -591,6 +591,36 @@ def test_pose_editor(page):
                                         "buffer": json.dumps(editor).encode()})
     page.locator("#status").filter(has_text="pose loaded: 2 people").wait_for()
     assert page.evaluate("[pose.width, pose.height, pose.people.length]") == [384, 256, 2]
+    # hands and a face (as /controlnet/detect returns them with openpose_full) are kept, drawn and saved,
+    # and a hand follows its wrist
+    person = default_person(256, 256)
+    hand = [[person[7][0] * 256 + 3 * i, person[7][1] * 256 + 10, 1.0] for i in range(21)]
+    face = [[person[0][0] * 256 + 2 * i - 10, person[0][1] * 256, 1.0] for i in range(10)]
+    full = {"canvas_width": 256, "canvas_height": 256, "people": [{
+        "pose_keypoints_2d": [v for x, y in person for v in (x * 256, y * 256, 1.0)],
+        "hand_left_keypoints_2d": [v for p in hand for v in p], "face_keypoints_2d": [v for p in face for v in p]}]}
+    page.set_input_files("#pose-load", {"name": "full.json", "mimeType": "application/json",
+                                        "buffer": json.dumps(full).encode()})
+    page.locator("#status").filter(has_text="pose loaded: 1 people").wait_for()
+    saved = page.evaluate("poseJson()")["people"][0]
+    assert len(saved["hand_left_keypoints_2d"]) == 63 and len(saved["face_keypoints_2d"]) == 30
+    assert "hand_right_keypoints_2d" not in saved
+    page.wait_for_timeout(400)
+    shown = np.asarray(_decode(page.evaluate("$('pose-render').src")).convert("RGB"))
+    assert np.array_equal(shown, render_pose(parse_pose(full)))
+    assert not np.array_equal(shown, render_pose(parse_pose(full), hands=False, face=False))
+    box = canvas.bounding_box()
+    scale = box["width"] / 256
+    wx, wy = (v * 256 for v in person[7])
+    page.mouse.move(box["x"] + wx * scale, box["y"] + wy * scale)
+    page.mouse.down()
+    page.mouse.move(box["x"] + (wx - 20) * scale, box["y"] + wy * scale, steps=4)
+    page.mouse.up()
+    moved = page.evaluate("poseJson()")["people"][0]["hand_left_keypoints_2d"]
+    assert moved[0] == pytest.approx(hand[0][0] - 20, abs=1.5) and moved[1] == pytest.approx(hand[0][1], abs=1.5)
+    page.set_input_files("#pose-load", {"name": "pose.json", "mimeType": "application/json",
+                                        "buffer": json.dumps(editor).encode()})
+    page.locator("#status").filter(has_text="pose loaded: 2 people").wait_for()
     page.set_input_files("#pose-load", {"name": "bad.json", "mimeType": "application/json", "buffer": b"{oops"})
     page.locator("#status.error").filter(has_text="pose JSON").wait_for()
     # detection needs the annotator, and says where it goes

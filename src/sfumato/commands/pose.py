@@ -1,6 +1,6 @@
-"""``sfumato pose``: OpenPose body poses as ControlNet control images — render a pose JSON (the A1111
+"""``sfumato pose``: OpenPose poses as ControlNet control images — render a pose JSON (the A1111
 pose editors' format) exactly as the OpenPose preprocessor draws it, start a new pose file, or
-detect the poses in a photo with an OpenPose body model."""
+detect the poses in a photo with an OpenPose body model (and its hand and face models)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..errors import SfumatoError
+from ..errors import ParamError, SfumatoError
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -26,9 +26,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     n.add_argument("--people", type=int, default=1, help="figures, side by side")
     n.add_argument("-o", "--output", required=True, help="the pose JSON")
     n.set_defaults(func=cmd_new)
-    d = sub.add_parser("detect", help="the body poses in an image (OpenPose body model)")
+    d = sub.add_parser("detect", help="the poses in an image (OpenPose body model; hands and face with theirs)")
     d.add_argument("--image", required=True)
     d.add_argument("--openpose", required=True, metavar="FILE", help="body_pose_model.pth (or .safetensors)")
+    d.add_argument("--hand", metavar="FILE", help="hand_pose_model.pth: also find each person's hands")
+    d.add_argument("--face", metavar="FILE", help="facenet.pth: also find each person's face landmarks")
     d.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N or mps")
     d.add_argument("--png", help="also write the control image here")
     d.add_argument("-o", "--output", required=True, help="the pose JSON")
@@ -95,17 +97,27 @@ def cmd_new(args: argparse.Namespace) -> int:
 
 def cmd_detect(args: argparse.Namespace) -> int:
     from ..api import resolve_device
-    from ..checkpoint.annotators import load_openpose
-    from ..pipeline.annotate import detect_poses
+    from ..pipeline.annotate import annotator_network, detect_poses
     from ..pipeline.pose import pose_json, render_pose
     from ..safe_image import open_image
 
     out = _output(args.output)
     png = _output(args.png) if args.png else None
     image = open_image(args.image, "--image").convert("RGB")
-    pose = detect_poses(load_openpose(args.openpose, device=resolve_device(args.device)), image)
+    kind = "+".join(["openpose"] + [part for part in ("hand", "face") if getattr(args, part)])
+    files = [args.openpose] + [getattr(args, part) for part in ("hand", "face") if getattr(args, part)]
+    for flag, path in zip(("--openpose", "--hand", "--face"), [args.openpose, args.hand, args.face]):
+        if path is not None and not Path(path).is_file():
+            raise SfumatoError(f"{flag}: file not found: {path}")
+    try:
+        nets = annotator_network(files, kind, "--openpose", resolve_device(args.device))
+    except ParamError as e:
+        raise SfumatoError(f"--openpose/--hand/--face: {e.message}") from None
+    pose = detect_poses(nets, image, hands=args.hand is not None, face=args.face is not None)
     _write_json(pose_json(pose), out)
     if png is not None:
         _write_png(render_pose(pose), png)
-    print(f"{out}  {len(pose.people)} people")
+    parts = f", {sum(h is not None for pair in pose.hands for h in pair)} hands" if args.hand else ""
+    parts += f", {sum(f is not None for f in pose.faces)} faces" if args.face else ""
+    print(f"{out}  {len(pose.people)} people{parts}")
     return 0

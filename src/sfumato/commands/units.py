@@ -40,12 +40,14 @@ def add_control(p: argparse.ArgumentParser) -> None:
     g.add_argument("--control-preprocessor", action="append", default=[],
                    choices=CONTROL_PREPROCESSORS + CONTROL_ANNOTATORS,
                    help="how the image becomes the control image (default none: use it as it is; depth: its grey "
-                        "values as they are, no estimation; depth_midas estimates depth). openpose, softedge_hed*, "
+                        "values as they are, no estimation; depth_midas estimates depth). openpose*, softedge_hed*, "
                         "scribble_hed, lineart_* and depth_midas run a network: give --control-annotator")
     g.add_argument("--control-annotator", action="append", default=[], metavar="FILE",
                    help="the annotator network's weights: body_pose_model.pth (openpose), ControlNetHED.pth (HED), "
                         "sk_model.pth / sk_model2.pth (lineart_realistic / lineart_coarse), "
-                        "dpt_hybrid-midas-501f0c75.pt (depth_midas); 'none' for a unit without one")
+                        "dpt_hybrid-midas-501f0c75.pt (depth_midas); for openpose_hand/_face/_faceonly/_full the "
+                        "folder holding body_pose_model.pth, hand_pose_model.pth and facenet.pth, or the files "
+                        "joined by commas; 'none' for a unit without one")
     g.add_argument("--control-strength", action="append", default=[], type=float, metavar="W",
                    help="weight of its residuals (1)")
     g.add_argument("--control-start", action="append", default=[], type=float, metavar="F",
@@ -139,6 +141,8 @@ def control_specs(args: argparse.Namespace, frames: bool = False) -> list:
         options = {field: getattr(args, name)[i] for name, field in _CONTROL_FIELDS.items() if getattr(args, name)}
         if options.get("annotator") in ("none", ""):   # a placeholder for a unit without one
             del options["annotator"]
+        elif "," in options.get("annotator", ""):      # OpenPose's body, hand and face files
+            options["annotator"] = [part for part in options["annotator"].split(",") if part]
         specs.append(ControlSpec(path, _control_image(args.control_image[i], frames), **options))
     return specs
 

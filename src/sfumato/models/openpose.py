@@ -62,3 +62,59 @@ class BodyPoseNet(nn.Module):
             heat = self._run(heat_layers, h, last_relu=i == len(self.branches) - 1)
             h = torch.cat([paf, heat, features], 1)
         return paf, heat
+
+
+# The hand (``hand_pose_model.pth``, 21 keypoints + background) and face (``facenet.pth``, 70 landmarks
+# + background) networks, one architecture with two widths: a VGG-19 front to conv5_2, one CPM layer,
+# then six stages of one heat-map branch (``conv6_*_CPM``, then ``Mconv1…7_stage2…6``), each later
+# stage reading the previous stage's maps beside the features.
+KEYPOINT_VGG = (("conv1_1", 3, 64), ("conv1_2", 64, 64), "pool", ("conv2_1", 64, 128), ("conv2_2", 128, 128),
+                "pool", ("conv3_1", 128, 256), ("conv3_2", 256, 256), ("conv3_3", 256, 256), ("conv3_4", 256, 256),
+                "pool", ("conv4_1", 256, 512), ("conv4_2", 512, 512), ("conv4_3", 512, 512), ("conv4_4", 512, 512),
+                ("conv5_1", 512, 512), ("conv5_2", 512, 512), ("conv5_3_CPM", 512, 128))
+HAND_CHANNELS, FACE_CHANNELS = 22, 71
+
+
+class KeypointNet(nn.Module):
+    """OpenPose's hand or face network: (B, 3, H, W) BGR in [-0.5, 0.5) → the last stage's heat maps
+    (B, channels, H/8, W/8)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.channels = channels
+        for layer in KEYPOINT_VGG:
+            if layer != "pool":
+                name, cin, cout = layer
+                setattr(self, name, nn.Conv2d(cin, cout, 3, padding=1))
+        self.conv6_1_CPM = nn.Conv2d(128, 512, 1)
+        self.conv6_2_CPM = nn.Conv2d(512, channels, 1)
+        for i in range(2, 7):
+            setattr(self, f"Mconv1_stage{i}", nn.Conv2d(128 + channels, 128, 7, padding=3))
+            for k in range(2, 6):
+                setattr(self, f"Mconv{k}_stage{i}", nn.Conv2d(128, 128, 7, padding=3))
+            setattr(self, f"Mconv6_stage{i}", nn.Conv2d(128, 128, 1))
+            setattr(self, f"Mconv7_stage{i}", nn.Conv2d(128, channels, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        for layer in KEYPOINT_VGG:
+            x = F.max_pool2d(x, 2, 2) if layer == "pool" else F.relu(getattr(self, layer[0])(x))
+        features = x
+        h = self.conv6_2_CPM(F.relu(self.conv6_1_CPM(features)))
+        for i in range(2, 7):
+            h = torch.cat([h, features], 1)
+            for k in range(1, 7):
+                h = F.relu(getattr(self, f"Mconv{k}_stage{i}")(h))
+            h = getattr(self, f"Mconv7_stage{i}")(h)
+        return h
+
+
+class OpenPoseNets(nn.Module):
+    """The networks of one OpenPose run: the body network and, where the preprocessor needs them, the
+    hand and face networks (their boxes come from the body's keypoints)."""
+
+    def __init__(self, body: nn.Module, hand: nn.Module | None = None, face: nn.Module | None = None) -> None:
+        super().__init__()
+        self.body, self.hand, self.face = body, hand, face
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.body(x)

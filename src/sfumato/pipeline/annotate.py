@@ -24,11 +24,59 @@ _LOADED: dict[tuple, nn.Module] = {}   # the annotators of recent requests, by f
 _KEEP = 4
 
 
+# the OpenPose parts' published file names (any of .pth, .pt, .safetensors) in a folder given as the annotator
+OPENPOSE_FILES = {"openpose": "body_pose_model", "openpose_hand": "hand_pose_model", "openpose_face": "facenet"}
+
+
 def annotator_network(source, kind: str, field: str, device: str | torch.device = "cpu") -> nn.Module:
     """A loaded annotator network of ``kind``: ``source`` is one already, or its weights file (loaded
-    once per file version and device; errors name ``field``)."""
+    once per file version and device; errors name ``field``). The OpenPose kinds with hands or a face
+    (``openpose+hand``, ``openpose+face``, ``openpose+hand+face``) take the files of every network they
+    run: a list of them, or a folder holding them under their published names; they give an
+    ``OpenPoseNets``."""
     if isinstance(source, nn.Module):
         return source
+    if kind.startswith("openpose"):
+        return _openpose_nets(source, kind, field, device) if "+" in kind or isinstance(source, (list, tuple)) \
+            else _load_one(source, kind, field, device)
+    if isinstance(source, (list, tuple)):
+        raise ParamError(field, f"a {kind} annotator is one weights file, got a list")
+    return _load_one(source, kind, field, device)
+
+
+def _openpose_nets(source, kind: str, field: str, device) -> nn.Module:
+    from pathlib import Path
+
+    from ..checkpoint.annotators import KINDS
+    from ..models.openpose import BodyPoseNet, KeypointNet, OpenPoseNets
+
+    needed = ["openpose"] + [f"openpose_{part}" for part in kind.split("+")[1:]]
+    nets: dict[str, nn.Module] = {}
+    if isinstance(source, (list, tuple)):
+        for item in source:
+            net = _load_one(item, None, field, device)   # any kind; told from the network it is
+            found = "openpose" if isinstance(net, BodyPoseNet) else \
+                {22: "openpose_hand", 71: "openpose_face"}.get(net.channels) if isinstance(net, KeypointNet) else None
+            if found is None:
+                raise ParamError(field, f"{Path(item).name} is not an OpenPose body, hand or face model")
+            nets[found] = net
+    else:
+        folder = Path(source) if Path(source).is_dir() else None
+        for part in needed:
+            hits = [Path(source)] if folder is None and part == "openpose" else \
+                sorted(p for p in folder.iterdir() if p.stem == OPENPOSE_FILES[part] and
+                       p.suffix in (".pth", ".pt", ".safetensors")) if folder is not None else []
+            if hits:
+                nets[part] = _load_one(hits[0], part, field, device)
+    missing = [part for part in needed if part not in nets]
+    if missing:
+        names = ", ".join(f"{OPENPOSE_FILES[part]}.pth ({KINDS[part].split(' (')[0]})" for part in missing)
+        raise ParamError(field, f"{kind.replace('+', ' with ')} needs {names}: give a folder with the files "
+                                f"under their published names, or a list of the files")
+    return OpenPoseNets(nets["openpose"], nets.get("openpose_hand"), nets.get("openpose_face"))
+
+
+def _load_one(source, kind: str | None, field: str, device) -> nn.Module:
     from pathlib import Path
 
     from ..checkpoint.annotators import load_annotator
@@ -197,23 +245,150 @@ def _people(candidate: np.ndarray, connections) -> np.ndarray:
     return people[keep]
 
 
-def detect_poses(net: nn.Module, image: ImageLike) -> Pose:
-    """The OpenPose body poses in an image (one scale, as the ControlNet annotator runs it)."""
+def detect_poses(net: nn.Module, image: ImageLike, hands: bool = False, face: bool = False) -> Pose:
+    """The OpenPose poses in an image (the body at one scale, as the ControlNet annotator runs it):
+    each person's body and, with ``hands`` / ``face``, its hands and face, found in boxes placed by
+    the body's wrists, elbows and shoulders / nose, eyes and ears (``net``: an ``OpenPoseNets`` holding
+    those networks, or the body network alone)."""
+    from ..models.openpose import OpenPoseNets
+
+    nets = net if isinstance(net, OpenPoseNets) else OpenPoseNets(net)
+    for wanted, part, name in ((hands, nets.hand, "hand"), (face, nets.face, "face")):
+        if wanted and part is None:
+            raise ValueError(f"OpenPose {name}s need the {name} network ({OPENPOSE_FILES['openpose_' + name]}.pth)")
     rgb = rgb_array(image)
     h, w = rgb.shape[:2]
-    heat, paf = _network_maps(net, rgb[:, :, ::-1].copy())
+    bgr = rgb[:, :, ::-1].copy()
+    heat, paf = _network_maps(nets.body, bgr)
     peaks = _peaks(heat)
     candidate = np.array([p for part in peaks for p in part], dtype=np.float64).reshape(-1, 4)
-    people = _people(candidate, _connections(peaks, paf, h))
-    return Pose(w, h, tuple(
-        tuple(None if idx == -1 else (candidate[idx][0] / float(w), candidate[idx][1] / float(h))
-              for idx in row[:18].astype(int))
-        for row in people))
+    people = [[None if idx == -1 else (candidate[idx][0], candidate[idx][1]) for idx in row[:18].astype(int)]
+              for row in _people(candidate, _connections(peaks, paf, h))]
+    found_hands = tuple(_hands(nets.hand, person, bgr) for person in people) if hands else ()
+    found_faces = tuple(_face(nets.face, person, bgr) for person in people) if face else ()
+    return Pose(w, h, tuple(tuple(None if p is None else (p[0] / float(w), p[1] / float(h)) for p in person)
+                            for person in people), found_hands, found_faces)
 
 
-def openpose(net: nn.Module, image: ImageLike) -> np.ndarray:
-    """The ``openpose`` control image: the detected bodies drawn on black at the image's size."""
-    return render_pose(detect_poses(net, image))
+def openpose(net: nn.Module, image: ImageLike, hands: bool = False, face: bool = False,
+             body: bool = True) -> np.ndarray:
+    """The ``openpose`` control image (``openpose_hand``, ``_face``, ``_faceonly``, ``_full`` with the
+    flags): the detected poses drawn on black at the image's size."""
+    return render_pose(detect_poses(net, image, hands, face), body=body)
+
+
+# -- OpenPose hands and face ---------------------------------------------------------------------------
+
+_HAND_SCALES, _HAND_GRID, _HAND_THRESHOLD, _FACE_SIZE, _FACE_THRESHOLD = (0.5, 1.0, 1.5, 2.0), 128, 0.05, 384, 0.05
+
+
+def _normalised(peaks: np.ndarray, x0: int, y0: int, w: int, h: int) -> tuple:
+    """Crop pixel peaks → image fractions in float32 (as controlnet_aux keeps them; None: not found)."""
+    peaks = peaks.astype(np.float32)
+    xs = np.where(peaks[:, 0] < 1e-6, -1, peaks[:, 0] + x0) / float(w)
+    ys = np.where(peaks[:, 1] < 1e-6, -1, peaks[:, 1] + y0) / float(h)
+    return tuple(None if x < 0 or y < 0 else (x, y) for x, y in zip(xs, ys))
+
+
+def _hand_boxes(person: list, w: int, h: int) -> list[tuple[int, int, int, bool]]:
+    """OpenPose's hand boxes (x, y, side, is left): centred a third of the forearm past the wrist, 1.5×
+    the longer of the forearm and 0.9× the upper arm wide, clipped to the image, at least 20 px."""
+    boxes = []
+    for shoulder, elbow, wrist, left in ((5, 6, 7, True), (2, 3, 4, False)):
+        if person[shoulder] is None or person[elbow] is None or person[wrist] is None:
+            continue
+        (x1, y1), (x2, y2), (x3, y3) = person[shoulder], person[elbow], person[wrist]
+        x, y = x3 + 0.33 * (x3 - x2), y3 + 0.33 * (y3 - y2)
+        side = 1.5 * max(math.sqrt((x3 - x2) ** 2 + (y3 - y2) ** 2), 0.9 * math.sqrt((x2 - x1) ** 2 + (y2 - y1) ** 2))
+        x, y = max(x - side / 2, 0), max(y - side / 2, 0)
+        side = min(w - x if x + side > w else side, h - y if y + side > h else side)
+        if side >= 20:
+            boxes.append((int(x), int(y), int(side), left))
+    return boxes
+
+
+def _hands(net: nn.Module, person: list, bgr: np.ndarray) -> tuple:
+    """(left, right) hand keypoints of one person (None where its box is not found)."""
+    h, w = bgr.shape[:2]
+    found = [None, None]
+    for x, y, side, left in _hand_boxes(person, w, h):
+        found[0 if left else 1] = _normalised(_hand_peaks(net, bgr[y:y + side, x:x + side]), x, y, w, h)
+    return tuple(found)
+
+
+def _hand_peaks(net: nn.Module, crop: np.ndarray) -> np.ndarray:
+    """21 (x, y) crop pixels: the heat maps of four scales (368 px × 0.5…2) averaged on a 128² grid; per
+    joint, the strongest 8-connected blob above 0.05 after a σ = 3 Gaussian, and its peak (0, 0: none)."""
+    import cv2
+    from scipy.ndimage import gaussian_filter, label
+
+    hr, wr = crop.shape[:2]
+    blurred = cv2.GaussianBlur(crop, (0, 0), 0.8)
+    avg = np.zeros((_HAND_GRID, _HAND_GRID, 22))
+    for scale in _HAND_SCALES:
+        side = scale * _BOX
+        small = _smart_resize(blurred, side, side)
+        sh, sw = small.shape[:2]
+        ph, pw = (-sh) % _STRIDE, (-sw) % _STRIDE
+        padded = np.pad(small, ((0, ph), (0, pw), (0, 0)), constant_values=_PAD_VALUE)
+        x = np.ascontiguousarray(np.transpose(np.float32(padded[:, :, :, None]), (3, 2, 0, 1)) / 256 - 0.5)
+        with torch.no_grad():
+            out = net(torch.from_numpy(x).float().to(_device(net))).cpu().numpy()
+        m = np.transpose(np.squeeze(out), (1, 2, 0))
+        m = _smart_resize(m, m.shape[0] * _STRIDE, m.shape[1] * _STRIDE)
+        m = m[:padded.shape[0] - ph, :padded.shape[1] - pw, :]
+        avg += _smart_resize(m, _HAND_GRID, _HAND_GRID) / len(_HAND_SCALES)
+    peaks = []
+    for part in range(21):
+        raw = avg[:, :, part]
+        blobs, n = label(gaussian_filter(raw, sigma=3) > _HAND_THRESHOLD, structure=np.ones((3, 3)))
+        if n == 0:
+            peaks.append([0, 0])
+            continue
+        best = int(np.argmax([raw[blobs == i].sum() for i in range(1, n + 1)])) + 1
+        kept = np.where(blobs == best, raw, 0.0)
+        y, x = np.unravel_index(int(np.argmax(kept)), kept.shape)
+        peaks.append([int(float(x) * float(wr) / float(_HAND_GRID)), int(float(y) * float(hr) / float(_HAND_GRID))])
+    return np.array(peaks)
+
+
+def _face_box(person: list, w: int, h: int) -> tuple[int, int, int] | None:
+    """The face box (x, y, side) around the nose: 3× its farthest eye, 1.5× its farthest ear (Chebyshev
+    distances) each way, clipped, at least 20 px; None without the nose or any eye or ear."""
+    nose = person[0]
+    if nose is None or all(person[k] is None for k in (14, 15, 16, 17)):
+        return None
+    half = 0.0
+    for k, factor in ((14, 3.0), (15, 3.0), (16, 1.5), (17, 1.5)):
+        if person[k] is not None:
+            half = max(half, factor * max(abs(nose[0] - person[k][0]), abs(nose[1] - person[k][1])))
+    x, y = max(nose[0] - half, 0), max(nose[1] - half, 0)
+    side = min(w - x if x + half > w else half * 2, h - y if y + half > h else half * 2)
+    return (int(x), int(y), int(side)) if side >= 20 else None
+
+
+def _face(net: nn.Module, person: list, bgr: np.ndarray) -> tuple | None:
+    """One person's face landmarks: the crop at 384², the last stage's maps grown (bilinear, corners
+    aligned) to the crop, and per map its strongest point above 0.05 (maps with none are skipped)."""
+    import torch.nn.functional as F
+
+    h, w = bgr.shape[:2]
+    box = _face_box(person, w, h)
+    if box is None:
+        return None
+    x0, y0, side = box
+    crop = bgr[y0:y0 + side, x0:x0 + side]
+    x = torch.from_numpy(_smart_resize(crop, _FACE_SIZE, _FACE_SIZE)).permute(2, 0, 1) / 256.0 - 0.5
+    with torch.no_grad():
+        maps = F.interpolate(net(x[None].to(_device(net))), crop.shape[:2], mode="bilinear",
+                             align_corners=True).cpu().numpy()[0]
+    peaks = []
+    for m in maps:
+        ys, xs = np.nonzero(m > _FACE_THRESHOLD)
+        if len(ys):
+            i = int(np.argmax(m[ys, xs]))
+            peaks.append([xs[i], ys[i]])
+    return _normalised(np.array(peaks), x0, y0, w, h) if peaks else None
 
 
 # -- HED soft edges ---------------------------------------------------------------------------------------
@@ -329,6 +504,10 @@ def estimate_depth(net: nn.Module, image: ImageLike) -> Image.Image:
 # preprocessor name → (annotator kind, function of (network, image))
 ANNOTATORS: dict[str, tuple[str, Callable[[nn.Module, ImageLike], np.ndarray]]] = {
     "openpose": ("openpose", openpose),
+    "openpose_hand": ("openpose+hand", lambda nets, image: openpose(nets, image, hands=True)),
+    "openpose_face": ("openpose+face", lambda nets, image: openpose(nets, image, face=True)),
+    "openpose_faceonly": ("openpose+face", lambda nets, image: openpose(nets, image, face=True, body=False)),
+    "openpose_full": ("openpose+hand+face", lambda nets, image: openpose(nets, image, hands=True, face=True)),
     "softedge_hed": ("hed", hed_edges),
     "softedge_hedsafe": ("hed", lambda net, image: hed_edges(net, image, safe=True)),
     "scribble_hed": ("hed", hed_scribble),

@@ -30,8 +30,9 @@ UPSCALERS = ("latent", "lanczos")
 RNGS = ("cpu", "nv")
 CONTROL_PREPROCESSORS = ("none", "canny", "threshold", "scribble", "depth")  # adapters.controlnet.PREPROCESSORS
 # the preprocessors that run an annotator network (pipeline.annotate.ANNOTATORS): their spec names its weights
-CONTROL_ANNOTATORS = ("openpose", "softedge_hed", "softedge_hedsafe", "scribble_hed", "lineart_realistic",
-                      "lineart_coarse", "depth_midas")
+CONTROL_ANNOTATORS = ("openpose", "openpose_hand", "openpose_face", "openpose_faceonly", "openpose_full",
+                      "softedge_hed", "softedge_hedsafe", "scribble_hed", "lineart_realistic", "lineart_coarse",
+                      "depth_midas")
 # sd-webui-controlnet's control modes: Balanced; "My prompt is more important" (residuals scaled
 # 0.825^(12−i), deepest kept); "ControlNet is more important" (that, and none on the uncond rows)
 CONTROL_MODES = ("balanced", "prompt", "control")
@@ -50,7 +51,8 @@ class ControlSpec:
     ``threshold_b`` are the preprocessor's (canny: low, high; threshold, scribble: the level). An
     annotator preprocessor (``CONTROL_ANNOTATORS``: OpenPose, HED, line art, MiDaS) runs the network
     in ``annotator``: its weights file (``body_pose_model.pth``, ``ControlNetHED.pth``, ``sk_model.pth``,
-    ``dpt_hybrid-midas-501f0c75.pt``, …) or a loaded network."""
+    ``dpt_hybrid-midas-501f0c75.pt``, …) or a loaded network; OpenPose with hands or a face takes a
+    list of its files (body, ``hand_pose_model.pth``, ``facenet.pth``) or their folder."""
 
     model: str | Path | Any
     image: Image.Image | np.ndarray = field(repr=False)
@@ -92,8 +94,12 @@ class ControlSpec:
             if self.annotator is None:
                 raise ParamError(f"{prefix}.annotator", f"the {self.preprocessor} preprocessor runs a network: "
                                                         "give its weights file")
-            if isinstance(self.annotator, (str, Path)) and not Path(self.annotator).is_file():
-                raise ParamError(f"{prefix}.annotator", f"annotator file not found: {self.annotator}")
+            paths = self.annotator if isinstance(self.annotator, (list, tuple)) else [self.annotator]
+            for j, path in enumerate(paths):
+                where = f"{prefix}.annotator" + (f"[{j}]" if paths is self.annotator else "")
+                if isinstance(path, (str, Path)) and not (Path(path).is_file() or
+                                                          self.preprocessor.startswith("openpose") and Path(path).is_dir()):
+                    raise ParamError(where, f"annotator file not found: {path}")
         elif self.annotator is not None:
             raise ParamError(f"{prefix}.annotator", f"the {self.preprocessor} preprocessor takes no annotator "
                                                     f"(those that do: {', '.join(CONTROL_ANNOTATORS)})")

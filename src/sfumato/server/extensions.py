@@ -36,29 +36,40 @@ from .security import ApiError, Catalog, Limits, decode_image
 CONTROLNET_VERSION = 2
 # the extension's preprocessor ("module") names that are implemented here → ours
 MODULES = {"none": "none", "canny": "canny", "threshold": "threshold"}
-# … and those that run an annotator network: module → (ours, the weights' file stems in models-dir/annotators,
-# the names the extension downloads them under). "depth" and "hed" are the extension's older names.
+# … and those that run annotator networks: module → (ours, per network the file stems it may have in
+# models-dir/annotators — the names the extension downloads them under). "depth" and "hed" are the
+# extension's older names.
+_BODY, _HAND, _FACE = ("body_pose_model",), ("hand_pose_model",), ("facenet",)
+_MIDAS = ("dpt_hybrid-midas-501f0c75", "dpt_large-midas-2f21e586")
 ANNOTATOR_MODULES = {
-    "openpose": ("openpose", ("body_pose_model",)),
-    "softedge_hed": ("softedge_hed", ("ControlNetHED",)), "hed": ("softedge_hed", ("ControlNetHED",)),
-    "softedge_hedsafe": ("softedge_hedsafe", ("ControlNetHED",)),
-    "scribble_hed": ("scribble_hed", ("ControlNetHED",)),
-    "lineart_realistic": ("lineart_realistic", ("sk_model",)),
-    "lineart_coarse": ("lineart_coarse", ("sk_model2",)),
-    "depth_midas": ("depth_midas", ("dpt_hybrid-midas-501f0c75", "dpt_large-midas-2f21e586")),
-    "depth": ("depth_midas", ("dpt_hybrid-midas-501f0c75", "dpt_large-midas-2f21e586")),
+    "openpose": ("openpose", (_BODY,)),
+    "openpose_hand": ("openpose_hand", (_BODY, _HAND)),
+    "openpose_face": ("openpose_face", (_BODY, _FACE)),
+    "openpose_faceonly": ("openpose_faceonly", (_BODY, _FACE)),
+    "openpose_full": ("openpose_full", (_BODY, _HAND, _FACE)),
+    "softedge_hed": ("softedge_hed", (("ControlNetHED",),)), "hed": ("softedge_hed", (("ControlNetHED",),)),
+    "softedge_hedsafe": ("softedge_hedsafe", (("ControlNetHED",),)),
+    "scribble_hed": ("scribble_hed", (("ControlNetHED",),)),
+    "lineart_realistic": ("lineart_realistic", (("sk_model",),)),
+    "lineart_coarse": ("lineart_coarse", (("sk_model2",),)),
+    "depth_midas": ("depth_midas", (_MIDAS,)),
+    "depth": ("depth_midas", (_MIDAS,)),
 }
 
 
 def annotator_file(module: str, catalog: Catalog):
-    """The weights file of an annotator module in the models folder's ``annotators`` (any depth), or None."""
+    """The weights file of an annotator module in the models folder's ``annotators`` (any depth) — a
+    list of files for a module that runs several networks — or None when one is missing."""
     folder = catalog.folder("annotator")
     if folder is None:
         return None
-    stems = ANNOTATOR_MODULES[module][1]
-    found = [e for e in folder.entries() if e.stem in stems]
-    found.sort(key=lambda e: (stems.index(e.stem), e.name))
-    return found[0].path if found else None
+    paths = []
+    for stems in ANNOTATOR_MODULES[module][1]:
+        found = sorted((e for e in folder.entries() if e.stem in stems), key=lambda e: (stems.index(e.stem), e.name))
+        if not found:
+            return None
+        paths.append(found[0].path)
+    return paths[0] if len(paths) == 1 else paths
 
 
 def available_modules(catalog: Catalog) -> list[str]:
@@ -72,7 +83,7 @@ def resolve_module(module: str, catalog: Catalog, field: str) -> tuple[str, Any]
     if module in ANNOTATOR_MODULES:
         path = annotator_file(module, catalog)
         if path is None:
-            names = " or ".join(ANNOTATOR_MODULES[module][1])
+            names = " and ".join(" or ".join(stems) for stems in ANNOTATOR_MODULES[module][1])
             raise ApiError(422, f"preprocessor {module!r} runs a network: put {names} (.pth, .pt or .safetensors) "
                                 "in the models folder's annotators/", field)
         return ANNOTATOR_MODULES[module][0], path
@@ -218,9 +229,9 @@ def _threshold(value: Any, field: str) -> float | None:
 
 def detect(body: dict[str, Any], limits: Limits, catalog: Catalog, device: str = "cpu") -> dict[str, Any]:
     """``POST /controlnet/detect``: the named preprocessor on each image (its short side brought to
-    ``controlnet_processor_res`` first when that is positive). For ``openpose`` the response also
-    carries ``poses``, each image's people in the OpenPose JSON format (as the extension returns them
-    to its pose editor)."""
+    ``controlnet_processor_res`` first when that is positive). For the ``openpose*`` modules the response
+    also carries ``poses``, each image's people (with hands and face where detected) in the OpenPose
+    JSON format (as the extension returns them to its pose editor)."""
     from ..adapters.controlnet import PREPROCESSORS
     from ..pipeline.annotate import ANNOTATORS, annotator_network, detect_poses
     from ..pipeline.control import preprocessor_args
@@ -253,10 +264,11 @@ def detect(body: dict[str, Any], limits: Limits, catalog: Catalog, device: str =
             image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
                                  Image.LANCZOS)
         try:
-            if preprocessor == "openpose":
-                pose = detect_poses(net, image)
+            if preprocessor.startswith("openpose"):
+                pose = detect_poses(net, image, hands="hand" in preprocessor or preprocessor.endswith("full"),
+                                    face="face" in preprocessor or preprocessor.endswith("full"))
                 poses.append(pose_json(pose))
-                result = Image.fromarray(render_pose(pose))
+                result = Image.fromarray(render_pose(pose, body=preprocessor != "openpose_faceonly"))
             elif net is not None:
                 result = Image.fromarray(ANNOTATORS[preprocessor][1](net, image))
             else:
@@ -268,7 +280,7 @@ def detect(body: dict[str, Any], limits: Limits, catalog: Catalog, device: str =
         result.save(buffer, format="PNG")
         out.append(base64.b64encode(buffer.getvalue()).decode("ascii"))
     response: dict[str, Any] = {"images": out, "info": "Success"}
-    if preprocessor == "openpose":
+    if preprocessor.startswith("openpose"):
         response["poses"] = poses
     return response
 

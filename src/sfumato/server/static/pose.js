@@ -1,6 +1,7 @@
 // sfumato web UI, part 8: the OpenPose editor. People of 18 body keypoints (OpenPose's COCO order)
-// on a canvas: drag a keypoint, add or remove a person, start from the poses detected in a photo,
-// load and save the JSON the A1111 pose editors use. The exact control image is the server's
+// on a canvas: drag a keypoint, add or remove a person, start from the poses detected in a photo
+// (with hands and face where the server has those models: they are kept, drawn and saved, and move
+// with their person's wrist / nose), load and save the JSON the A1111 pose editors use. The exact control image is the server's
 // (/v1/pose/render, drawn as the OpenPose preprocessor draws); "Send to ControlNet" puts it in a unit.
 "use strict";
 
@@ -13,27 +14,41 @@ const POSE_STANDING = [[241, 77], [241, 120], [191, 118], [177, 183], [163, 252]
   [332, 245], [225, 241], [213, 359], [215, 454], [270, 240], [282, 360], [286, 456], [232, 59], [253, 60],
   [225, 70], [260, 72]].map(([x, y]) => [x / 512, y / 512]);
 
-// keypoints are fractions of the canvas (x, y in [0, 1]); null: missing
-const pose = { width: 512, height: 512, people: [], selected: -1, drag: null, background: null, timer: null };
+// keypoints are fractions of the canvas (x, y in [0, 1]); null: missing. parts[k]: person k's
+// hands and face ({ hand_left_keypoints_2d, hand_right_keypoints_2d, face_keypoints_2d }, each a list of
+// points or null), moved with their anchor (left wrist 7, right wrist 4, nose 0)
+const POSE_PARTS = { hand_left_keypoints_2d: 7, hand_right_keypoints_2d: 4, face_keypoints_2d: 0 };
+const pose = { width: 512, height: 512, people: [], parts: [], selected: -1, drag: null, background: null, timer: null };
 
 function poseJson() {
+  const flat = (points) => points.flatMap((p) => (p ? [p[0] * pose.width, p[1] * pose.height, 1] : [0, 0, 0]));
   return {
-    people: pose.people.map((person) => ({
-      pose_keypoints_2d: person.flatMap((p) => (p ? [p[0] * pose.width, p[1] * pose.height, 1] : [0, 0, 0])),
-    })),
+    people: pose.people.map((person, k) => {
+      const out = { pose_keypoints_2d: flat(person) };
+      for (const key of Object.keys(POSE_PARTS)) {
+        if (pose.parts[k] && pose.parts[k][key]) out[key] = flat(pose.parts[k][key]);
+      }
+      return out;
+    }),
     canvas_width: pose.width, canvas_height: pose.height,
   };
+}
+
+function unflatten(v) {
+  if (!Array.isArray(v) || !v.length) return null;
+  const out = [];
+  for (let i = 0; i < v.length; i += 3) {
+    out.push(v[i + 2] >= 1 && v[i] >= 0 && v[i + 1] >= 0 ? [v[i] / pose.width, v[i + 1] / pose.height] : null);
+  }
+  return out;
 }
 
 /** Take a pose in the OpenPose JSON layout, pixels (as the server returns it). */
 function setPose(json) {
   pose.width = json.canvas_width;
   pose.height = json.canvas_height;
-  pose.people = json.people.map((person) => {
-    const v = person.pose_keypoints_2d, out = [];
-    for (let i = 0; i < v.length; i += 3) out.push(v[i + 2] >= 1 ? [v[i] / pose.width, v[i + 1] / pose.height] : null);
-    return out;
-  });
+  pose.people = json.people.map((person) => unflatten(person.pose_keypoints_2d));
+  pose.parts = json.people.map((person) => Object.fromEntries(Object.keys(POSE_PARTS).map((key) => [key, unflatten(person[key])])));
   pose.selected = pose.people.length ? 0 : -1;
   $("pose-width").value = pose.width;
   $("pose-height").value = pose.height;
@@ -74,6 +89,15 @@ function drawPose() {
         ctx.stroke();
       }
     });
+    for (const [key, points] of Object.entries(pose.parts[k] || {})) {
+      ctx.fillStyle = key.startsWith("face") ? "#fff" : "#36f";
+      for (const p of points || []) {
+        if (!p) continue;
+        ctx.beginPath();
+        ctx.arc(...at(p), 2, 0, 2 * Math.PI);
+        ctx.fill();
+      }
+    }
   });
   $("pose-people").textContent = `${pose.people.length} ${pose.people.length === 1 ? "person" : "people"}` +
     (pose.selected >= 0 ? `, person ${pose.selected + 1} selected` : "");
@@ -112,6 +136,7 @@ function nearestKeypoint(point) {
 function addPerson() {
   const shift = (pose.people.length % 3) * 0.25 - 0.25;
   pose.people.push(POSE_STANDING.map(([x, y]) => [Math.min(1, Math.max(0, x + shift)), y]));
+  pose.parts.push({});
   pose.selected = pose.people.length - 1;
   drawPose();
 }
@@ -119,6 +144,7 @@ function addPerson() {
 function removePerson() {
   if (pose.selected < 0) return setStatus("pose: select a person first (click one of their keypoints)", true);
   pose.people.splice(pose.selected, 1);
+  pose.parts.splice(pose.selected, 1);
   pose.selected = pose.people.length - 1;
   drawPose();
 }
@@ -150,7 +176,9 @@ function savePoseJson() {
 }
 
 async function detectPose(file) {
-  if (!controlnet.modules.includes("openpose")) {
+  // the fullest OpenPose the server has models for: body with hands and face, then either, then the body
+  const module = ["openpose_full", "openpose_hand", "openpose_face", "openpose"].find((m) => controlnet.modules.includes(m));
+  if (!module) {
     return setStatus("pose: detection needs an OpenPose body model (body_pose_model.pth) in the models folder's " +
       "annotators/", true);
   }
@@ -158,13 +186,13 @@ async function detectPose(file) {
     try {
       setStatus("detecting poses…");
       const out = await api("POST", "controlnet/detect", {
-        controlnet_module: "openpose", controlnet_input_images: [url], controlnet_processor_res: -1,
+        controlnet_module: module, controlnet_input_images: [url], controlnet_processor_res: -1,
       });
       const image = new Image();
       image.onload = () => {
         pose.background = image;
         setPose(out.poses[0]);
-        setStatus(`detected ${pose.people.length} people`);
+        setStatus(`detected ${pose.people.length} people (${module})`);
       };
       image.src = url;
     } catch (e) {
@@ -196,8 +224,14 @@ function setupPose() {
   });
   canvas.addEventListener("pointermove", (e) => {
     if (!pose.drag) return;
-    const [x, y] = canvasPoint(e);
-    pose.people[pose.drag[0]][pose.drag[1]] = [Math.min(1, Math.max(0, x)), Math.min(1, Math.max(0, y))];
+    const [x, y] = canvasPoint(e), [k, i] = pose.drag, old = pose.people[k][i];
+    const moved = [Math.min(1, Math.max(0, x)), Math.min(1, Math.max(0, y))];
+    pose.people[k][i] = moved;
+    for (const [key, anchor] of Object.entries(POSE_PARTS)) {   // a hand follows its wrist, the face its nose
+      const points = pose.parts[k] && pose.parts[k][key];
+      if (anchor !== i || !points) continue;
+      pose.parts[k][key] = points.map((p) => (p ? [p[0] + moved[0] - old[0], p[1] + moved[1] - old[1]] : null));
+    }
     drawPose();
   });
   canvas.addEventListener("pointerup", () => { pose.drag = null; });
