@@ -127,3 +127,14 @@ def test_a_failed_conversion_runs_on_torch(tiny_model, cache, monkeypatch, caplo
     want = sfumato.load(tiny_model, dtype="fp32").txt2img("a red circle", **KW)
     assert torch.equal(got.latents, want.latents)
     assert not list(cache.glob("*.xml"))
+
+
+def test_a_decode_past_the_untiled_size_runs_on_torch_and_says_so(tiny_model, cache, monkeypatch, caplog):
+    from sfumato.pipeline import tiling
+
+    ov_pipe = sfumato.load(tiny_model, backend="openvino")
+    monkeypatch.setattr(tiling, "AUTO_TILE_LATENT_PIXELS", 1)   # every decode is now a "large" one
+    with caplog.at_level(logging.WARNING, logger="sfumato.pipeline.engine"):
+        ov_pipe.txt2img("a red circle", **KW)
+    assert "does not run tiled decodes" in caplog.text
+    assert not list(cache.glob("vae-decoder-*.xml")), "the decoder was converted for a decode it does not serve"

@@ -231,7 +231,9 @@ class OpenVINODecoder:
         self.compiled = _Compiled(vae, "vae-decoder", precision, cache)
 
     def __call__(self, z: Tensor) -> Tensor | None:
-        if self.compiled.stale() is not None:
+        stale = self.compiled.stale()
+        if stale is not None:
+            log.warning("OpenVINO backend: this decode runs on torch: %s", stale)
             return None
         out = self.compiled((z.float().contiguous(),), _Decode(self.vae))
         if isinstance(out, str):

@@ -121,7 +121,10 @@ class Engine:
     def _decode(self, z: Tensor) -> Tensor:
         vae, (tiled, tile, stats) = self.model.vae, self._tiling()
         backend = self.model.decoder_backend
-        if backend is not None and not tiled and z.shape[-2] * z.shape[-1] <= tiling.AUTO_TILE_LATENT_PIXELS:
+        if backend is not None and (tiled or z.shape[-2] * z.shape[-1] > tiling.AUTO_TILE_LATENT_PIXELS):
+            log.warning("the decoder backend does not run tiled decodes: this one (%d×%d latent) runs on torch",
+                        z.shape[-1], z.shape[-2])
+        elif backend is not None:
             images = [backend(zi) for zi in z.split(1)]
             if all(im is not None for im in images):
                 return torch.cat(images).float()

@@ -317,10 +317,8 @@ def build_work(req: Txt2ImgRequest | Img2ImgRequest, defaults: Defaults, catalog
     settings.update(unclip_settings(req.unclip_images, req.unclip_noise_level, limits))
     animation = None
     if req.alwayson_scripts:   # sd-webui-controlnet's units (other extensions only when empty)
-        settings["control"], ips = control_specs(req.alwayson_scripts, catalog, limits, settings.get("init_image"))
-        if ips:
-            settings["ip_adapters"] = ips
-        for name, value in req.alwayson_scripts.items():
+        scripts = req.alwayson_scripts if isinstance(req.alwayson_scripts, dict) else {}
+        for name, value in scripts.items():
             args = value.get("args", []) if isinstance(value, dict) else value
             if str(name).lower() == "adetailer":
                 settings["detail"] = detail_specs(args, catalog, f"alwayson_scripts.{name}.args")
@@ -328,8 +326,10 @@ def build_work(req: Txt2ImgRequest | Img2ImgRequest, defaults: Defaults, catalog
                 animation = animatediff.parse(args, catalog, f"alwayson_scripts.{name}.args")
                 if animation is not None:
                     animatediff.check_request(animation, settings, req.n_iter)
-        if animation is None and any(isinstance(spec.image, list) for spec in settings["control"]):
-            raise ApiError(422, "one control image per frame is for AnimateDiff clips", "batch_images")
+        settings["control"], ips = control_specs(req.alwayson_scripts, catalog, limits, settings.get("init_image"),
+                                                 animation.settings.frames if animation is not None else None)
+        if ips:
+            settings["ip_adapters"] = ips
     _check_limits(settings, req.n_iter, limits)
     try:
         params = GenerationParams(**settings).validated()

@@ -100,9 +100,11 @@ RESIZE_MODES = {0: "stretch", 1: "crop", 2: "fill", "just resize": "stretch", "c
 
 
 def control_specs(scripts: dict[str, Any], catalog: Catalog, limits: Limits,
-                  init: Image.Image | None = None) -> tuple[list[ControlSpec], list[IPAdapterSpec]]:
+                  init: Image.Image | None = None, frames: int | None = None
+                  ) -> tuple[list[ControlSpec], list[IPAdapterSpec]]:
     """The ControlNet units of ``alwayson_scripts`` as ControlSpecs, and its IP-Adapter units (422
-    naming the unit's field); every other script must be empty."""
+    naming the unit's field); every other script must be empty. ``frames``: the AnimateDiff clip's
+    length, which a unit's ``batch_images`` must match (None: a still, which takes none)."""
     specs: list[ControlSpec | IPAdapterSpec] = []
     if not isinstance(scripts, dict):
         raise ApiError(422, "expected an object of {script name: {args: [...]}}", "alwayson_scripts")
@@ -118,14 +120,14 @@ def control_specs(scripts: dict[str, Any], catalog: Catalog, limits: Limits,
                 raise ApiError(422, f"the extension {name!r} is not available on this server", f"alwayson_scripts.{name}")
             continue
         for i, unit in enumerate(args):
-            spec = _unit(unit, f"{field}[{i}]", catalog, limits, init)
+            spec = _unit(unit, f"{field}[{i}]", catalog, limits, init, frames)
             if spec is not None:
                 specs.append(spec)
     return ([s for s in specs if isinstance(s, ControlSpec)], [s for s in specs if isinstance(s, IPAdapterSpec)])
 
 
-def _unit(unit: Any, field: str, catalog: Catalog, limits: Limits, init: Image.Image | None
-          ) -> ControlSpec | IPAdapterSpec | None:
+def _unit(unit: Any, field: str, catalog: Catalog, limits: Limits, init: Image.Image | None,
+          clip: int | None = None) -> ControlSpec | IPAdapterSpec | None:
     if unit in (False, None):
         return None
     if not isinstance(unit, dict):
@@ -154,6 +156,11 @@ def _unit(unit: Any, field: str, catalog: Catalog, limits: Limits, init: Image.I
         if not isinstance(frames, list) or len(frames) > MAX_FRAMES:
             raise ApiError(422, f"expected a list of 1 to {MAX_FRAMES} base64 images (one per frame)",
                            f"{field}.batch_images")
+        if clip is None:
+            raise ApiError(422, "one control image per frame is for AnimateDiff clips", f"{field}.batch_images")
+        if len(frames) not in (1, clip):
+            raise ApiError(422, f"{len(frames)} frames for a clip of {clip} (video_length): send one image, or one "
+                                "per frame", f"{field}.batch_images")
         image = [decode_image(data, f"{field}.batch_images[{j}]", limits).convert("RGB")
                  for j, data in enumerate(frames)]
     elif image:
