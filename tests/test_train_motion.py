@@ -12,6 +12,7 @@ import torch
 from sfumato.checkpoint.motion import load_motion_module, motion_fits
 from sfumato.train.judge import detect
 from sfumato.train.motion import (BUNDLED_MOTION, MOTIONS, MotionRecipe, _moves, held_out_prompts, is_held_out,
+                                  start_adapter, text_layers,
                                   sample_clip, train_motion)
 
 
@@ -53,8 +54,8 @@ def test_a_short_run_exports_a_module_for_the_bundled_model(tmp_path):
                                           ema_decay=None, progress=False))
     path = train_motion(recipe, tmp_path / "run")
     adapter = load_motion_module(path)
-    assert adapter.cfg == BUNDLED_MOTION
     pipe = sfumato.load(None, dtype="fp32", device="cpu")
+    assert adapter.cfg == replace(BUNDLED_MOTION, text_kv=text_layers(pipe.model.unet), text_rank=4)
     assert motion_fits(adapter.cfg, pipe.model.spec.unet) is None
     assert path.stat().st_size < 4_000_000
     clip = pipe.animate("a red circle moving to the right on a blue background", motion_module=path, frames=3,
@@ -77,3 +78,52 @@ def test_the_bundled_module_is_the_default_for_the_bundled_model(tmp_path, capsy
                  "--seed", "1", "-o", str(out)]) == 0
     gif = Image.open(out)
     assert gif.n_frames == 3 and b"model: bundled-motion" in gif.info["comment"]
+
+
+def test_text_deltas_act_as_merged_key_and_value_weights(tmp_path):
+    """A module's text key/value deltas, attached with it, give what the UNet gives with each delta
+    (up · down) merged into its to_k / to_v weights (the temporal blocks at their identity start);
+    saved and loaded, the module keeps them; a UNet without the steered attention is a typed error."""
+    import copy
+
+    import pytest
+
+    import sfumato
+    from sfumato.errors import ParamError
+    from sfumato.models.motion import MotionAdapter
+    from sfumato.pipeline.animate import motion_attached
+    from sfumato.train.motion import export_motion
+
+    unet = sfumato.load(None, dtype="fp32", device="cpu").model.unet
+    adapter = start_adapter(unet, MotionRecipe(text_rank=3))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for kv in adapter.text_kv.values():
+            for p in kv.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    merged = copy.deepcopy(unet)
+    with torch.no_grad():
+        for name, kv in adapter.text_kv.items():
+            attn = merged.get_submodule(name.replace("__", "."))
+            attn.to_k.weight += kv.k_up.weight @ kv.k_down.weight
+            attn.to_v.weight += kv.v_up.weight @ kv.v_down.weight
+    x = torch.randn(4, 4, 8, 8, generator=g)
+    t = torch.full((4,), 300.0)
+    context = torch.randn(4, 77, text_layers(unet)[0][1], generator=g)
+    with torch.no_grad():
+        with motion_attached(unet, adapter, lambda: 2):
+            got = unet(x, t, context)
+        plain = unet(x, t, context)
+        want = merged(x, t, context)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert (plain - want).abs().max() > 1e-3
+    path = export_motion(adapter, tmp_path / "m.safetensors")
+    loaded = load_motion_module(path)
+    assert loaded.cfg.text_rank == 3 and loaded.cfg.text_kv == adapter.cfg.text_kv
+    assert isinstance(loaded, MotionAdapter) and set(loaded.text_kv) == set(adapter.text_kv)
+    other = copy.deepcopy(unet)
+    del other.middle_block[1].transformer_blocks[0].attn2
+    with pytest.raises(ParamError, match="text adapter steers middle_block") as e:
+        with motion_attached(other, loaded, lambda: 2):
+            pass
+    assert e.value.field == "motion_module"

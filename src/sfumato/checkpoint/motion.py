@@ -103,4 +103,6 @@ def motion_fits(cfg: MotionConfig, unet_cfg) -> str | None:
     if cfg.per_down != unet_cfg.num_res_blocks:
         return (f"it has {cfg.per_down} modules per down block, this UNet {unet_cfg.num_res_blocks} ResBlocks per "
                 "level")
+    if any(ctx != unet_cfg.context_dim for _, ctx, _ in cfg.text_kv):
+        return f"its text adapter reads {cfg.text_kv[0][1]}-wide text, this model's is {unet_cfg.context_dim}"
     return None

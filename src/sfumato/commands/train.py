@@ -8,6 +8,8 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+from ..errors import SfumatoError
+
 STAGES = ("vae", "clip", "unet", "shapes")
 
 
@@ -39,12 +41,24 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, help="override the steps")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.set_defaults(func=cmd_train_sam)
+    p = stages.add_parser("annotator", help="a ControlNet annotator's published architecture on the shapes world "
+                                            "(a demonstration; not shipped)")
+    p.add_argument("--kind", required=True, choices=("hed", "lineart", "midas"))
+    p.add_argument("--out", default="out/annotators", help="folder of the weights (published names), with a run "
+                                                          "folder per kind (checkpoints, logs)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, help="override the steps")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.set_defaults(func=cmd_train_annotator)
     p = stages.add_parser("motion", help="a motion module for the bundled model (AnimateDiff) on shapes-world clips")
     p.add_argument("--out", default="out/motion", help="run folder (checkpoints, logs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, help="override the steps")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--export", help="output (default: OUT/bundled-motion.safetensors)")
+    p.add_argument("--init", metavar="FILE", help="start from this motion module (e.g. the bundled one)")
+    p.add_argument("--text-rank", type=int, default=4,
+                   help="rank of the text key/value deltas that let the motion words steer the clip (0: none)")
     p.set_defaults(func=cmd_train_motion)
     from .personalize import add_commands as add_personalize_commands
 
@@ -93,6 +107,15 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--sheet", help="also write an Inpaint Anything demonstration on the bundled model to this PNG")
     p.add_argument("--threads", type=int, default=2)
     p.set_defaults(func=cmd_eval_sam)
+    p = kinds.add_parser("annotators", help="shapes-world annotators: edge F1 (HED, line art), depth correlation "
+                                            "(MiDaS) on held-out scenes")
+    for kind, name in (("hed", "ControlNetHED"), ("lineart", "sk_model"), ("midas", "dpt_hybrid-midas-501f0c75")):
+        p.add_argument(f"--{kind}", metavar="FILE", help=f"the {kind} file (sfumato train annotator writes "
+                                                         f"OUT/{name}.safetensors)")
+    p.add_argument("-n", type=int, default=100)
+    p.add_argument("--sheet", help="also write the preprocessors on the bundled model's images to this PNG")
+    p.add_argument("--threads", type=int, default=2)
+    p.set_defaults(func=cmd_eval_annotators)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -136,7 +159,7 @@ def cmd_train_motion(args: argparse.Namespace) -> int:
     from ..train.motion import MotionRecipe, train_motion
 
     torch.set_num_threads(args.threads)
-    recipe = MotionRecipe(seed=args.seed)
+    recipe = MotionRecipe(seed=args.seed, init=args.init, text_rank=args.text_rank)
     if args.steps is not None:
         recipe = replace(recipe, loop=replace(recipe.loop, steps=args.steps,
                                               decay_start=min(recipe.loop.decay_start, args.steps)))
@@ -211,4 +234,34 @@ def cmd_eval_sam(args: argparse.Namespace) -> int:
           f"IoU ≥ 0.9 in {100 * report['iou_at_least_0.9']:.1f}%")
     if args.sheet:
         demo_sheet(args.model, args.sheet)
+    return 0
+
+
+def cmd_train_annotator(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..train.annotators import AnnotatorRecipe, train_annotator
+
+    torch.set_num_threads(args.threads)
+    recipe = AnnotatorRecipe(kind=args.kind, seed=args.seed)
+    if args.steps is not None:
+        recipe = replace(recipe, loop=replace(recipe.loop_config(), steps=args.steps))
+    print(train_annotator(recipe, Path(args.out)))
+    return 0
+
+
+def cmd_eval_annotators(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..train.annotators import demo_sheet, evaluate_annotators
+
+    torch.set_num_threads(args.threads)
+    files = {kind: getattr(args, kind) for kind in ("hed", "lineart", "midas") if getattr(args, kind)}
+    if not files:
+        raise SfumatoError("give at least one of --hed, --lineart, --midas")
+    for kind, scores in evaluate_annotators(files, n=args.n).items():
+        print(f"{kind}: {scores['n']} held-out scenes, " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()
+                                                                      if k != "n"))
+    if args.sheet:
+        demo_sheet(files, args.sheet)
     return 0

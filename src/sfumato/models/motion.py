@@ -8,7 +8,9 @@ the SDXL module) one.
 
 Attribute names are the published files' keys (``down_blocks.0.motion_modules.0.temporal_transformer.
 transformer_blocks.0.attention_blocks.0.to_q.weight``, ``….pos_encoder.pe``, ``….norms.0``,
-``….ff.net.0.proj``, ``….ff_norm``, ``mid_block.motion_modules.0…``, ``up_blocks.…``).
+``….ff.net.0.proj``, ``….ff_norm``, ``mid_block.motion_modules.0…``, ``up_blocks.…``). sfumato's
+own modules may also carry ``text_kv.<attention path>.{k,v}_{down,up}.weight``: low-rank deltas on
+the UNet's text keys and values, attached with the temporal blocks (see ``train/motion.py``).
 """
 
 from __future__ import annotations
@@ -30,6 +32,11 @@ class MotionConfig:
     layers: int = 1             # transformer blocks per module
     heads: int = 8
     groups: int = 32
+    # sfumato's own addition (no published module has one): low-rank deltas on the keys and values of
+    # the UNet's text cross-attentions, so the clip's motion words can reach the frames. Per steered
+    # attention: (its path with "." as "__", the text width, the attention's width); and the rank.
+    text_kv: tuple[tuple[str, int, int], ...] = ()
+    text_rank: int = 0
 
     @property
     def version(self) -> str:
@@ -137,6 +144,21 @@ class MotionModule(nn.Module):
         return self.temporal_transformer(x, frames)
 
 
+class TextKV(nn.Module):
+    """Low-rank deltas added to one cross-attention's key and value projections of the text."""
+
+    def __init__(self, context_dim: int, width: int, rank: int):
+        super().__init__()
+        self.k_down, self.v_down = (nn.Linear(context_dim, rank, bias=False) for _ in range(2))
+        self.k_up, self.v_up = (nn.Linear(rank, width, bias=False) for _ in range(2))
+
+    def key(self, context: Tensor) -> Tensor:
+        return self.k_up(self.k_down(context))
+
+    def value(self, context: Tensor) -> Tensor:
+        return self.v_up(self.v_down(context))
+
+
 class _Level(nn.Module):
     def __init__(self, channels: int, count: int, cfg: MotionConfig):
         super().__init__()
@@ -152,6 +174,8 @@ class MotionAdapter(nn.Module):
         self.down_blocks = nn.ModuleList([_Level(c, cfg.per_down, cfg) for c in cfg.channels])
         self.mid_block = _Level(cfg.channels[-1], 1, cfg) if cfg.mid else None
         self.up_blocks = nn.ModuleList([_Level(c, cfg.per_down + 1, cfg) for c in reversed(cfg.channels)])
+        self.text_kv = nn.ModuleDict({name: TextKV(ctx, width, cfg.text_rank) for name, ctx, width in cfg.text_kv}) \
+            if cfg.text_kv else None
 
 
 def motion_config_from_state(sd: dict[str, Tensor]) -> MotionConfig:
@@ -170,5 +194,9 @@ def motion_config_from_state(sd: dict[str, Tensor]) -> MotionConfig:
     # AnimateDiff's 32 groups; modules made for other widths (the bundled model's) use the largest of
     # 32, 16, 8, 4 that divides every level
     groups = next(g for g in (32, 16, 8, 4, 2, 1) if all(c % g == 0 for c in channels))
+    names = sorted({k.split(".")[1] for k in sd if k.startswith("text_kv.")})
+    text_kv = tuple((n, int(sd[f"text_kv.{n}.k_down.weight"].shape[1]), int(sd[f"text_kv.{n}.k_up.weight"].shape[0]))
+                    for n in names)
+    rank = int(sd[f"text_kv.{names[0]}.k_down.weight"].shape[0]) if names else 0
     return MotionConfig(channels=channels, per_down=per_down, mid=mid, max_frames=max_frames, layers=layers,
-                        groups=groups)
+                        groups=groups, text_kv=text_kv, text_rank=rank)

@@ -102,6 +102,17 @@ def motion_attached(unet: UNetModel, adapter: MotionAdapter, frames: Callable[[]
                 return module(out, frames()).to(out.dtype)
 
             handles.append(layer.register_forward_hook(hook))
+        for name, kv in (adapter.text_kv or {}).items():   # the module's text key/value deltas, if it has them
+            try:
+                attn = unet.get_submodule(name.replace("__", "."))
+            except AttributeError:
+                raise ParamError("motion_module", f"its text adapter steers {name.replace('__', '.')}, which this "
+                                                  "UNet does not have") from None
+            for proj, delta in ((attn.to_k, kv.key), (attn.to_v, kv.value)):
+                def text_hook(_m, args, out, delta=delta):
+                    return out + delta(args[0].to(out.dtype)).to(out.dtype)
+
+                handles.append(proj.register_forward_hook(text_hook))
         yield
     finally:
         for h in handles:

@@ -437,7 +437,7 @@ def lineart(net: nn.Module, image: ImageLike) -> np.ndarray:
     """uint8 (H, W, 3): white lines on black (the network draws dark lines on white; inverted)."""
     rgb = rgb_array(image)
     with torch.no_grad():
-        x = (torch.from_numpy(rgb).float().to(_device(net)) / 255.0).permute(2, 0, 1)[None]
+        x = (torch.from_numpy(rgb.copy()).float().to(_device(net)) / 255.0).permute(2, 0, 1)[None]
         line = net(x)[0][0].cpu().numpy()
     return 255 - rgb_array((line * 255.0).clip(0, 255).astype(np.uint8))
 
@@ -467,7 +467,7 @@ def midas_depth(net: nn.Module, image: ImageLike) -> np.ndarray:
     h, w = rgb.shape[:2]
     x = _round64(rgb)
     with torch.no_grad():
-        t = (torch.from_numpy(x).float().to(_device(net)) / 127.5 - 1.0).permute(2, 0, 1)[None]
+        t = (torch.from_numpy(x.copy()).float().to(_device(net)) / 127.5 - 1.0).permute(2, 0, 1)[None]
         depth = net(t)[0]
         depth = depth - torch.min(depth)
         depth = depth / torch.max(depth)

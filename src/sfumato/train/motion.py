@@ -10,12 +10,18 @@ The bundled model stays frozen; only the motion module (AnimateDiff's architectu
 widths, 16 groups, an 8-frame position encoding, its output projections zero at the start so it
 begins as the identity) learns, with the model's own loss (``Denoiser.loss``), one noise level per
 clip, 10% of captions dropped. Exported in fp16 (about 2.7 MB).
+
+A motion module never sees the text, and the bundled text encoder never saw the motion words, so
+"to the right" and "to the left" reach the UNet as nearly the same features (their contexts differ
+by 7%). With ``text_rank`` > 0 the module also carries low-rank deltas on the keys and values of the
+UNet's text cross-attentions (``MotionConfig.text_kv``, zero at the start, a few kB), trained with it,
+so the motion words can steer the frames; ``init`` starts from an earlier module.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +47,8 @@ class MotionRecipe:
                                                                 checkpoint_every=250))
     dataset_size: int = 100_000
     caption_drop: float = 0.1
+    text_rank: int = 4            # the text key/value deltas' rank (0: a plain AnimateDiff module)
+    init: str | None = None       # a motion module file to start from
 
 
 def motion_caption(colour: str, shape: str, motion: str, background: str) -> str:
@@ -106,10 +114,37 @@ def zero_outputs(adapter: MotionAdapter) -> MotionAdapter:
     return adapter
 
 
+def text_layers(unet) -> tuple[tuple[str, int, int], ...]:
+    """Every text cross-attention of the UNet as MotionConfig.text_kv entries."""
+    return tuple((name.replace(".", "__"), m.to_k.in_features, m.to_k.out_features)
+                 for name, m in unet.named_modules() if name.endswith("attn2"))
+
+
+def start_adapter(unet, recipe: MotionRecipe) -> MotionAdapter:
+    """The module training starts from: AnimateDiff's identity start, or ``recipe.init``'s weights;
+    with text deltas whose up projections are zero (they too start as the identity)."""
+    cfg = BUNDLED_MOTION if recipe.text_rank == 0 else \
+        replace(BUNDLED_MOTION, text_kv=text_layers(unet), text_rank=recipe.text_rank)
+    adapter = zero_outputs(MotionAdapter(cfg))
+    if recipe.init is not None:
+        from ..checkpoint.motion import read_motion
+
+        sd = {k: v.float() for k, v in read_motion(recipe.init).items() if not k.startswith("text_kv.")}
+        missing, unexpected = adapter.load_state_dict(sd, strict=False)
+        if unexpected or any(not k.startswith("text_kv.") for k in missing):
+            raise ValueError(f"{recipe.init} is not a module of the bundled model's layout")
+    if adapter.text_kv is not None:
+        with torch.no_grad():
+            for kv in adapter.text_kv.values():
+                kv.k_up.weight.zero_()
+                kv.v_up.weight.zero_()
+    return adapter
+
+
 class MotionTask(Task):
     def __init__(self, engine, recipe: MotionRecipe):
         super().__init__()
-        self.adapter = zero_outputs(MotionAdapter(BUNDLED_MOTION))
+        self.adapter = start_adapter(engine.model.unet, recipe)
         self.frozen = {"engine": engine}
         for p in engine.model.unet.parameters():
             p.requires_grad_(False)
