@@ -116,6 +116,12 @@ def test_an_annotator_unit_gives_the_command_lines_image(world, tmp_path):
             {"model": "control_tiny", "module": "depth", "image": _b64(control)}]}}})
     assert r.status_code == 422 and r.json()["field"] == "alwayson_scripts.ControlNet.args[0].module"
     assert "dpt_hybrid-midas-501f0c75 or dpt_large-midas-2f21e586" in r.text
+    # a module of two networks (body and hand files): the unit runs them (no people here: a black map)
+    r = api.session.post(f"{api.baseurl}/txt2img", json={
+        "prompt": "x", "steps": 1, "width": 64, "height": 64, "alwayson_scripts": {"ControlNet": {"args": [
+            {"model": "control_tiny", "module": "openpose_hand", "image": _b64(control)}]}}})
+    assert r.status_code == 200, r.text
+    assert "Module: openpose_hand" in r.json()["info"]
 
 
 def test_pose_render_route_matches_the_cli(world, tmp_path):
