@@ -60,3 +60,32 @@ def test_resolves_only_names_it_gives(tmp_path):
     for name in ("2026-03-04/00001-3", "../secret", "2026-03-04/../../secret", "2026-03-04/00000-3.png",
                  "/etc/passwd", "2026-03-04/00000-3/../00000-3", ""):
         assert history.resolve(tmp_path, name) is None, name
+
+
+def test_clips_are_kept_beside_the_frames_with_their_infotext(tmp_path):
+    """An AnimateDiff job's GIF / WebP / MP4 is kept as sent, named by the seed of the job's infotext,
+    listed with its type and parameters (GIF comment, WebP XMP) and resolved by its kind only."""
+    import json
+
+    from sfumato.pipeline.animate import save_clip
+
+    text = "a red circle moving to the right\nSteps: 2, Seed: 41, Size: 8x8, AnimateDiff: \"model: m\""
+    frames = [Image.new("RGB", (8, 8), (40 * k, 0, 0)) for k in range(3)]
+    data = {}
+    for kind in ("gif", "webp"):
+        save_clip(frames, tmp_path / f"c.{kind}", 4, text)
+        data[kind] = base64.b64encode((tmp_path / f"c.{kind}").read_bytes()).decode()
+    mp4 = base64.b64encode(b"\x00\x00\x00\x18ftypisom" + b"\x00" * 16).decode()
+    out = tmp_path / "outputs"
+    names = history.save_result(out, {"images": [data["gif"], data["webp"], mp4, _b64(5)],
+                                      "info": json.dumps({"infotexts": [text]})}, now=NOW)
+    assert names == ["2026-03-04/00000-41", "2026-03-04/00001-41", "2026-03-04/00002-41", "2026-03-04/00003-5"]
+    items = {i["name"]: i for i in history.list_items(out, 0, 10)["items"]}
+    gif, webp, video = (items[f"2026-03-04/0000{k}-41"] for k in range(3))
+    assert gif["url"].endswith("00000-41.gif") and gif["type"] == "image/gif" and gif["parameters"] == text
+    assert webp["type"] == "image/webp" and webp["parameters"] == text
+    assert video["type"] == "video/mp4" and video["parameters"] is None
+    assert Image.open(out / "2026-03-04" / "00000-41.gif").n_frames == 3
+    assert history.resolve(out, "2026-03-04/00000-41", "gif") is not None
+    assert history.resolve(out, "2026-03-04/00000-41") is None            # no PNG of that name
+    assert history.resolve(out, "2026-03-04/00000-41", "exe") is None

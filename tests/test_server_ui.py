@@ -60,8 +60,13 @@ def test_history_off_and_on(tmp_path):
     assert listing["enabled"] and [i["name"] for i in listing["items"]] == ["2026-01-01/00000-1"]
     response = on.get("/v1/history/2026-01-01/00000-1.png")
     assert response.status_code == 200 and response.headers["content-type"] == "image/png"
-    for bad in ("2026-01-01/00000-2.png", "2026-01-01/..%2F..%2Fx.png", "..%2F2026-01-01/00000-1.png"):
+    for bad in ("2026-01-01/00000-2.png", "2026-01-01/..%2F..%2Fx.png", "..%2F2026-01-01/00000-1.png",
+                "2026-01-01/00000-1.gif", "2026-01-01/00000-1.exe"):
         assert on.get("/v1/history/" + bad).status_code == 404, bad
+    (day / "00001-1.gif").write_bytes(b"GIF89a not really")   # a kept AnimateDiff clip
+    assert on.get("/v1/history").json()["items"][0]["type"] == "image/gif"
+    response = on.get("/v1/history/2026-01-01/00001-1.gif")
+    assert response.status_code == 200 and response.headers["content-type"] == "image/gif"
 
 
 def test_serve_takes_an_outputs_folder(tmp_path, monkeypatch, capsys):

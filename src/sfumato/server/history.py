@@ -1,6 +1,7 @@
 """The server's history: every finished job of the job API writes its images, as PNGs carrying
 their infotext, into the outputs folder (``outputs/YYYY-MM-DD/00012-<seed>.png``), where the web
-UI can browse them again after a restart.
+UI can browse them again after a restart; an AnimateDiff job's clips are kept beside them as they
+were sent (``00013-<seed>.gif``, ``.webp``, ``.mp4``; the infotext in the file's metadata).
 
 Writes are atomic (a reader sees a whole file or none); reading is bounded: a listing lists the
 newest day folders only until it has ``offset + limit`` names, and reads the text chunks (not the
@@ -11,7 +12,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import html
 import io
+import json
 import logging
 import re
 import threading
@@ -26,7 +29,8 @@ from ..checkpoint.io import atomic_path
 log = logging.getLogger(__name__)
 
 DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
-FILE = re.compile(r"([0-9]{5,})-([0-9a-z]+)\.png")
+FILE = re.compile(r"([0-9]{5,})-([0-9a-z]+)\.(png|gif|webp|mp4)")
+CLIP_TYPES = {"gif": "image/gif", "webp": "image/webp", "mp4": "video/mp4"}
 NAME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}/[0-9]{5,}-[0-9a-z]+")   # a history item's name: day/file stem
 MAX_LIMIT = 100
 _SEED = re.compile(r"(?:^|, )Seed: (-?[0-9]+)")
@@ -41,6 +45,45 @@ def _parameters(data: bytes | Path) -> str | None:
     except (OSError, ValueError, Image.DecompressionBombError):
         return None
     return text if isinstance(text, str) else None
+
+
+def _kind(data: bytes) -> str | None:
+    """What a job's image is, from its first bytes: a PNG, or a clip (GIF, WebP, MP4); None: neither."""
+    if data.startswith(b"\x89PNG"):
+        return "png"
+    if data.startswith((b"GIF87a", b"GIF89a")):
+        return "gif"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    if data[4:8] == b"ftyp":
+        return "mp4"
+    return None
+
+
+def _job_infotext(result: dict) -> str | None:
+    try:
+        texts = json.loads(result.get("info") or "{}").get("infotexts") or []
+    except (ValueError, AttributeError):
+        return None
+    return texts[0] if texts and isinstance(texts[0], str) else None
+
+
+def _clip_parameters(path: Path) -> str | None:
+    """A kept clip's infotext: a GIF's comment, a WebP's XMP description (MP4: not read back)."""
+    if path.suffix not in (".gif", ".webp"):
+        return None
+    try:
+        with Image.open(path) as clip:
+            if path.suffix == ".gif":
+                comment = clip.info.get("comment")
+                return comment.decode("utf-8", "replace") if isinstance(comment, bytes) else None
+            xmp = clip.info.get("xmp")
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+    if isinstance(xmp, bytes):
+        xmp = xmp.decode("utf-8", "replace")
+    m = re.search(r"<dc:description>(.*?)</dc:description>", xmp or "", re.S)
+    return html.unescape(m.group(1)) if m else None
 
 
 def _next_number(day: Path) -> int:
@@ -62,11 +105,12 @@ def save_result(outputs_dir: Path | None, result: Any, now: float | None = None)
             number = _next_number(day)
             for b64 in result.get("images") or []:
                 data = base64.b64decode(b64, validate=True)
-                if not data.startswith(b"\x89PNG"):   # an AnimateDiff clip (GIF, MP4, WebP): not kept here
+                kind = _kind(data)
+                if kind is None:
                     continue
-                text = _parameters(data)
+                text = _parameters(data) if kind == "png" else _job_infotext(result)
                 seed = m.group(1) if text and (m := _SEED.search(text.rsplit("\n", 1)[-1])) else "image"
-                path = day / f"{number:05d}-{seed.lstrip('-')}.png"
+                path = day / f"{number:05d}-{seed.lstrip('-')}.{kind}"
                 with atomic_path(path) as tmp:
                     tmp.write_bytes(data)
                 names.append(f"{day.name}/{path.stem}")
@@ -95,18 +139,20 @@ def list_items(outputs_dir: Path, offset: int = 0, limit: int = 20) -> dict[str,
     for name, path in page:
         if not path.is_file():
             continue
-        text = _parameters(path)
-        items.append({"name": name, "url": f"v1/history/{name}.png", "parameters": text})
+        kind = path.suffix[1:]
+        text = _parameters(path) if kind == "png" else _clip_parameters(path)
+        items.append({"name": name, "url": f"v1/history/{name}.{kind}", "parameters": text,
+                      "type": "image/png" if kind == "png" else CLIP_TYPES[kind]})
     return {"items": items, "more": len(found) > offset + limit}
 
 
-def resolve(outputs_dir: Path, name: str) -> Path | None:
-    """The file of a history item's ``name`` (``day/stem``), inside ``outputs_dir``; None if the
-    name is not one the history gives or the file is not there."""
-    if not NAME.fullmatch(name):
+def resolve(outputs_dir: Path, name: str, kind: str = "png") -> Path | None:
+    """The file of a history item's ``name`` (``day/stem``) and ``kind`` (png, gif, webp, mp4),
+    inside ``outputs_dir``; None if the name is not one the history gives or the file is not there."""
+    if not NAME.fullmatch(name) or kind not in ("png", *CLIP_TYPES):
         return None
     root = Path(outputs_dir).resolve()
-    path = (root / f"{name}.png").resolve()
+    path = (root / f"{name}.{kind}").resolve()
     if not path.is_relative_to(root) or not path.is_file():
         return None
     return path

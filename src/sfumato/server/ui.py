@@ -45,13 +45,15 @@ def add_routes(app: FastAPI, state: "State") -> None:
         listed = await run_in_threadpool(history.list_items, state.config.outputs_dir, offset, limit)
         return {"enabled": True, **listed}
 
-    @app.get("/v1/history/{day}/{stem}.png", tags=["web UI"])
-    def history_image(day: str, stem: str) -> FileResponse:
-        """One image of the history, as it was written (its infotext in the PNG's ``parameters``)."""
-        path = history.resolve(outputs(), f"{day}/{stem}")
+    @app.get("/v1/history/{day}/{stem}.{kind}", tags=["web UI"])
+    def history_image(day: str, stem: str, kind: str) -> FileResponse:
+        """One image (``.png``, its infotext in ``parameters``) or clip (``.gif``, ``.webp``, ``.mp4``)
+        of the history, as it was written."""
+        path = history.resolve(outputs(), f"{day}/{stem}", kind)
         if path is None:
             raise ApiError(404, "no such image in the history", "name")
-        return FileResponse(path, media_type="image/png", headers={"Cache-Control": "private, max-age=86400"})
+        return FileResponse(path, media_type=history.CLIP_TYPES.get(kind, "image/png"),
+                            headers={"Cache-Control": "private, max-age=86400"})
 
 
 def _few_step(pipe) -> dict[str, Any] | None:

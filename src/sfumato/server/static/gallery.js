@@ -4,10 +4,12 @@
 
 /** One image in ``container`` (the gallery by default): its infotext, "Send to img2img",
  * "Send to upscale", "Reuse settings", and the words of its attention maps. */
-function addFigure({ b64, src, text, alt, maps, container, flagged }) {
+function addFigure({ b64, src, text, alt, maps, container, flagged, type }) {
   const figure = el("figure");
   const mime = b64 && b64.startsWith("R0lGOD") ? "image/gif" : b64 && b64.startsWith("UklGR") ? "image/webp" : "image/png";
-  const img = el("img", { src: src || `data:${mime};base64,${b64}`, alt: alt || "" });
+  // a kept MP4 clip plays in a video element; images and GIF / WebP clips in an img
+  const img = type === "video/mp4" ? el("video", { src, controls: true, loop: true, muted: true })
+    : el("img", { src: src || `data:${mime};base64,${b64}`, alt: alt || "" });
   const original = img.src;
   const caption = el("figcaption");
   const pre = el("pre", { textContent: text || "" });
@@ -85,7 +87,7 @@ async function loadHistory(more = false) {
     $("history-note").textContent = page.items.length || more ? "" : "No images yet.";
     for (const item of page.items) {
       const figure = addFigure({ src: item.url, text: item.parameters || "", alt: item.name,
-                                 container: $("history-list") });
+                                 container: $("history-list"), type: item.type });
       $("history-list").append(figure);      // newest first: keep the server's order
     }
     state.historyOffset += page.items.length;
