@@ -180,7 +180,7 @@ def demo_sheet(files: dict[str, str | Path], out: str | Path, seed: int = 3) -> 
     from ..api import load
     from ..checkpoint.annotators import load_annotator
     from ..pipeline.annotate import hed_edges, lineart, midas_depth
-    from .sam import DEMO
+    from .sam import DEMO, write_sheet
 
     pipe = load(None, dtype="fp32", device="cpu")
     nets = {kind: load_annotator(path, kind) for kind, path in files.items()}
@@ -195,15 +195,4 @@ def demo_sheet(files: dict[str, str | Path], out: str | Path, seed: int = 3) -> 
     for k, (prompt, _) in enumerate(DEMO):
         image = pipe.txt2img(prompt, seed=seed + k, watermark=False).images[0]
         rows.append([image] + [Image.fromarray(fn(image)) for fn in columns])
-    cell, gap = 64, 8
-    cols = len(rows[0])
-    sheet = Image.new("RGB", (cols * cell + (cols - 1) * gap, len(rows) * cell + (len(rows) - 1) * gap),
-                      (255, 255, 255))
-    for r, row in enumerate(rows):
-        for c, im in enumerate(row):
-            sheet.paste(im.convert("RGB"), (c * (cell + gap), r * (cell + gap)))
-    sheet = sheet.resize((sheet.width * 2, sheet.height * 2), Image.NEAREST)
-    out = Path(out)
-    tmp = out.with_suffix(".tmp.png")
-    sheet.save(tmp)
-    tmp.replace(out)
+    write_sheet(rows, out)

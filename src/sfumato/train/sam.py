@@ -182,7 +182,11 @@ def demo_sheet(sam_path: str | Path, out: str | Path, seed: int = 3) -> None:
         detailed = pipe.txt2img(prompt, seed=seed + k, watermark=False, detail=[DetailSpec(   # caption
             "box", boxes=[box], sam=sam_path, prompt=alone, strength=0.75, padding=16)]).images[0]
         rows.append((image, blended, replaced, removed, detailed))
-    cell, gap = 64, 8
+    write_sheet(rows, out)
+
+
+def write_sheet(rows, out: str | Path, cell: int = 64, gap: int = 8) -> None:
+    """Rows of 64 px images on white, 8 px apart, doubled (nearest), written atomically as a PNG."""
     cols = len(rows[0])
     sheet = Image.new("RGB", (cols * cell + (cols - 1) * gap, len(rows) * cell + (len(rows) - 1) * gap),
                       (255, 255, 255))
