@@ -20,7 +20,7 @@ from sfumato.cli import main
 from sfumato.errors import CheckpointError, ParamError
 from sfumato.models.hed import HEDNet
 from sfumato.models.openpose import BodyPoseNet, KeypointNet, OpenPoseNets
-from sfumato.pipeline.annotate import ANNOTATORS, annotator_network, detect_poses, openpose
+from sfumato.pipeline.annotate import ANNOTATORS, annotator_network, detect_poses
 from sfumato.pipeline.pose import BODY_PARTS, parse_pose, pose_json, render_pose
 from test_annotators import PEOPLE, FakePoseNet, photo, scaled_
 
@@ -170,7 +170,12 @@ def test_bad_hand_json_names_the_field():
     data["people"][0]["hand_left_keypoints_2d"] = [1.0, 2.0, 1.0] * 20   # 20 of 21
     with pytest.raises(ParamError) as e:
         parse_pose(data)
-    assert e.value.field == "pose.people[0].hand_left"
+    assert e.value.field == "pose.people[0].hand_left_keypoints_2d" and "63 numbers" in e.value.message
+    data["people"][0]["hand_left_keypoints_2d"] = None
+    data["people"][0]["face_keypoints_2d"] = [1.0, 2.0, "x"]
+    with pytest.raises(ParamError) as e:
+        parse_pose(data, field="controlnet_pose")
+    assert e.value.field == "controlnet_pose.people[0].face_keypoints_2d[2]"
 
 
 def test_files_are_told_apart_and_found_in_a_folder(nets, tmp_path):
@@ -190,10 +195,16 @@ def test_files_are_told_apart_and_found_in_a_folder(nets, tmp_path):
     from_folder = annotator_network(folder, "openpose+hand+face", "annotator")
     from_list = annotator_network([folder / "facenet.pth", folder / "body_pose_model.pth", folder / "hand_pose_model.pth"],
                                   "openpose+hand+face", "annotator")
-    for loaded in (from_folder, from_list):
-        assert isinstance(loaded, OpenPoseNets) and loaded.hand is not None and loaded.face is not None
-        assert np.array_equal(openpose(loaded, image, hands=True, face=True),
-                              openpose(OpenPoseNets(body, hand, face), image, hands=True, face=True))
+    for loaded in (from_folder, from_list):   # each network from its own file
+        assert isinstance(loaded, OpenPoseNets)
+        for part, net in (("body", body), ("hand", hand), ("face", face)):
+            got, want = getattr(loaded, part).state_dict(), net.state_dict()
+            assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), part
+    # a plain openpose unit may name the folder too; a loaded network must hold what the kind runs
+    assert isinstance(annotator_network(folder, "openpose", "annotator").body, BodyPoseNet)
+    with pytest.raises(ParamError, match="needs the face network") as e:
+        annotator_network(OpenPoseNets(body, hand), "openpose+hand+face", "control[1].annotator")
+    assert e.value.field == "control[1].annotator"
     with pytest.raises(ParamError, match="hand_pose_model.pth") as e:
         annotator_network(folder / "body_pose_model.pth", "openpose+hand", "control[0].annotator")
     assert e.value.field == "control[0].annotator"

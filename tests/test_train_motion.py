@@ -121,6 +121,20 @@ def test_text_deltas_act_as_merged_key_and_value_weights(tmp_path):
     loaded = load_motion_module(path)
     assert loaded.cfg.text_rank == 3 and loaded.cfg.text_kv == adapter.cfg.text_kv
     assert isinstance(loaded, MotionAdapter) and set(loaded.text_kv) == set(adapter.text_kv)
+    from sfumato.checkpoint.io import load_file, save_file
+    from sfumato.errors import CheckpointError
+
+    sd, _ = load_file(path)
+    name = next(iter(adapter.text_kv))
+    bad = dict(sd, **{f"text_kv.{name}.k_down.weight": torch.zeros(5, sd[f"text_kv.{name}.k_down.weight"].shape[1])})
+    save_file(bad, tmp_path / "bad.safetensors")
+    with pytest.raises(CheckpointError, match="different ranks"):
+        load_motion_module(tmp_path / "bad.safetensors")
+    other = copy.deepcopy(unet)
+    other.get_submodule(name.replace("__", ".")).to_k = torch.nn.Linear(7, 3, bias=False)
+    with pytest.raises(ParamError, match="does not fit"):
+        with motion_attached(other, loaded, lambda: 2):
+            pass
     other = copy.deepcopy(unet)
     del other.middle_block[1].transformer_blocks[0].attn2
     with pytest.raises(ParamError, match="text adapter steers middle_block") as e:

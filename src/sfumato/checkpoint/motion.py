@@ -88,7 +88,10 @@ def load_motion_module(path: str | Path, *, dtype: torch.dtype = torch.float32,
     check_finite(sd, name)
     with torch.device("meta"):
         adapter = MotionAdapter(cfg)
-    result = adapter.load_state_dict(sd, strict=False, assign=True)
+    try:
+        result = adapter.load_state_dict(sd, strict=False, assign=True)
+    except RuntimeError as e:   # a tensor of another shape than its siblings say
+        raise CheckpointError(f"{name} does not match an AnimateDiff {cfg.version} layout: {e}") from None
     if result.missing_keys or result.unexpected_keys:
         raise CheckpointError(f"{name} does not match an AnimateDiff {cfg.version} layout: missing "
                               f"{result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}")

@@ -108,7 +108,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.set_defaults(func=cmd_eval_sam)
     p = kinds.add_parser("annotators", help="shapes-world annotators: edge F1 (HED, line art), depth correlation "
-                                            "(MiDaS) on held-out scenes")
+                                            "(MiDaS) on unseen scenes")
     for kind, name in (("hed", "ControlNetHED"), ("lineart", "sk_model"), ("midas", "dpt_hybrid-midas-501f0c75")):
         p.add_argument(f"--{kind}", metavar="FILE", help=f"the {kind} file (sfumato train annotator writes "
                                                          f"OUT/{name}.safetensors)")
@@ -245,7 +245,9 @@ def cmd_train_annotator(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     recipe = AnnotatorRecipe(kind=args.kind, seed=args.seed)
     if args.steps is not None:
-        recipe = replace(recipe, loop=replace(recipe.loop_config(), steps=args.steps))
+        loop = recipe.loop_config()
+        recipe = replace(recipe, loop=replace(loop, steps=args.steps, decay_start=min(loop.decay_start, args.steps),
+                                              checkpoint_every=min(loop.checkpoint_every, args.steps)))
     print(train_annotator(recipe, Path(args.out)))
     return 0
 
@@ -260,7 +262,7 @@ def cmd_eval_annotators(args: argparse.Namespace) -> int:
     if not files:
         raise SfumatoError("give at least one of --hed, --lineart, --midas")
     for kind, scores in evaluate_annotators(files, n=args.n).items():
-        print(f"{kind}: {scores['n']} held-out scenes, " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()
+        print(f"{kind}: {scores['n']} unseen scenes, " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()
                                                                       if k != "n"))
     if args.sheet:
         demo_sheet(files, args.sheet)

@@ -197,6 +197,10 @@ def motion_config_from_state(sd: dict[str, Tensor]) -> MotionConfig:
     names = sorted({k.split(".")[1] for k in sd if k.startswith("text_kv.")})
     text_kv = tuple((n, int(sd[f"text_kv.{n}.k_down.weight"].shape[1]), int(sd[f"text_kv.{n}.k_up.weight"].shape[0]))
                     for n in names)
-    rank = int(sd[f"text_kv.{names[0]}.k_down.weight"].shape[0]) if names else 0
+    ranks = {int(sd[f"text_kv.{n}.{w}.weight"].shape[i]) for n in names
+             for w, i in (("k_down", 0), ("v_down", 0), ("k_up", 1), ("v_up", 1))}
+    if len(ranks) > 1:
+        raise ValueError(f"its text deltas have different ranks {sorted(ranks)}")
+    rank = ranks.pop() if names else 0
     return MotionConfig(channels=channels, per_down=per_down, mid=mid, max_frames=max_frames, layers=layers,
                         groups=groups, text_kv=text_kv, text_rank=rank)

@@ -103,11 +103,16 @@ def motion_attached(unet: UNetModel, adapter: MotionAdapter, frames: Callable[[]
 
             handles.append(layer.register_forward_hook(hook))
         for name, kv in (adapter.text_kv or {}).items():   # the module's text key/value deltas, if it has them
+            path = name.replace("__", ".")
             try:
-                attn = unet.get_submodule(name.replace("__", "."))
+                attn = unet.get_submodule(path)
+                fits = (attn.to_k.in_features, attn.to_k.out_features, attn.to_v.out_features) == \
+                    (kv.k_down.in_features, kv.k_up.out_features, kv.v_up.out_features)
             except AttributeError:
-                raise ParamError("motion_module", f"its text adapter steers {name.replace('__', '.')}, which this "
-                                                  "UNet does not have") from None
+                fits = None
+            if not fits:
+                raise ParamError("motion_module", f"its text adapter steers {path}, which this UNet does not have"
+                                 if fits is None else f"its text adapter does not fit {path}'s widths")
             for proj, delta in ((attn.to_k, kv.key), (attn.to_v, kv.value)):
                 def text_hook(_m, args, out, delta=delta):
                     return out + delta(args[0].to(out.dtype)).to(out.dtype)

@@ -34,11 +34,19 @@ def annotator_network(source, kind: str, field: str, device: str | torch.device 
     (``openpose+hand``, ``openpose+face``, ``openpose+hand+face``) take the files of every network they
     run: a list of them, or a folder holding them under their published names; they give an
     ``OpenPoseNets``."""
+    from pathlib import Path
+
     if isinstance(source, nn.Module):
+        from ..models.openpose import OpenPoseNets
+
+        for part in kind.split("+")[1:]:   # a loaded set must hold the networks the preprocessor runs
+            if not isinstance(source, OpenPoseNets) or getattr(source, part) is None:
+                raise ParamError(field, f"{kind.replace('+', ' with ')} needs the {part} network "
+                                        f"({OPENPOSE_FILES['openpose_' + part]}.pth) in an OpenPoseNets")
         return source
     if kind.startswith("openpose"):
-        return _openpose_nets(source, kind, field, device) if "+" in kind or isinstance(source, (list, tuple)) \
-            else _load_one(source, kind, field, device)
+        several = "+" in kind or isinstance(source, (list, tuple)) or Path(source).is_dir()
+        return _openpose_nets(source, kind, field, device) if several else _load_one(source, kind, field, device)
     if isinstance(source, (list, tuple)):
         raise ParamError(field, f"a {kind} annotator is one weights file, got a list")
     return _load_one(source, kind, field, device)

@@ -179,9 +179,12 @@ def _part(person: dict, key: str, where: str, most: int) -> list[tuple[float, fl
     numbers = person.get(key)
     if numbers is None or numbers == []:
         return None
-    if not isinstance(numbers, list) or len(numbers) % 3 or len(numbers) > 3 * most:
+    exact = most == HAND_POINTS   # a hand has all 21 (a missing one at 0, 0, 0); a face up to MAX_FACE_POINTS
+    if not isinstance(numbers, list) or len(numbers) % 3 or len(numbers) > 3 * most or \
+            exact and len(numbers) != 3 * most:
         got = len(numbers) if isinstance(numbers, list) else type(numbers).__name__
-        raise ParamError(where, f"must be a list of (x, y, confidence) triples, at most {most}, or null; got {got}")
+        count = f"{3 * most} numbers" if exact else f"at most {most} (x, y, confidence) triples"
+        raise ParamError(where, f"must be a list of {count}, or null; got {got}")
     return [None if p is None or p[0] < 0 or p[1] < 0 else p for p in _triples(numbers, where)]
 
 

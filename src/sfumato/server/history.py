@@ -68,20 +68,35 @@ def _job_infotext(result: dict) -> str | None:
     return texts[0] if texts and isinstance(texts[0], str) else None
 
 
+MAX_XMP_BYTES, MAX_CHUNKS = 1 << 20, 4096
+
+
 def _clip_parameters(path: Path) -> str | None:
-    """A kept clip's infotext: a GIF's comment, a WebP's XMP description (MP4: not read back)."""
-    if path.suffix not in (".gif", ".webp"):
-        return None
+    """A kept clip's infotext: a GIF's comment (read with the header, before the first frame), a
+    WebP's XMP description (its RIFF chunks walked by their headers, no frame decoded; bounded);
+    MP4: not read back."""
     try:
-        with Image.open(path) as clip:
-            if path.suffix == ".gif":
+        if path.suffix == ".gif":
+            with Image.open(path) as clip:
                 comment = clip.info.get("comment")
-                return comment.decode("utf-8", "replace") if isinstance(comment, bytes) else None
-            xmp = clip.info.get("xmp")
+            return comment.decode("utf-8", "replace") if isinstance(comment, bytes) else None
+        if path.suffix != ".webp":
+            return None
+        xmp = None
+        with open(path, "rb") as f:
+            if f.read(12)[8:12] != b"WEBP":
+                return None
+            for _ in range(MAX_CHUNKS):
+                header = f.read(8)
+                if len(header) < 8:
+                    break
+                size = int.from_bytes(header[4:], "little")
+                if header[:4] == b"XMP ":
+                    xmp = f.read(min(size, MAX_XMP_BYTES)).decode("utf-8", "replace")
+                    break
+                f.seek(size + (size & 1), 1)
     except (OSError, ValueError, Image.DecompressionBombError):
         return None
-    if isinstance(xmp, bytes):
-        xmp = xmp.decode("utf-8", "replace")
     m = re.search(r"<dc:description>(.*?)</dc:description>", xmp or "", re.S)
     return html.unescape(m.group(1)) if m else None
 

@@ -12,7 +12,7 @@ edges weighted 4×); line art, its dark-lines-on-white output against the invert
 same weighting); MiDaS, its relative inverse depth against 10 × the depth (L1).
 
 ``evaluate_annotators`` runs each preprocessor exactly as a request would (``pipeline.annotate``) on
-``n`` held-out scenes (another seed): edge F1 (edges: the map above 127) with a 1-pixel tolerance and
+``n`` unseen scenes (drawn from another seed): edge F1 (edges: the map above 127) with a 1-pixel tolerance and
 exact for HED and line art, the Pearson correlation of the depth map with the truth for MiDaS.
 """
 
@@ -125,7 +125,9 @@ class AnnotatorTask(Task):
 def train_annotator(recipe: AnnotatorRecipe, out: str | Path) -> Path:
     out = Path(out)
     final = out / f"{FILES[recipe.kind]}.safetensors"
-    if not final.exists():
+    if final.exists():
+        print(f"{final} exists: kept (delete it to train again)")
+    else:
         torch.manual_seed(mix(recipe.seed, 40))
         task, _ = train(AnnotatorTask(recipe), recipe.loop_config(), out / recipe.kind, recipe.kind)
         out.mkdir(parents=True, exist_ok=True)
@@ -145,7 +147,7 @@ def _edge_f1(pred: np.ndarray, edges: np.ndarray, tolerance: int = 1) -> float:
 
 @torch.no_grad()
 def evaluate_annotators(files: dict[str, str | Path], n: int = 100, seed: int = 1) -> dict:
-    """Per given kind, its score on ``n`` held-out scenes through the preprocessor a request runs."""
+    """Per given kind, its score on ``n`` unseen scenes through the preprocessor a request runs."""
     from ..checkpoint.annotators import load_annotator
     from ..pipeline.annotate import hed_edges, lineart, midas_depth
 

@@ -121,18 +121,25 @@ def text_layers(unet) -> tuple[tuple[str, int, int], ...]:
 
 
 def start_adapter(unet, recipe: MotionRecipe) -> MotionAdapter:
-    """The module training starts from: AnimateDiff's identity start, or ``recipe.init``'s weights;
-    with text deltas whose up projections are zero (they too start as the identity)."""
+    """The module training starts from: AnimateDiff's identity start, or ``recipe.init``'s weights
+    (its text deltas too when they have this recipe's rank); new text deltas' up projections are zero
+    (they too start as the identity)."""
     cfg = BUNDLED_MOTION if recipe.text_rank == 0 else \
         replace(BUNDLED_MOTION, text_kv=text_layers(unet), text_rank=recipe.text_rank)
     adapter = zero_outputs(MotionAdapter(cfg))
     if recipe.init is not None:
         from ..checkpoint.motion import read_motion
 
-        sd = {k: v.float() for k, v in read_motion(recipe.init).items() if not k.startswith("text_kv.")}
+        sd = {k: v.float() for k, v in read_motion(recipe.init).items()}
+        own = adapter.state_dict()
+        kept = any(k.startswith("text_kv.") for k in sd) and all(
+            k in own and own[k].shape == v.shape for k, v in sd.items() if k.startswith("text_kv."))
+        sd = {k: v for k, v in sd.items() if kept or not k.startswith("text_kv.")}
         missing, unexpected = adapter.load_state_dict(sd, strict=False)
         if unexpected or any(not k.startswith("text_kv.") for k in missing):
             raise ValueError(f"{recipe.init} is not a module of the bundled model's layout")
+        if kept:
+            return adapter
     if adapter.text_kv is not None:
         with torch.no_grad():
             for kv in adapter.text_kv.values():

@@ -23,7 +23,8 @@ function addFigure({ b64, src, text, alt, maps, container, flagged, type }) {
   const toUpscale = el("button", { type: "button", textContent: "Send to upscale" });
   toUpscale.onclick = () => { setTab("upscale"); setUpscaleSource(original); };
   if (flagged) caption.append(el("p", { className: "flag", textContent: "Flagged by the safety checker" }));
-  caption.append(pre, send, toUpscale, reuse);
+  caption.append(pre);
+  if (type !== "video/mp4") caption.append(send, toUpscale, reuse);   // a video is no init image nor PNG info
   if (maps && maps.length) caption.append(attentionWords(img, original, maps));
   figure.append(img, caption);
   (container || $("gallery")).prepend(figure);
