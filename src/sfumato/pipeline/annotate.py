@@ -56,7 +56,7 @@ def _openpose_nets(source, kind: str, field: str, device) -> nn.Module:
     from pathlib import Path
 
     from ..checkpoint.annotators import KINDS
-    from ..models.openpose import BodyPoseNet, KeypointNet, OpenPoseNets
+    from ..models.openpose import FACE_CHANNELS, HAND_CHANNELS, BodyPoseNet, KeypointNet, OpenPoseNets
 
     needed = ["openpose"] + [f"openpose_{part}" for part in kind.split("+")[1:]]
     nets: dict[str, nn.Module] = {}
@@ -64,7 +64,7 @@ def _openpose_nets(source, kind: str, field: str, device) -> nn.Module:
         for item in source:
             net = _load_one(item, None, field, device)   # any kind; told from the network it is
             found = "openpose" if isinstance(net, BodyPoseNet) else \
-                {22: "openpose_hand", 71: "openpose_face"}.get(net.channels) if isinstance(net, KeypointNet) else None
+                {HAND_CHANNELS: "openpose_hand", FACE_CHANNELS: "openpose_face"}.get(net.channels) if isinstance(net, KeypointNet) else None
             if found is None:
                 raise ParamError(field, f"{Path(item).name} is not an OpenPose body, hand or face model")
             nets[found] = net
